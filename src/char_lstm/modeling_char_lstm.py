@@ -1,0 +1,391 @@
+"""CharLSTM: a character-level recurrent language model (LSTM, GRU or RNN) for transformers.
+
+This file is shipped to the Hub next to the weights (``trust_remote_code``): it imports only torch, transformers and
+``.configuration_char_lstm``.
+
+Shapes used in the docstrings: ``B`` batch, ``T`` sequence length (new tokens of this call), ``E`` embedding size,
+``H`` hidden size, ``V`` vocabulary size, ``L`` number of recurrent layers.
+
+How the recurrent state travels: every layer has a `LinearAttentionLayer` in transformers' `DynamicCache` (built by
+`DynamicCache(config=model.config)`, which `generate()` does on its own), holding ``(h, c)`` for an LSTM or ``h`` for a
+GRU/RNN, each of shape ``(B, H)``. A forward call with a cache starts from that state and writes the final state back,
+so `generate()` feeds one new token per step and beam search reorders the states with the beams.
+
+How padding works: positions where ``attention_mask == 0`` never enter the recurrence. The real tokens of each row are
+gathered to the front, run as a `PackedSequence`, and scattered back; pad positions get a zero hidden state. So a
+left-padded batch gives exactly what each prompt gives alone, and a right-padded row ends in the state of its last
+real token.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .configuration_char_lstm import CharLSTMConfig
+
+
+_RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+# Attribute on the cache that counts the input columns (tokens, padding included) its states have consumed. It lets
+# `generate(full_sequence, cache=previous_cache)` feed only the new columns, as transformers does for key/value caches.
+_SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
+
+
+def _check_cache(cache: Cache, config: CharLSTMConfig) -> None:
+    layers = getattr(cache, "layers", None)
+    if (
+        layers is None
+        or len(layers) != config.num_hidden_layers
+        or not all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
+        or any(layer.number_of_states < config.number_of_conv_states for layer in layers)
+    ):
+        raise ValueError(
+            "CharLSTM needs a cache with one recurrent-state layer per recurrent layer: pass "
+            "`cache=DynamicCache(config=model.config)` (or let the model create it with `use_cache=True`)."
+        )
+
+
+def _read_state(cache: Cache, layer_idx: int, num_states: int) -> tuple[torch.Tensor, ...] | None:
+    """The state tuple ``((B, H),) * num_states`` stored for `layer_idx`, or None when the cache holds none yet (new or
+    `reset()`: both mean the zero initial state)."""
+    layer = cache.layers[layer_idx]
+    if not all(layer.has_previous_state[i] for i in range(num_states)):
+        return None
+    return tuple(layer.recurrent_states[i] for i in range(num_states))
+
+
+def _write_state(cache: Cache, layer_idx: int, states: tuple[torch.Tensor, ...]) -> None:
+    layer = cache.layers[layer_idx]
+    for state_idx, state in enumerate(states):
+        cache.update_recurrent_state(state, layer_idx, state_idx=state_idx)
+        # transformers flags a state as present only when a conv state is written; this model has recurrent states
+        # only, so it flags them itself (`reset()` clears the flags again).
+        layer.has_previous_state[state_idx] = True
+    # `reorder_cache` (beam search) moves the beam indices to `layer.device`, which is otherwise set by conv states.
+    layer.device = states[0].device
+
+
+def _seen_tokens(cache: Cache | None) -> int:
+    if cache is None or len(getattr(cache, "layers", ())) == 0:
+        return 0
+    layer = cache.layers[0]
+    if not isinstance(layer, LinearAttentionCacheLayerMixin) or not any(layer.has_previous_state.values()):
+        return 0
+    return getattr(cache, _SEEN_TOKENS_ATTR, 0)
+
+
+class _Packing:
+    """Where the real tokens of a padded batch are, and how to move them to and from a `PackedSequence`.
+
+    ``mask``: (B, T) with 1 for real tokens. Any pattern works (left, right or interior padding); the real tokens of a row
+    are processed in their order.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        mask = mask.bool()
+        self.mask = mask
+        self.lengths = mask.sum(dim=1)  # (B,)
+        # Stable sort puts each row's real positions first, in order: order[b, j] = position of the j-th real token.
+        self.order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T)
+        self.empty_rows = self.lengths == 0  # (B,) rows with no real token keep their initial state
+        self.total_length = mask.shape[1]
+
+    def pack(self, x: torch.Tensor) -> PackedSequence:
+        """(B, T, D) -> PackedSequence of the real tokens."""
+        compact = x.gather(1, self.order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        # pack_padded_sequence rejects empty rows: give them one step, whose output and state are discarded.
+        lengths = self.lengths.clamp(min=1).cpu()
+        return pack_padded_sequence(compact, lengths, batch_first=True, enforce_sorted=False)
+
+    def unpack(self, packed: PackedSequence) -> torch.Tensor:
+        """PackedSequence -> (B, T, D) at the original positions, zeros at pad positions."""
+        compact, _ = pad_packed_sequence(packed, batch_first=True, total_length=self.total_length)
+        index = self.order.unsqueeze(-1).expand(-1, -1, compact.shape[-1])
+        full = torch.zeros_like(compact).scatter(1, index, compact)
+        return full * self.mask.unsqueeze(-1).to(full.dtype)
+
+
+class CharLSTMPreTrainedModel(PreTrainedModel):
+    config_class = CharLSTMConfig
+    config: CharLSTMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    # The recurrent state cannot be rolled back to an earlier token (no assisted generation).
+    _is_stateful = True
+    _no_split_modules = ["CharLSTMModel"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialization chosen for recurrent language models:
+
+        * recurrent weights: each gate's hidden-to-hidden block orthogonal (keeps the norm of the state through time at
+          the start, so gradients neither vanish nor explode over a 100-step window), input-to-hidden blocks
+          Xavier-uniform, biases zero;
+        * LSTM forget gate bias `config.forget_bias` (1.0): the cell starts by remembering (Jozefowicz et al., 2015);
+        * embeddings N(0, 1) as in PyTorch (the seed's recipe), or N(0, `initializer_range`) when tied to the head;
+        * output head N(0, `initializer_range`) with zero bias, so the first predictions are close to uniform.
+        """
+        config = self.config
+        if isinstance(module, nn.Embedding):
+            std = config.initializer_range if config.tie_word_embeddings else 1.0
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.RNNBase):
+            gates = _GATES[config.cell_type]
+            hidden = module.hidden_size
+            for name, param in module.named_parameters():
+                if getattr(param, "_is_hf_initialized", False):
+                    continue
+                with torch.no_grad():
+                    if name.startswith("weight_hh"):
+                        for g in range(gates):
+                            init.orthogonal_(param[g * hidden : (g + 1) * hidden])
+                    elif name.startswith("weight_ih"):
+                        for g in range(gates):
+                            init.xavier_uniform_(param[g * hidden : (g + 1) * hidden])
+                    elif name.startswith("bias"):
+                        init.zeros_(param)
+                        # PyTorch's LSTM gate order is (input, forget, cell, output); put the forget bias in bias_ih.
+                        if config.cell_type == "lstm" and name.startswith("bias_ih"):
+                            param[hidden : 2 * hidden].fill_(config.forget_bias)
+
+
+class CharLSTMModel(CharLSTMPreTrainedModel):
+    """Embedding + stacked recurrent layers. Returns the last layer's outputs ``(B, T, H)`` (before dropout)."""
+
+    def __init__(self, config: CharLSTMConfig):
+        super().__init__(config)
+        rnn_class = _RNN_CLASSES[config.cell_type]
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.layers = nn.ModuleList(
+            rnn_class(
+                config.embedding_size if idx == 0 else config.hidden_size,
+                config.hidden_size,
+                num_layers=1,
+                batch_first=True,
+            )
+            for idx in range(config.num_hidden_layers)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings = new_embeddings
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        vocab_size = self.embeddings.num_embeddings
+        if input_ids.numel() and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
+            raise ValueError(
+                f"input_ids holds id {int(input_ids.max())} (or a negative id) but the model has vocab_size={vocab_size}: "
+                "the tokenizer does not match this model; load the tokenizer saved with it."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(B, T)`): character ids (the new ones only when a cache is passed).
+        attention_mask (`torch.Tensor` of shape `(B, T)` or `(B, past + T)`): 1 for real tokens, 0 for padding; only
+            its last `T` columns are used (the cached state already absorbed the past).
+        cache (`Cache`, *optional*): recurrent state to start from, updated in place with the final state.
+        inputs_embeds (`torch.Tensor` of shape `(B, T, E)`): instead of `input_ids`.
+        """
+        config = self.config
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+        return_dict = return_dict if return_dict is not None else config.return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            if not torch.compiler.is_compiling() and (input_ids.shape[1] > 1 or input_ids.device.type == "cpu"):
+                self._check_input_ids(input_ids)
+            inputs_embeds = self.embeddings(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        if cache is not None:
+            _check_cache(cache, config)
+            seen_before = _seen_tokens(cache)
+
+        packing = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -seq_len:]
+            if not bool(mask.bool().all()):
+                packing = _Packing(mask)
+
+        num_states = config.number_of_conv_states
+        hidden_states = inputs_embeds
+        all_hidden_states = (inputs_embeds,) if output_hidden_states else None
+        x = packing.pack(hidden_states) if packing is not None else hidden_states
+        for layer_idx, rnn in enumerate(self.layers):
+            initial = _read_state(cache, layer_idx, num_states) if cache is not None else None
+            if initial is not None and initial[0].shape[0] != batch_size:
+                raise ValueError(
+                    f"The cache holds states for a batch of {initial[0].shape[0]} but the inputs have batch size "
+                    f"{batch_size}; use a new `DynamicCache(config=model.config)` for a new batch."
+                )
+            hx = None
+            if initial is not None:
+                hx = tuple(s.unsqueeze(0) for s in initial)  # (1, B, H) each
+                hx = hx if config.cell_type == "lstm" else hx[0]
+            x, final = rnn(x, hx)
+            final = final if isinstance(final, tuple) else (final,)
+            final = tuple(s.squeeze(0) for s in final)  # (B, H) each
+            if packing is not None and bool(packing.empty_rows.any()):
+                start = initial if initial is not None else tuple(torch.zeros_like(s) for s in final)
+                keep = packing.empty_rows.unsqueeze(-1)
+                final = tuple(torch.where(keep, s0, s) for s0, s in zip(start, final))
+            if cache is not None:
+                _write_state(cache, layer_idx, final)
+            if output_hidden_states:
+                all_hidden_states += (packing.unpack(x) if packing is not None else x,)
+            if layer_idx < len(self.layers) - 1:
+                if packing is not None:
+                    x = PackedSequence(self.dropout(x.data), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+                else:
+                    x = self.dropout(x)
+
+        last_hidden_state = packing.unpack(x) if packing is not None else x
+        if cache is not None:
+            setattr(cache, _SEEN_TOKENS_ATTR, seen_before + seq_len)
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, cache if use_cache else None, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=last_hidden_state,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
+    """CharLSTMModel + dropout + a linear head over the vocabulary."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: CharLSTMConfig):
+        super().__init__(config)
+        self.model = CharLSTMModel(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.model.embeddings = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        # Continuing from a returned cache: like with key/value caches, `input_ids` is the full sequence (old + new);
+        # only the columns the state has not consumed yet are fed.
+        seen = _seen_tokens(cache)
+        if is_first_iteration and seen and next_sequence_length is None:
+            total = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
+            if total <= seen:
+                raise ValueError(
+                    f"The cache has already consumed {seen} tokens but the input has {total}: pass the full sequence "
+                    "(the tokens generated so far followed by the new ones) together with the cache."
+                )
+            next_sequence_length = total - seen
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        # After the prompt, every new token is real and padding is already absorbed in the state: no mask needed.
+        if not is_first_iteration and model_inputs.get("cache") is not None:
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets for the loss. As everywhere in transformers
+            they are shifted inside the model: pass `labels=input_ids`. Positions set to -100 are ignored.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (0: all).
+
+        Returns `CausalLMOutputWithPast` with `logits` of shape `(B, T, V)` and `cache` holding the final state.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(self.dropout(hidden_states))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["CharLSTMForCausalLM", "CharLSTMModel", "CharLSTMPreTrainedModel"]

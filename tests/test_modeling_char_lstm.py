@@ -1,0 +1,244 @@
+"""Forward pass, loss, cache and padding of CharLSTMForCausalLM (generation has its own file)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel
+from conftest import CORPUS, make_model
+
+
+def encode(tokenizer, texts, **kwargs):
+    return tokenizer(texts, return_tensors="pt", **kwargs)
+
+
+def test_labels_loss_matches_manual_cross_entropy(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    ids = encode(tokenizer, ["ROMEO: But, soft!"])["input_ids"]
+    labels = ids.clone()
+    labels[0, 3] = -100
+    out = model(input_ids=ids, labels=labels)
+    manual = F.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual, rtol=1e-6, atol=1e-6)
+    # a wrong shift would give a different number
+    assert not torch.allclose(out.loss, F.cross_entropy(out.logits[0], ids[0]))
+
+
+def test_output_shapes_hidden_states_and_logits_to_keep(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type, num_layers=3)
+    ids = encode(tokenizer, ["hear me", "speak!!"])["input_ids"]
+    out = model(input_ids=ids, output_hidden_states=True)
+    assert out.logits.shape == (2, 7, len(tokenizer))
+    assert len(out.hidden_states) == 4  # embeddings + one per layer
+    assert out.hidden_states[0].shape == (2, 7, 12)
+    assert all(h.shape == (2, 7, 24) for h in out.hidden_states[1:])
+    last = model(input_ids=ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, len(tokenizer))
+    torch.testing.assert_close(last[:, 0], out.logits[:, -1])
+    as_tuple = model(input_ids=ids, return_dict=False, use_cache=False)
+    torch.testing.assert_close(as_tuple[0], out.logits)
+
+
+def test_inputs_embeds_equal_input_ids(tokenizer):
+    model = make_model(tokenizer)
+    ids = encode(tokenizer, ["All:\nSpeak"])["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(input_ids=ids, inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("hidden_size, num_layers", [(24, 1), (24, 2), (40, 3)])
+def test_cached_step_by_step_equals_full_forward(tokenizer, cell_type, hidden_size, num_layers):
+    model = make_model(tokenizer, cell_type, hidden_size=hidden_size, num_layers=num_layers)
+    ids = encode(tokenizer, ["Before we proceed any", "hear me speak. ROMEO!"])["input_ids"]
+    full = model(input_ids=ids, use_cache=False).logits
+
+    cache = DynamicCache(config=model.config)
+    prefix = model(input_ids=ids[:, :7], cache=cache, use_cache=True)
+    assert prefix.cache is cache
+    steps = [prefix.logits]
+    for t in range(7, ids.shape[1]):
+        steps.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_holds_h_and_c_for_lstm_h_for_gru(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    out = model(input_ids=encode(tokenizer, ["abc", "def"])["input_ids"], use_cache=True)
+    states = 2 if cell_type == "lstm" else 1
+    for layer in out.cache.layers:
+        assert [layer.recurrent_states[i].shape for i in range(states)] == [torch.Size([2, 24])] * states
+        assert all(layer.has_previous_state.values())
+    # the cached h is the last output of the top layer
+    top = model.model(input_ids=encode(tokenizer, ["abc", "def"])["input_ids"], use_cache=False).last_hidden_state
+    torch.testing.assert_close(out.cache.layers[-1].recurrent_states[0], top[:, -1])
+
+
+def test_reset_cache_means_zero_state(tokenizer):
+    model = make_model(tokenizer)
+    ids = encode(tokenizer, ["speak"])["input_ids"]
+    cache = DynamicCache(config=model.config)
+    first = model(input_ids=ids, cache=cache).logits
+    cache.reset()
+    torch.testing.assert_close(model(input_ids=ids, cache=cache).logits, first)
+
+
+def test_wrong_cache_is_refused(tokenizer):
+    model = make_model(tokenizer)
+    ids = encode(tokenizer, ["speak"])["input_ids"]
+    with pytest.raises(ValueError, match=r"DynamicCache\(config=model.config\)"):
+        model(input_ids=ids, cache=DynamicCache())
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, cache=cache)
+    with pytest.raises(ValueError, match="batch of 1 but the inputs have batch size 2"):
+        model(input_ids=ids.repeat(2, 1), cache=cache)
+
+
+def test_left_padding_is_exact(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    texts = ["ROMEO:\nBut, soft", "All:", "hear me speak."]
+    batch = encode(tokenizer, texts, padding=True)
+    assert tokenizer.padding_side == "left"
+    out = model(**batch).logits
+    for row, text in enumerate(texts):
+        alone = model(**encode(tokenizer, [text])).logits[0]
+        n = alone.shape[0]
+        torch.testing.assert_close(out[row, -n:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_right_padding_is_exact_and_final_state_is_last_real_token(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    texts = ["All:", "ROMEO:\nBut, soft", "speak"]
+    batch = encode(tokenizer, texts, padding=True, padding_side="right")
+    cache = DynamicCache(config=model.config)
+    out = model(**batch, cache=cache).logits
+    for row, text in enumerate(texts):
+        alone_cache = DynamicCache(config=model.config)
+        alone = model(**encode(tokenizer, [text]), cache=alone_cache).logits[0]
+        n = alone.shape[0]
+        torch.testing.assert_close(out[row, :n], alone, rtol=1e-5, atol=1e-5)
+        for layer, alone_layer in zip(cache.layers, alone_cache.layers):
+            torch.testing.assert_close(layer.recurrent_states[0][row], alone_layer.recurrent_states[0][0])
+
+
+def test_padding_does_not_touch_the_state(tokenizer):
+    model = make_model(tokenizer)
+    ids = encode(tokenizer, ["hear", "me!!"])["input_ids"]
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, cache=cache)
+    before = [s.clone() for layer in cache.layers for s in layer.recurrent_states.values()]
+    # a step where row 0 is padding and row 1 is real: row 0 keeps its state
+    step = torch.tensor([[tokenizer.pad_token_id], [5]])
+    model(input_ids=step, attention_mask=torch.tensor([[0], [1]]), cache=cache)
+    after = [s for layer in cache.layers for s in layer.recurrent_states.values()]
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a[0], b[0])
+        assert not torch.allclose(a[1], b[1])
+
+
+def test_mask_longer_than_inputs_uses_last_columns(tokenizer):
+    """generate() passes the mask of the whole sequence; only the columns of the new tokens matter."""
+    model = make_model(tokenizer)
+    batch = encode(tokenizer, ["All:", "ROMEO:"], padding=True)
+    cache = DynamicCache(config=model.config)
+    model(**batch, cache=cache)
+    nxt = torch.tensor([[7], [7]])
+    full_mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+    a = model(input_ids=nxt, attention_mask=full_mask, cache=cache).logits
+    cache2 = DynamicCache(config=model.config)
+    model(**batch, cache=cache2)
+    torch.testing.assert_close(a, model(input_ids=nxt, cache=cache2).logits)
+
+
+def test_out_of_vocabulary_ids_give_a_clear_error(tokenizer):
+    model = make_model(tokenizer)
+    with pytest.raises(ValueError, match="tokenizer does not match this model"):
+        model(input_ids=torch.tensor([[1, 2, len(tokenizer) + 3]]))
+
+
+def test_weight_init(tokenizer):
+    model = make_model(tokenizer, "lstm", hidden_size=16)
+    rnn = model.model.layers[0]
+    for g in range(4):
+        block = rnn.weight_hh_l0[g * 16 : (g + 1) * 16]
+        torch.testing.assert_close(block @ block.T, torch.eye(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rnn.bias_ih_l0[16:32], torch.ones(16))
+    assert rnn.bias_ih_l0[:16].abs().sum() == 0 and rnn.bias_hh_l0.abs().sum() == 0
+    assert model.lm_head.bias.abs().sum() == 0
+    assert model.lm_head.weight.std() < 0.05
+    # the first predictions are nearly uniform
+    ids = encode(tokenizer, [CORPUS[:50]])["input_ids"]
+    loss = model(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - torch.log(torch.tensor(float(len(tokenizer)))).item()) < 0.1
+
+
+def test_training_step_reduces_loss_and_dropout_only_in_train(tokenizer):
+    model = make_model(tokenizer, dropout=0.3)
+    ids = encode(tokenizer, [CORPUS[:60], CORPUS[60:120]])["input_ids"]
+    model.eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    assert not torch.allclose(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert model(input_ids=ids).cache is None  # no cache while training unless asked
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_embeddings_accessors_and_resize(tokenizer):
+    model = make_model(tokenizer)
+    vocab = len(tokenizer)
+    assert model.get_input_embeddings() is model.model.embeddings
+    assert model.get_output_embeddings() is model.lm_head
+    ids = encode(tokenizer, ["speak"])["input_ids"]
+    before = model(input_ids=ids).logits
+    model.resize_token_embeddings(vocab + 5)
+    assert model.config.vocab_size == vocab + 5
+    assert model.get_input_embeddings().weight.shape == (vocab + 5, 12)
+    assert model.lm_head.weight.shape == (vocab + 5, 24) and model.lm_head.bias.shape == (vocab + 5,)
+    after = model(input_ids=ids).logits
+    torch.testing.assert_close(after[..., :vocab], before)
+    model(input_ids=torch.tensor([[vocab + 4]]))  # the new ids are usable
+    new_embeddings = torch.nn.Embedding(vocab + 5, 12)
+    model.set_input_embeddings(new_embeddings)
+    assert model.model.embeddings is new_embeddings
+
+
+def test_tied_embeddings_share_the_matrix(tokenizer, tmp_path):
+    model = make_model(tokenizer, hidden_size=16, embedding_size=16, tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embeddings.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = CharLSTMForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embeddings.weight.data_ptr()
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_base_model_returns_last_hidden_state(tokenizer):
+    config = CharLSTMConfig(vocab_size=len(tokenizer), embedding_size=8, hidden_size=16, dropout=0.0)
+    base = CharLSTMModel(config).eval()
+    out = base(input_ids=encode(tokenizer, ["speak"])["input_ids"])
+    assert out.last_hidden_state.shape == (1, 5, 16)
+    assert out.cache is not None
+
+
+def test_bfloat16(tokenizer, tmp_path):
+    model = make_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    bf16 = CharLSTMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert bf16.dtype == torch.bfloat16
+    ids = encode(tokenizer, ["hear me speak"])["input_ids"]
+    out = bf16(input_ids=ids)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits.float(), model(input_ids=ids).logits, atol=0.05, rtol=0.05)
+    assert out.cache.layers[0].recurrent_states[0].dtype == torch.bfloat16
+    generated = bf16.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 5)
