@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_char_lstm import CharLSTMConfig
+from .hub import check_vocab_match, load_model_and_tokenizer
 from .modeling_char_lstm import CharLSTMForCausalLM, CharLSTMModel, CharLSTMPreTrainedModel
 from .tokenization_char_lstm import CharLSTMTokenizer
 
@@ -22,4 +23,12 @@ CharLSTMModel.register_for_auto_class("AutoModel")
 CharLSTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 CharLSTMTokenizer.register_for_auto_class("AutoTokenizer")
 
-__all__ = ["CharLSTMConfig", "CharLSTMForCausalLM", "CharLSTMModel", "CharLSTMPreTrainedModel", "CharLSTMTokenizer"]
+__all__ = [
+    "CharLSTMConfig",
+    "CharLSTMForCausalLM",
+    "CharLSTMModel",
+    "CharLSTMPreTrainedModel",
+    "CharLSTMTokenizer",
+    "check_vocab_match",
+    "load_model_and_tokenizer",
+]

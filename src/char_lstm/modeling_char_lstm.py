@@ -17,6 +17,8 @@ left-padded batch gives exactly what each prompt gives alone, and a right-padded
 real token.
 """
 
+import os
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -25,6 +27,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .configuration_char_lstm import CharLSTMConfig
 
@@ -120,6 +123,35 @@ class CharLSTMPreTrainedModel(PreTrainedModel):
     # The recurrent state cannot be rolled back to an earlier token (no assisted generation).
     _is_stateful = True
     _no_split_modules = ["CharLSTMModel"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with one-line errors for a local folder that is not a saved model and
+        for a corrupted weights file."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            subfolder = kwargs.get("subfolder")
+            folder = os.path.join(path, subfolder) if subfolder else path
+            if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) and kwargs.get("config") is None:
+                raise OSError(
+                    f"{folder} has no {CONFIG_NAME}: it is not a saved CharLSTM model "
+                    "(save one with model.save_pretrained(folder))."
+                )
+            weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+            if not any(os.path.isfile(os.path.join(folder, name)) for name in weights):
+                raise OSError(
+                    f"{folder} has a config but no weights ({SAFE_WEIGHTS_NAME}): the save was incomplete; "
+                    "save the model again with model.save_pretrained(folder)."
+                )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            # safetensors' own error type, matched by name to keep this file's imports to torch and transformers
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(
+                f"The weights of {path} are corrupted or truncated ({error}); save or download the model again."
+            ) from error
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialization chosen for recurrent language models:
@@ -305,6 +337,20 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def _check_prompt_known(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """A prompt made only of characters the model has never seen (all `<unk>`) gives meaningless text: refuse it."""
+        unk_id = self.config.unk_token_id
+        if unk_id is None or input_ids.shape[1] == 0 or torch.compiler.is_compiling():
+            return
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        unknown_only = ((input_ids == unk_id) | ~real).all(dim=1) & real.any(dim=1)
+        if bool(unknown_only.any()):
+            rows = unknown_only.nonzero().flatten().tolist()
+            raise ValueError(
+                f"Prompt row(s) {rows} contain only unknown characters (all <unk>): the model has never seen them; "
+                "use characters from its vocabulary (tokenizer.oov_characters(prompt) lists the unknown ones)."
+            )
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -326,6 +372,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
                     "(the tokens generated so far followed by the new ones) together with the cache."
                 )
             next_sequence_length = total - seen
+        if is_first_iteration and inputs_embeds is None and not seen:
+            self._check_prompt_known(input_ids, attention_mask)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,

@@ -42,7 +42,8 @@ class CharLSTMTokenizer(PreTrainedTokenizer):
     Args:
         vocab_file (`str`, *optional*): path of a `vocab.json` ({token: id}).
         vocab (`dict[str, int]`, *optional*): the vocabulary itself, instead of `vocab_file`.
-        add_bos_token / add_eos_token (`bool`, defaults to `False`): add `<bos>` / `<eos>` around every encoded text.
+        add_bos_token / add_eos_token (`bool`, *optional*): add `<bos>` / `<eos>` around every encoded text; by default
+            True exactly when the tokenizer has that token.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
@@ -56,8 +57,8 @@ class CharLSTMTokenizer(PreTrainedTokenizer):
         unk_token: str = UNK_TOKEN,
         bos_token: str | None = None,
         eos_token: str | None = None,
-        add_bos_token: bool = False,
-        add_eos_token: bool = False,
+        add_bos_token: bool | None = None,
+        add_eos_token: bool | None = None,
         padding_side: str = "left",
         split_special_tokens: bool = True,
         clean_up_tokenization_spaces: bool = False,
@@ -71,18 +72,21 @@ class CharLSTMTokenizer(PreTrainedTokenizer):
                 )
             with open(vocab_file, encoding="utf-8") as f:
                 vocab = json.load(f)
-        for token in (pad_token, unk_token):
+        for token in (str(pad_token), str(unk_token)):
             if token not in vocab:
                 raise ValueError(f"The vocabulary has no {token!r} token; build it with CharLSTMTokenizer.from_corpus.")
         bad = [token for token in vocab if len(token) != 1 and not (token.startswith("<") and token.endswith(">"))]
         if bad:
             raise ValueError(f"Vocabulary entries must be single characters or <special> tokens, got {bad[:5]}.")
+        # A tokenizer that has <bos>/<eos> adds them (transformers does not save add_bos_token/add_eos_token).
+        add_bos_token = bos_token is not None if add_bos_token is None else add_bos_token
+        add_eos_token = eos_token is not None if add_eos_token is None else add_eos_token
         if add_bos_token and bos_token is None:
             bos_token = BOS_TOKEN
         if add_eos_token and eos_token is None:
             eos_token = EOS_TOKEN
         for token in (bos_token, eos_token):
-            if token is not None and token not in vocab:
+            if token is not None and str(token) not in vocab:
                 raise ValueError(
                     f"{token!r} is not in the vocabulary; build the tokenizer with "
                     "CharLSTMTokenizer.from_corpus(texts, add_bos_token=..., add_eos_token=...)."

@@ -1,0 +1,181 @@
+"""generate() with CharLSTMForCausalLM: one token per step, padding, beams, sampling, streaming, continuation."""
+
+import pytest
+import torch
+from transformers import DynamicCache, TextStreamer
+
+from conftest import make_model
+
+
+@pytest.fixture
+def model(tokenizer):
+    return make_model(tokenizer, "lstm", hidden_size=32)
+
+
+def record_forward_lengths(model):
+    lengths = []
+    handle = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    return lengths, handle
+
+
+def test_generate_feeds_one_token_per_step(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    prompt = tokenizer(["ROMEO:\nBut"], return_tensors="pt")
+    lengths, handle = record_forward_lengths(model)
+    out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
+    handle.remove()
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 20)
+    # the prompt once, then exactly one new token per forward: the prefix is never re-run
+    assert lengths == [prompt["input_ids"].shape[1]] + [1] * 19
+
+
+def test_greedy_with_cache_equals_recomputing_the_prefix(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    prompt = tokenizer(["hear me"], return_tensors="pt")
+    cached = model.generate(**prompt, max_new_tokens=15, do_sample=False)
+    uncached = model.generate(**prompt, max_new_tokens=15, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    prompts = ["ROMEO:\nBut, soft", "All:", "First Citizen:\n"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(
+        **batch, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    width = batch["input_ids"].shape[1]
+    for row, prompt in enumerate(prompts):
+        single = tokenizer([prompt], return_tensors="pt")
+        alone = model.generate(
+            **single, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        assert torch.equal(out.sequences[row, width:], alone.sequences[0, single["input_ids"].shape[1] :])
+        for step_batch, step_alone in zip(out.logits, alone.logits):
+            torch.testing.assert_close(step_batch[row], step_alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_uses_the_cache_exactly(tokenizer, model):
+    prompt = tokenizer(["All:\n"], return_tensors="pt")
+    kwargs = dict(max_new_tokens=30, do_sample=True, temperature=0.8, top_k=20, top_p=0.95, repetition_penalty=1.1)
+    torch.manual_seed(123)
+    a = model.generate(**prompt, **kwargs)
+    torch.manual_seed(123)
+    b = model.generate(**prompt, **kwargs)
+    torch.manual_seed(123)
+    c = model.generate(**prompt, **kwargs, use_cache=False)
+    torch.manual_seed(7)
+    d = model.generate(**prompt, **kwargs)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_top_k_1_sampling_is_greedy(tokenizer, model):
+    prompt = tokenizer(["speak"], return_tensors="pt")
+    greedy = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    sampled = model.generate(**prompt, max_new_tokens=10, do_sample=True, top_k=1, temperature=1.5)
+    assert torch.equal(greedy, sampled)
+
+
+def test_num_return_sequences(tokenizer, model):
+    batch = tokenizer(["All:", "ROMEO:"], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    out = model.generate(**batch, max_new_tokens=8, do_sample=True, num_return_sequences=3)
+    assert out.shape == (6, batch["input_ids"].shape[1] + 8)
+    assert torch.equal(out[:3, : batch["input_ids"].shape[1]], batch["input_ids"][0].expand(3, -1))
+    assert torch.equal(out[3:, : batch["input_ids"].shape[1]], batch["input_ids"][1].expand(3, -1))
+    assert len({tuple(row.tolist()) for row in out[:3]}) > 1  # sampled sequences differ
+
+
+def test_beam_search_reorders_the_state(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type, hidden_size=32)
+    batch = tokenizer(["ROMEO:\nBut", "All:"], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, do_sample=False)
+    with_cache = model.generate(**batch, **kwargs, return_dict_in_generate=True, output_scores=True)
+    without_cache = model.generate(**batch, **kwargs, use_cache=False, return_dict_in_generate=True, output_scores=True)
+    assert with_cache.sequences.shape == (4, batch["input_ids"].shape[1] + 10)
+    # reordering the recurrent state with the beams gives what re-running every beam's prefix gives
+    assert torch.equal(with_cache.sequences, without_cache.sequences)
+    torch.testing.assert_close(with_cache.sequences_scores, without_cache.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_eos_stops_generation(tokenizer, model):
+    prompt = tokenizer(["hear me"], return_tensors="pt")
+    free = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    new = free[0, prompt["input_ids"].shape[1] :].tolist()
+    eos = new[3]
+    stop_at = new.index(eos)
+    stopped = model.generate(**prompt, max_new_tokens=10, do_sample=False, eos_token_id=eos)
+    assert stopped[0, prompt["input_ids"].shape[1] :].tolist() == new[: stop_at + 1]
+
+
+def test_return_dict_in_generate_with_scores(tokenizer, model):
+    prompt = tokenizer(["speak"], return_tensors="pt")
+    out = model.generate(
+        **prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True
+    )
+    assert len(out.scores) == 6
+    assert all(score.shape == (1, len(tokenizer)) for score in out.scores)
+    new = out.sequences[0, prompt["input_ids"].shape[1] :]
+    assert torch.equal(torch.stack([score[0].argmax() for score in out.scores]), new)
+    assert isinstance(out.cache, DynamicCache)
+
+
+def test_streamer_prints_the_generated_text_in_order(tokenizer, model, capsys):
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_prompt=True)
+    out = model.generate(**prompt, max_new_tokens=25, do_sample=False, streamer=streamer)
+    printed = capsys.readouterr().out
+    expected = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
+    assert printed.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_returned_cache_continues_the_sequence_exactly(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True)
+    reference = model.generate(**batch, max_new_tokens=16, do_sample=False)
+
+    first = model.generate(**batch, max_new_tokens=7, do_sample=False, return_dict_in_generate=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 7, dtype=torch.long)], dim=1)
+    lengths, handle = record_forward_lengths(model)
+    second = model.generate(
+        first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=9, do_sample=False
+    )
+    handle.remove()
+    assert torch.equal(second, reference)
+    assert lengths[0] == 1  # only the last generated token, not yet seen by the state, is fed again
+
+
+def test_continuing_with_a_shorter_input_is_refused(tokenizer, model):
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    first = model.generate(**prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="pass the full sequence"):
+        model.generate(prompt["input_ids"], cache=first.cache, max_new_tokens=3)
+
+
+def test_cost_per_token_does_not_depend_on_position(tokenizer, model):
+    """Each decode step sees a (B, 1) input and a fixed-size state, whatever was generated before."""
+    prompt = tokenizer(["All:"], return_tensors="pt")
+    shapes = []
+    handle = model.model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(
+            (kwargs["input_ids"].shape, tuple(s.shape for s in out.cache.layers[0].recurrent_states.values()))
+        ),
+        with_kwargs=True,
+    )
+    model.generate(**prompt, max_new_tokens=200, do_sample=False)
+    handle.remove()
+    assert len(set(shapes[1:])) == 1
+    assert shapes[-1][0] == (1, 1)
+
+
+def test_prompt_of_unknown_characters_only_is_refused(tokenizer, model):
+    ids = tokenizer(["###"], return_tensors="pt")
+    assert (ids["input_ids"] == tokenizer.unk_token_id).all()
+    with pytest.raises(ValueError, match="only unknown characters"):
+        model.generate(**ids, max_new_tokens=3)
+    # one known character is enough
+    model.generate(**tokenizer(["#A#"], return_tensors="pt"), max_new_tokens=3)

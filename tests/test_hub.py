@@ -1,0 +1,171 @@
+"""Auto classes, save/load, trust_remote_code in a clean process, pipeline, and loading errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from char_lstm import (
+    CharLSTMConfig,
+    CharLSTMForCausalLM,
+    CharLSTMModel,
+    CharLSTMTokenizer,
+    check_vocab_match,
+    load_model_and_tokenizer,
+)
+from conftest import CORPUS, make_model
+
+
+@pytest.fixture
+def saved(tmp_path, tokenizer):
+    model = make_model(tokenizer, "lstm", hidden_size=32, dropout=0.1)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+def test_import_registers_the_auto_classes(tokenizer, tmp_path):
+    config = AutoConfig.for_model("char_lstm", vocab_size=len(tokenizer), hidden_size=16, embedding_size=8)
+    assert isinstance(config, CharLSTMConfig)
+    assert type(AutoModel.from_config(config)) is CharLSTMModel
+    assert type(AutoModelForCausalLM.from_config(config)) is CharLSTMForCausalLM
+    tokenizer.save_pretrained(tmp_path)
+    assert type(AutoTokenizer.from_pretrained(tmp_path)) is CharLSTMTokenizer
+
+
+def test_save_writes_safetensors_auto_map_and_code(saved):
+    folder, _ = saved
+    files = set(os.listdir(folder))
+    assert {"model.safetensors", "config.json", "generation_config.json", "vocab.json", "tokenizer_config.json"} <= files
+    assert {"configuration_char_lstm.py", "modeling_char_lstm.py", "tokenization_char_lstm.py"} <= files
+    assert not {"pytorch_model.bin"} & files
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_char_lstm.CharLSTMConfig",
+        "AutoModelForCausalLM": "modeling_char_lstm.CharLSTMForCausalLM",
+    }
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tok_config["auto_map"]["AutoTokenizer"][0] == "tokenization_char_lstm.CharLSTMTokenizer"
+
+
+def test_shipped_modeling_file_imports_only_torch_transformers_and_config(saved):
+    folder, _ = saved
+    source = (folder / "modeling_char_lstm.py").read_text()
+    imports = [line.strip() for line in source.splitlines() if line.startswith(("import ", "from "))]
+    roots = {line.split()[1].split(".")[0] for line in imports}
+    assert roots <= {"os", "torch", "transformers", ""}, imports  # "" is the relative .configuration_char_lstm
+    assert "from .configuration_char_lstm import CharLSTMConfig" in imports
+
+
+def test_save_load_round_trip_is_bit_exact(saved, tokenizer):
+    folder, model = saved
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    on_disk = load_file(folder / "model.safetensors")
+    assert all(torch.equal(on_disk[k], state[k]) for k in on_disk)
+    ids = tokenizer(["ROMEO:\nBut"], return_tensors="pt")["input_ids"]
+    assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_trust_remote_code_load_in_a_clean_process(saved, tokenizer, tmp_path):
+    """The saved folder alone is enough: char_lstm cannot be imported, and the text generated is the same."""
+    folder, model = saved
+    model.eval()
+    prompt = "ROMEO:\n"
+    torch.manual_seed(1234)
+    expected = tokenizer.decode(
+        model.generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=40, do_sample=True, top_k=10)[0]
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class BlockCharLSTM:
+            def find_spec(self, name, path=None, target=None):
+                if name == "char_lstm" or name.startswith("char_lstm."):
+                    raise ImportError("char_lstm is blocked in this test")
+
+        sys.meta_path.insert(0, BlockCharLSTM())
+        try:
+            import char_lstm
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("char_lstm should not be importable here")
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = {str(folder)!r}
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        assert "char_lstm" not in sys.modules
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        torch.manual_seed(1234)
+        out = model.generate(**tokenizer([{prompt!r}], return_tensors="pt"), max_new_tokens=40, do_sample=True, top_k=10)
+        sys.stdout.write("TEXT:" + repr(tokenizer.decode(out[0])))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("TEXT:")[-1] == repr(expected)
+
+
+def test_pipeline_text_generation(saved, tokenizer):
+    folder, model = saved
+    generator = pipeline("text-generation", model=str(folder))
+    result = generator("ROMEO:", max_new_tokens=20, do_sample=False)
+    expected = tokenizer.decode(
+        model.eval().generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=20, do_sample=False)[0]
+    )
+    assert result[0]["generated_text"] == expected
+
+
+def test_load_model_and_tokenizer(saved):
+    folder, model = saved
+    loaded, tokenizer = load_model_and_tokenizer(str(folder), dtype=torch.bfloat16)
+    assert not loaded.training
+    assert loaded.dtype == torch.bfloat16
+    assert isinstance(tokenizer, CharLSTMTokenizer)
+
+
+def test_vocab_mismatch_is_a_clear_error(saved, tmp_path):
+    folder, model = saved
+    other = CharLSTMTokenizer.from_corpus(CORPUS + "xyz0123")
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model's vocab_size is \d+"):
+        check_vocab_match(model.config, other)
+    other.save_pretrained(folder)  # overwrite the folder's tokenizer with a wrong one
+    with pytest.raises(ValueError, match="not saved together"):
+        load_model_and_tokenizer(str(folder))
+
+
+def test_folder_without_config_or_weights_and_corrupted_weights(saved, tmp_path):
+    folder, _ = saved
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OSError, match="has no config.json: it is not a saved CharLSTM model"):
+        CharLSTMForCausalLM.from_pretrained(empty)
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(OSError, match="has a config but no weights"):
+        AutoModelForCausalLM.from_pretrained(no_weights)
+
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match="corrupted or truncated"):
+        AutoModelForCausalLM.from_pretrained(folder)
