@@ -87,7 +87,8 @@ def test_encode_corpus_equals_tokenizer():
     tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT])
     text = CORPUS + UNICODE_TEXT + "unknown: ~§ 🚀 \U0010ffff" + CORPUS
     ids = tokenizer.encode_corpus(text)
-    assert isinstance(ids, np.ndarray) and ids.dtype == np.int32
+    assert isinstance(ids, np.ndarray) and ids.dtype == np.uint8  # smallest dtype for < 256 tokens
+    assert tokenizer.encode_corpus(text, dtype=np.int64).dtype == np.int64
     assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.encode_corpus("").shape == (0,)
 
@@ -107,3 +108,11 @@ def test_bad_vocabularies_are_refused(tmp_path):
         CharLSTMTokenizer(vocab={"<pad>": 0, "a": 1})
     with pytest.raises(ValueError, match="single characters"):
         CharLSTMTokenizer(vocab={"<pad>": 0, "<unk>": 1, "ab": 2})
+
+
+def test_encode_corpus_with_a_large_vocabulary():
+    text = "".join(chr(0x4E00 + i) for i in range(300)) + "abc"
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    ids = tokenizer.encode_corpus(text + "?")
+    assert ids.dtype == np.uint16
+    assert ids.tolist() == tokenizer(text + "?")["input_ids"]

@@ -21,6 +21,7 @@ EOS_TOKEN = "<eos>"
 
 # Texts are encoded by `encode_corpus` in slices of this many characters, which bounds the temporary UTF-32 copy.
 _CORPUS_CHUNK_CHARS = 1 << 24
+_UNICODE_SIZE = 0x110000
 
 
 class CharLSTMTokenizer(PreTrainedTokenizer):
@@ -165,31 +166,37 @@ class CharLSTMTokenizer(PreTrainedTokenizer):
         """The distinct characters of `text` that are not in the vocabulary (they would become `<unk>`), sorted."""
         return sorted(set(text).difference(self.vocab))
 
+    @property
+    def corpus_dtype(self) -> np.dtype:
+        """The smallest integer dtype that holds every id: uint8 up to 256 tokens, uint16 up to 65536, else int32."""
+        size = len(self.vocab)
+        return np.dtype(np.uint8 if size <= 1 << 8 else np.uint16 if size <= 1 << 16 else np.int32)
+
     def _lookup_table(self) -> np.ndarray:
-        """Dense code point -> id table covering every single-character token (unknown code points -> `<unk>`)."""
+        """Code point -> id table over all of Unicode (0x110000 entries), `<unk>` where not in the vocab."""
         if self._corpus_table is None:
-            unk_id = self.vocab[self.unk_token]
-            chars = {token: idx for token, idx in self.vocab.items() if len(token) == 1}
-            size = max((ord(c) for c in chars), default=0) + 1
-            table = np.full(size, unk_id, dtype=np.int32)
-            for char, idx in chars.items():
-                table[ord(char)] = idx
+            table = np.full(_UNICODE_SIZE, self.vocab[self.unk_token], dtype=self.corpus_dtype)
+            for token, idx in self.vocab.items():
+                if len(token) == 1:
+                    table[ord(token)] = idx
             self._corpus_table = table
         return self._corpus_table
 
-    def encode_corpus(self, text: str, dtype=np.int32) -> np.ndarray:
+    def encode_corpus(self, text: str, dtype=None) -> np.ndarray:
         """Vectorized encoding of a (large) text: the ids `convert_tokens_to_ids(list(text))` would give, without
-        special tokens, as a NumPy array. Works on slices of 16M characters through a code-point lookup table."""
+        special tokens, as a NumPy array of `dtype` (default `corpus_dtype`, the smallest that fits: one byte per
+        character for vocabularies up to 256 tokens). Each slice of 16M characters becomes an array of code points (one
+        byte each for ASCII text, four otherwise), which indexes a code point -> id table."""
         table = self._lookup_table()
-        unk_id = self.vocab[self.unk_token]
-        out = np.empty(len(text), dtype=dtype)
+        out = np.empty(len(text), dtype=table.dtype)
         for start in range(0, len(text), _CORPUS_CHUNK_CHARS):
             piece = text[start : start + _CORPUS_CHUNK_CHARS]
-            codes = np.frombuffer(piece.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-            inside = codes < table.shape[0]
-            ids = table[np.where(inside, codes, 0)]
-            out[start : start + len(piece)] = np.where(inside, ids, unk_id)
-        return out
+            if piece.isascii():
+                codes = np.frombuffer(piece.encode("ascii"), dtype=np.uint8)
+            else:
+                codes = np.frombuffer(piece.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+            np.take(table, codes, out=out[start : start + len(piece)], mode="clip")  # in range; no buffering
+        return out if dtype is None or np.dtype(dtype) == out.dtype else out.astype(dtype)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         if not os.path.isdir(save_directory):
