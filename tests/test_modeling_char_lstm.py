@@ -154,8 +154,10 @@ def test_mask_longer_than_inputs_uses_last_columns(tokenizer):
 
 def test_out_of_vocabulary_ids_give_a_clear_error(tokenizer):
     model = make_model(tokenizer)
-    with pytest.raises(ValueError, match="tokenizer does not match this model"):
+    with pytest.raises(ValueError, match=f"holds id {len(tokenizer) + 3}, outside .*tokenizer does not match this model"):
         model(input_ids=torch.tensor([[1, 2, len(tokenizer) + 3]]))
+    with pytest.raises(ValueError, match="holds id -1"):
+        model(input_ids=torch.tensor([[1, -1]]))
 
 
 def test_weight_init(tokenizer):
@@ -242,3 +244,19 @@ def test_bfloat16(tokenizer, tmp_path):
     assert out.cache.layers[0].recurrent_states[0].dtype == torch.bfloat16
     generated = bf16.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 5)
+
+
+def test_backprop_through_the_cache_across_calls(tokenizer, cell_type):
+    """Two calls chained by a cache give the gradients of one call over the whole sequence."""
+    model = make_model(tokenizer, cell_type)
+    ids = encode(tokenizer, ["ROMEO:\nBut, soft! what"])["input_ids"]
+    whole = model(input_ids=ids).logits.sum()
+    whole.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    cache = DynamicCache(config=model.config)
+    first = model(input_ids=ids[:, :9], cache=cache, use_cache=True).logits.sum()
+    second = model(input_ids=ids[:, 9:], cache=cache, use_cache=True).logits.sum()
+    (first + second).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)

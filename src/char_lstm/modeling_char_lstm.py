@@ -218,9 +218,10 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         vocab_size = self.embeddings.num_embeddings
-        if input_ids.numel() and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+        if bad.numel():
             raise ValueError(
-                f"input_ids holds id {int(input_ids.max())} (or a negative id) but the model has vocab_size={vocab_size}: "
+                f"input_ids holds id {int(bad[0])}, outside [0, {vocab_size - 1}] (vocab_size={vocab_size}): "
                 "the tokenizer does not match this model; load the tokenizer saved with it."
             )
 
@@ -282,7 +283,8 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                 )
             hx = None
             if initial is not None:
-                hx = tuple(s.unsqueeze(0) for s in initial)  # (1, B, H) each
+                # (1, B, H) each. With autograd on, read a copy: the cache buffer is overwritten in place below.
+                hx = tuple((s.clone() if torch.is_grad_enabled() else s).unsqueeze(0) for s in initial)
                 hx = hx if config.cell_type == "lstm" else hx[0]
             x, final = rnn(x, hx)
             final = final if isinstance(final, tuple) else (final,)
