@@ -179,3 +179,11 @@ def test_prompt_of_unknown_characters_only_is_refused(tokenizer, model):
         model.generate(**ids, max_new_tokens=3)
     # one known character is enough
     model.generate(**tokenizer(["#A#"], return_tensors="pt"), max_new_tokens=3)
+
+
+def test_generate_from_inputs_embeds(tokenizer, model):
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    embeds = model.get_input_embeddings()(prompt["input_ids"])
+    from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False)
+    from_ids = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, -8:])
