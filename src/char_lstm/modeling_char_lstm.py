@@ -1,7 +1,7 @@
 """CharLSTM: a character-level recurrent language model (LSTM, GRU or RNN) for transformers.
 
-This file is shipped to the Hub next to the weights (``trust_remote_code``): it imports only torch, transformers and
-``.configuration_char_lstm``.
+This file is shipped to the Hub next to the weights (``trust_remote_code``): it imports only the standard library,
+torch, transformers and ``.configuration_char_lstm``.
 
 Shapes used in the docstrings: ``B`` batch, ``T`` sequence length (new tokens of this call), ``E`` embedding size,
 ``H`` hidden size, ``V`` vocabulary size, ``L`` number of recurrent layers.
