@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Train a character-level LSTM language model.
+
+    accelerate launch scripts/train.py                                   # tiny_shakespeare from the Hub
+    accelerate launch scripts/train.py --train_file my_text.txt --preset cpu-small
+    python scripts/train.py config.json                                  # the same arguments from a JSON/YAML file
+    python scripts/train.py --help                                       # every option
+
+The work is done by `char_lstm.training.train`.
+"""
+
+import logging
+import sys
+
+from char_lstm.data import DataError
+from char_lstm.training import TrainingDiverged, parse_arguments, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        model_args, data_args, training_args = parse_arguments(argv)
+        logging.getLogger().setLevel(training_args.get_process_log_level())
+        train(model_args, data_args, training_args)
+    except (DataError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Training data: load raw text with `datasets`, build the vocabulary, encode, and cut into blocks.
+
+The text is never split into lines or stripped: `.txt` files are read as bytes and decoded exactly (``\\r\\n``, tabs
+and runs of spaces survive), and several documents are joined with `document_separator`. Every step is a
+`datasets` operation with a deterministic fingerprint, so a second run with the same data and arguments loads the
+encoded blocks from the `datasets` cache instead of encoding again.
+"""
+
+import glob
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+
+import datasets
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, Features, IterableDataset, Sequence, Value
+
+from .tokenization_char_lstm import CharLSTMTokenizer
+
+
+logger = logging.getLogger(__name__)
+
+TEXT_EXTENSIONS = (".txt", ".text", ".md")
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A problem with the training data, explained in one line with the way out."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_text_file(path: str, encoding: str = "utf-8") -> str:
+    """The exact text of a file (no newline translation), with one-line errors for empty or undecodable files."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not valid {encoding}: the byte at offset {error.start} (0x{data[error.start]:02x}) cannot be "
+            "decoded; convert the file to UTF-8 or pass its encoding, e.g. --encoding latin-1."
+        ) from None
+    except LookupError:
+        raise DataError(f"Unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1.") from None
+
+
+def _text_file_rows(files: list[str], encoding: str, fingerprint: list) -> Iterator[dict]:
+    """Generator behind `Dataset.from_generator`: one row per file. `fingerprint` (sizes and modification times)
+    only makes the datasets cache key change when a file changes."""
+    for path in files:
+        yield {"text": read_text_file(path, encoding)}
+
+
+def expand_files(spec: str, option: str) -> list[str]:
+    """A file, a directory (its text files, sorted) or a glob pattern -> a sorted list of files."""
+    if os.path.isdir(spec):
+        files = sorted(
+            os.path.join(spec, name) for name in os.listdir(spec) if name.lower().endswith(TEXT_EXTENSIONS)
+        )
+        if not files:
+            raise DataError(f"{option} {spec} is a directory without text files ({', '.join(TEXT_EXTENSIONS)}).")
+        return files
+    if any(char in spec for char in "*?["):
+        files = sorted(path for path in glob.glob(spec, recursive=True) if os.path.isfile(path))
+        if not files:
+            raise DataError(f"{option} {spec} matches no file.")
+        return files
+    if not os.path.isfile(spec):
+        raise DataError(f"{option} {spec} does not exist; give a text file, a directory of .txt files or a glob.")
+    return [spec]
+
+
+def load_files(files: list[str], text_column: str, encoding: str, streaming: bool = False) -> Dataset | IterableDataset:
+    """Text files (one row per file, exact text) or .jsonl/.json/.csv/.parquet files (rows as they are)."""
+    extensions = {os.path.splitext(path)[1].lower() for path in files}
+    if all(ext in TEXT_EXTENSIONS or ext == "" for ext in extensions):
+        for path in files:
+            if os.path.getsize(path) == 0:
+                raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
+        files = [os.path.abspath(path) for path in files]
+        kwargs = {
+            "files": files,
+            "encoding": encoding,
+            "fingerprint": [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files],
+        }
+        for path in files:  # decode errors are reported here, with the file name and byte offset
+            read_text_file(path, encoding)
+        features = Features({"text": Value("string")})
+        if streaming:
+            return IterableDataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=features)
+        return Dataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=features)
+    builders = {BUILDERS.get(ext) for ext in extensions}
+    if len(builders) != 1 or None in builders:
+        raise DataError(
+            f"Cannot mix or read files with extensions {sorted(extensions)}: use .txt, .jsonl, .json, .csv or .parquet."
+        )
+    dataset = datasets.load_dataset(
+        builders.pop(), data_files=[os.path.abspath(p) for p in files], split="train", streaming=streaming
+    )
+    return dataset
+
+
+def load_raw_datasets(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    text_column: str = "text",
+    encoding: str = "utf-8",
+    streaming: bool = False,
+) -> DatasetDict | datasets.IterableDatasetDict:
+    """`train` (and `validation` when the data has one) with the text in `text_column`."""
+    if train_file is not None:
+        raw = {"train": load_files(expand_files(train_file, "--train_file"), text_column, encoding, streaming)}
+        if validation_file is not None:
+            raw["validation"] = load_files(
+                expand_files(validation_file, "--validation_file"), text_column, encoding, streaming
+            )
+        raw = (datasets.IterableDatasetDict if streaming else DatasetDict)(raw)
+    elif dataset_name is not None:
+        # A local folder laid out like a Hub dataset loads the same way as the Hub id (absolute path: see README).
+        name = os.path.abspath(dataset_name) if os.path.isdir(dataset_name) else dataset_name
+        try:
+            raw = datasets.load_dataset(name, dataset_config_name, streaming=streaming)
+        except Exception as error:  # offline, unknown id, private repo...: datasets raises many different types
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DataError(
+                f"Could not load the dataset {dataset_name!r} ({type(error).__name__}: {reason[:200]}); "
+                "without Hub access, train on a local text file with --train_file path/to/text.txt."
+            ) from None
+        if "train" not in raw:
+            raise DataError(f"The dataset {dataset_name!r} has no 'train' split (it has {list(raw)}).")
+        if "validation" not in raw and "valid" in raw:
+            raw["validation"] = raw.pop("valid")
+        if validation_file is not None:
+            raw["validation"] = load_files(
+                expand_files(validation_file, "--validation_file"), text_column, encoding, streaming
+            )
+    else:
+        raise DataError("No training data: pass --dataset_name (a Hub id or a local dataset folder) or --train_file.")
+
+    for split, dataset in raw.items():
+        columns = dataset.column_names
+        if columns is not None and text_column not in columns:
+            raise DataError(
+                f"The {split} data has no column {text_column!r} (columns: {columns}); choose one with --text_column."
+            )
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation split, vocabulary
+
+
+def _cut_rows(batch: dict, indices: list[int], column: str, row: int, cut: int, keep: str) -> dict:
+    """Keep the head (`keep="head"`: characters before `cut`) or the tail of row `row`; other rows unchanged."""
+    texts = list(batch[column])
+    for position, index in enumerate(indices):
+        if index == row:
+            texts[position] = texts[position][:cut] if keep == "head" else texts[position][cut:]
+    return {**batch, column: texts}
+
+
+def _text_lengths(batch: dict, column: str) -> dict:
+    return {"_length": [len(text) for text in batch[column]]}
+
+
+def split_validation_tail(train: Dataset, column: str, percentage: float, num_proc: int | None = None):
+    """Split off the last `percentage`% of the characters (a contiguous tail, so no block of one split overlaps the
+    other) -> (train, validation)."""
+    if not 0 < percentage < 100:
+        raise DataError(f"--validation_split_percentage must be in (0, 100), got {percentage}.")
+    lengths = train.map(_text_lengths, batched=True, fn_kwargs={"column": column}, remove_columns=train.column_names)
+    lengths = np.asarray(lengths["_length"], dtype=np.int64)
+    total = int(lengths.sum())
+    tail = math.ceil(total * percentage / 100)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    boundary = total - tail  # first character of the validation text
+    row = int(np.searchsorted(starts, boundary, side="right") - 1)
+    cut = boundary - int(starts[row])
+    kwargs = {"column": column, "row": row, "cut": cut}
+    head = train.select(range(row + 1)).map(
+        _cut_rows, batched=True, with_indices=True, fn_kwargs={**kwargs, "keep": "head"}, num_proc=num_proc
+    )
+    tail_ds = train.select(range(row, len(train))).map(
+        _cut_rows, batched=True, with_indices=True, fn_kwargs={**kwargs, "row": 0, "keep": "tail"}, num_proc=num_proc
+    )
+    return head, tail_ds
+
+
+def iter_texts(dataset: Dataset | IterableDataset, column: str) -> Iterator[str]:
+    for batch in dataset.iter(batch_size=256):
+        yield from batch[column]
+
+
+def build_tokenizer(train: Dataset | IterableDataset, column: str, separator: str) -> CharLSTMTokenizer:
+    """The vocabulary of the training text (plus the document separator's characters)."""
+    return CharLSTMTokenizer.from_corpus(_chain(iter_texts(train, column), [separator]))
+
+
+def _chain(*iterables: Iterable[str]) -> Iterator[str]:
+    for iterable in iterables:
+        yield from iterable
+
+
+def count_oov(dataset: Dataset | IterableDataset, column: str, tokenizer: CharLSTMTokenizer) -> dict[str, int]:
+    """How many times each character outside the vocabulary occurs in `dataset`."""
+    counts: dict[str, int] = {}
+    vocab = tokenizer.get_vocab()
+    for text in iter_texts(dataset, column):
+        for char in set(text).difference(vocab):
+            counts[char] = counts.get(char, 0) + text.count(char)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoding into blocks
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_for(vocab_items: tuple) -> CharLSTMTokenizer:
+    return CharLSTMTokenizer(vocab=dict(vocab_items))
+
+
+def _encode_blocks(batch: dict, column: str, vocab_items: tuple, separator: str, block_size: int, stride: int) -> dict:
+    """Join the batch's documents, encode them with the vectorized encoder, and cut windows of `block_size + 1` ids
+    starting every `stride` characters (the model shifts the labels inside, so each window trains `block_size`
+    predictions, and with `stride == block_size` every character is predicted once)."""
+    tokenizer = _tokenizer_for(vocab_items)
+    ids = tokenizer.encode_corpus(separator.join(batch[column]))
+    window = block_size + 1
+    if len(ids) < window:
+        return {"input_ids": np.empty((0, window), dtype=ids.dtype)}
+    starts = np.arange(0, len(ids) - window + 1, stride)
+    return {"input_ids": ids[starts[:, None] + np.arange(window)]}
+
+
+def encode_blocks(
+    dataset: Dataset | IterableDataset,
+    tokenizer: CharLSTMTokenizer,
+    column: str,
+    block_size: int,
+    stride: int | None = None,
+    separator: str = "\n\n",
+    num_proc: int | None = None,
+    load_from_cache_file: bool = True,
+    batch_size: int = 1000,
+) -> Dataset | IterableDataset:
+    """Rows of text -> rows of `input_ids` windows of `block_size + 1` ids (stored in the smallest integer dtype)."""
+    if block_size <= 0:
+        raise DataError(f"--block_size must be a positive number of characters, got {block_size}.")
+    stride = block_size if stride is None else stride
+    if stride <= 0:
+        raise DataError(f"--stride must be a positive number of characters, got {stride}.")
+    dtype = {np.uint8: "uint8", np.uint16: "uint16", np.int32: "int32"}[tokenizer.corpus_dtype.type]
+    kwargs = dict(
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=dataset.column_names,
+        features=Features({"input_ids": Sequence(Value(dtype))}),
+        fn_kwargs={
+            "column": column,
+            "vocab_items": tuple(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])),
+            "separator": separator,
+            "block_size": block_size,
+            "stride": stride,
+        },
+    )
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(_encode_blocks, **kwargs)
+    return dataset.map(
+        _encode_blocks, num_proc=num_proc, load_from_cache_file=load_from_cache_file, desc="Encoding blocks", **kwargs
+    )
+
+
+def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack blocks into `input_ids` and `labels` (the same ids: the model shifts them)."""
+    input_ids = torch.from_numpy(np.asarray([example["input_ids"] for example in examples], dtype=np.int64))
+    return {"input_ids": input_ids, "labels": input_ids.clone()}

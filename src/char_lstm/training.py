@@ -1,0 +1,493 @@
+"""Training with `transformers.Trainer`: arguments, presets, callbacks, and the `train()` entry point.
+
+`scripts/train.py` only parses the three argument dataclasses and calls `train()`. Hand-written here is only what
+Trainer does not do by itself: the sampling callback (the seed prints samples while training), the divergence guard
+(Trainer keeps going with NaN weights), the log line when the plateau scheduler lowers the learning rate, and
+bits-per-character / perplexity from the evaluation loss.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_char_lstm import CharLSTMConfig
+from .data import (
+    DataError,
+    build_tokenizer,
+    collate_blocks,
+    count_oov,
+    encode_blocks,
+    iter_texts,
+    load_raw_datasets,
+    split_validation_tail,
+)
+from .hub import check_vocab_match, write_model_card
+from .modeling_char_lstm import CharLSTMForCausalLM
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    preset: str | None = field(
+        default=None,
+        metadata={"help": "Named settings for model and schedule: 'cpu-small' (learns in minutes on 2 CPU cores) or "
+                  "'seed' (the seed's 2x512 recipe, for a GPU). Flags given on the command line win."},
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved model (folder or Hub id); its tokenizer is reused."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Use this saved tokenizer instead of building one from the training text."}
+    )
+    embedding_size: int = field(default=128, metadata={"help": "Character embedding size."})
+    hidden_size: int = field(default=512, metadata={"help": "Units per recurrent layer."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Number of recurrent layers."})
+    dropout: float = field(default=0.5, metadata={"help": "Dropout between layers and before the head, in [0, 1)."})
+    cell_type: str = field(default="lstm", metadata={"help": "lstm, gru or rnn."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default="karpathy/tiny_shakespeare",
+        metadata={"help": "A Hub dataset id, or a local folder laid out like one. Ignored with --train_file."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training text: a .txt file, a directory of .txt files, a glob, or .jsonl/.csv/.parquet."},
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Validation text, same formats."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (.jsonl/.csv/.parquet)."})
+    encoding: str = field(default="utf-8", metadata={"help": "Encoding of .txt files."})
+    document_separator: str = field(default="\n\n", metadata={"help": "Joins documents (rows, files)."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Without a validation split: the last N%% of the training text."}
+    )
+    block_size: int = field(default=100, metadata={"help": "Characters per training sequence (BPTT length)."})
+    stride: int | None = field(
+        default=None, metadata={"help": "Characters between block starts (default: block_size, no overlap)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for encoding."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Encode again instead of using the cache."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the data (needs --max_steps)."})
+
+
+def _plateau_defaults() -> dict:
+    return {"factor": 0.5, "patience": 3}
+
+
+@dataclass
+class CharLSTMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the seed's defaults, plus sampling and output-directory safety."""
+
+    output_dir: str | None = field(default="outputs/char-lstm", metadata={"help": "Where checkpoints and the model go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete the checkpoints already in --output_dir and start over."}
+    )
+    learning_rate: float = field(default=2e-3, metadata={"help": "Adam learning rate."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Blocks per batch per device."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Blocks per eval batch per device."})
+    num_train_epochs: float = field(default=50.0, metadata={"help": "Passes over the training blocks."})
+    weight_decay: float = field(default=0.0, metadata={"help": "0 makes AdamW plain Adam, as in the seed."})
+    lr_scheduler_type: str = field(
+        default="reduce_lr_on_plateau", metadata={"help": "Default: multiply the LR by factor on eval-loss plateaus."}
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=_plateau_defaults,
+        metadata={"help": "For the plateau scheduler: factor and patience, e.g. '{\"factor\": 0.5, \"patience\": 3}'."},
+    )
+    eval_strategy: str = field(default="steps", metadata={"help": "Evaluate every --eval_steps."})
+    eval_steps: float | None = field(default=250, metadata={"help": "Steps between evaluations."})
+    save_steps: float = field(default=250, metadata={"help": "Steps between checkpoints."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (plus the best)."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the checkpoint with the best eval loss."})
+    metric_for_best_model: str | None = field(default="loss", metadata={"help": "Metric for the best checkpoint."})
+    logging_steps: float = field(default=50, metadata={"help": "Steps between training-loss logs."})
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Keep NaN/inf losses visible in the logs (the divergence guard needs them)."}
+    )
+    sample_prompt: str | None = field(
+        default=None, metadata={"help": "Prompt of the samples printed while training (default: 'ROMEO:' if valid)."}
+    )
+    sample_every_evals: int = field(default=1, metadata={"help": "Print a sample every N evaluations (0: never)."})
+    sample_length: int = field(default=200, metadata={"help": "Characters per sample."})
+    sample_temperature: float = field(default=0.8, metadata={"help": "Temperature of the samples."})
+
+    def __post_init__(self):
+        if self.lr_scheduler_type != "reduce_lr_on_plateau" and self.lr_scheduler_kwargs == _plateau_defaults():
+            self.lr_scheduler_kwargs = {}
+        super().__post_init__()
+
+
+# Presets: values for the three dataclasses' fields, applied as defaults (explicit flags win).
+PRESETS = {
+    "cpu-small": {
+        "embedding_size": 64,
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "dropout": 0.1,
+        "per_device_train_batch_size": 32,
+        "max_steps": 2000,
+        "eval_steps": 250,
+        "save_steps": 250,
+        "logging_steps": 50,
+        "max_eval_samples": 256,
+    },
+    "seed": {
+        "embedding_size": 128,
+        "hidden_size": 512,
+        "num_hidden_layers": 2,
+        "dropout": 0.5,
+        "per_device_train_batch_size": 64,
+        "num_train_epochs": 50,
+    },
+}
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, CharLSTMTrainingArguments) from the command line or from one .json/.yaml file,
+    with `--preset` values as defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, CharLSTMTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = os.path.abspath(argv[0])
+        if not os.path.isfile(path):
+            raise DataError(f"Config file {argv[0]} does not exist.")
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        else:
+            import yaml
+
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f)
+        preset = _preset_values(values.get("preset"))
+        return parser.parse_dict({**preset, **values})
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser.set_defaults(**_preset_values(known.preset))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _preset_values(name: str | None) -> dict:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise DataError(f"Unknown --preset {name!r}; choose from {sorted(PRESETS)}.")
+    return dict(PRESETS[name])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position loss of the next character, (B, T - 1), so evaluation keeps B*T numbers instead of B*T*V."""
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return nll.masked_fill(targets == -100, 0.0)
+
+
+def compute_metrics(eval_prediction) -> dict[str, float]:
+    """Bits per character and perplexity of the evaluation text (from the per-position losses)."""
+    nll = torch.as_tensor(eval_prediction.predictions)
+    mask = torch.as_tensor(eval_prediction.label_ids)[:, 1:] != -100
+    mean = float(nll[mask].double().mean())
+    return {"bits_per_char": mean / math.log(2), "perplexity": math.exp(min(mean, 50.0))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class SampleCallback(TrainerCallback):
+    """Every `every` evaluations, print a sample (main process only) and log it to TensorBoard as text."""
+
+    def __init__(self, tokenizer, prompt: str, every: int, length: int, temperature: float):
+        self.tokenizer, self.prompt, self.every = tokenizer, prompt, every
+        self.length, self.temperature = length, temperature
+        self.evaluations = 0
+        self.trainer = None  # set by train(), to find the TensorBoard writer
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.evaluations += 1
+        if not self.every or self.evaluations % self.every or not state.is_world_process_zero:
+            return
+        text = sample(model, self.tokenizer, self.prompt, self.length, self.temperature)
+        print(f"\n----- sample at step {state.global_step} -----\n{text}\n-----", flush=True)
+        for callback in self.trainer.callback_handler.callbacks if self.trainer else ():
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.add_text("sample", text, state.global_step)
+                writer.flush()
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, length: int, temperature: float) -> str:
+    was_training = model.training
+    model.eval()
+    inputs = tokenizer([prompt], return_tensors="pt").to(model.device)
+    out = model.generate(**inputs, max_new_tokens=length, do_sample=True, temperature=temperature, top_k=0)
+    model.train(was_training)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+DIVERGENCE_HELP = (
+    "Likely causes and fixes: a learning rate too high (try --learning_rate 1e-4), exploding gradients (keep "
+    "gradient clipping on: --max_grad_norm 1.0 or lower), or half-precision overflow (train in float32 first: "
+    "drop --fp16/--bf16)."
+)
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop as soon as the loss or the weights stop being finite, before a NaN checkpoint is written."""
+
+    def __init__(self):
+        self.diverged_at: int | None = None
+        self.what = ""
+
+    def _trip(self, state, control, what: str):
+        if self.diverged_at is None:
+            self.diverged_at, self.what = state.global_step, what
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        total = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
+        if not torch.isfinite(total):
+            self._trip(state, control, "the weights became NaN/inf")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self._trip(state, control, f"the training loss became {loss}")
+
+    def message(self, output_dir: str) -> str:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        kept = f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been saved yet"
+        return f"Training diverged at step {self.diverged_at}: {self.what}. {DIVERGENCE_HELP} Nothing was overwritten; {kept}."
+
+
+class LearningRateLogCallback(TrainerCallback):
+    """Print a line whenever the learning rate goes down (the plateau scheduler halving it)."""
+
+    def __init__(self):
+        self.last_lr: float | None = None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        lr = optimizer.param_groups[0]["lr"]
+        if self.last_lr is not None and lr < self.last_lr and state.is_world_process_zero:
+            logger.warning(
+                f"Step {state.global_step}: eval loss stopped improving, learning rate reduced {self.last_lr:.3g} -> {lr:.3g}"
+            )
+        self.last_lr = lr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _prepare_output_dir(args: CharLSTMTrainingArguments) -> str | bool | None:
+    """Refuse to clobber a previous run; return the checkpoint to resume from (or None)."""
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true" or None
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if resume is True and last is None:
+        raise DataError(f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from.")
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        raise DataError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+    if last is not None and resume is None:
+        if not args.overwrite_output_dir:
+            raise DataError(
+                f"{args.output_dir} already holds checkpoints ({os.path.basename(last)}): resume with "
+                "--resume_from_checkpoint True, start over with --overwrite_output_dir, or choose another --output_dir."
+            )
+        if args.process_index == 0:
+            for name in os.listdir(args.output_dir):
+                if name.startswith("checkpoint-"):
+                    shutil.rmtree(os.path.join(args.output_dir, name))
+            logger.warning(f"--overwrite_output_dir: deleted the checkpoints in {args.output_dir}")
+    return resume
+
+
+def _load_tokenizer_and_model(model_args: ModelArguments, train_raw, data_args: DataArguments):
+    if model_args.model_name_or_path is not None:
+        model = CharLSTMForCausalLM.from_pretrained(model_args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    else:
+        if model_args.tokenizer_name is not None:
+            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+        else:
+            tokenizer = build_tokenizer(train_raw, data_args.text_column, data_args.document_separator)
+        config = CharLSTMConfig(
+            vocab_size=len(tokenizer),
+            embedding_size=model_args.embedding_size,
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            dropout=model_args.dropout,
+            cell_type=model_args.cell_type,
+            pad_token_id=tokenizer.pad_token_id,
+            unk_token_id=tokenizer.unk_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = CharLSTMForCausalLM(config)
+    check_vocab_match(model.config, tokenizer)
+    return tokenizer, model
+
+
+def default_sample_prompt(tokenizer, train_raw, column: str) -> str:
+    if not tokenizer.oov_characters("ROMEO:"):
+        return "ROMEO:"
+    first = next(iter_texts(train_raw, column), "")
+    return first[:8] or next(t for t in tokenizer.get_vocab() if len(t) == 1)
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: CharLSTMTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict:
+    """Train a CharLSTM model with Trainer; returns the final metrics. Raises DataError for bad input and
+    TrainingDiverged when the loss stops being finite. `callbacks` are added to the run's own."""
+    if data_args.block_size <= 0:
+        raise DataError(f"--block_size must be a positive number of characters, got {data_args.block_size}.")
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise DataError("--streaming needs --max_steps (the length of a stream is not known in advance).")
+    resume = _prepare_output_dir(training_args)
+    set_seed(training_args.seed)
+
+    with training_args.main_process_first(desc="loading the data"):
+        raw = load_raw_datasets(
+            dataset_name=None if data_args.train_file else data_args.dataset_name,
+            dataset_config_name=data_args.dataset_config_name,
+            train_file=data_args.train_file,
+            validation_file=data_args.validation_file,
+            text_column=data_args.text_column,
+            encoding=data_args.encoding,
+            streaming=data_args.streaming,
+        )
+        train_raw, eval_raw = raw["train"], raw.get("validation")
+        if eval_raw is None:
+            if data_args.streaming:
+                raise DataError("--streaming needs a validation split or --validation_file.")
+            train_raw, eval_raw = split_validation_tail(
+                train_raw, data_args.text_column, data_args.validation_split_percentage
+            )
+
+    tokenizer, model = _load_tokenizer_and_model(model_args, train_raw, data_args)
+    if training_args.process_index == 0 and not data_args.streaming:
+        oov = count_oov(eval_raw, data_args.text_column, tokenizer)
+        if oov:
+            logger.warning(
+                f"{sum(oov.values())} characters of the validation text are not in the vocabulary of the training "
+                f"text and become <unk>: {''.join(sorted(oov))!r}"
+            )
+
+    with training_args.main_process_first(desc="encoding"):
+        kwargs = dict(
+            tokenizer=tokenizer,
+            column=data_args.text_column,
+            block_size=data_args.block_size,
+            stride=data_args.stride,
+            separator=data_args.document_separator,
+        )
+        if not data_args.streaming:
+            kwargs.update(
+                num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache
+            )
+        train_blocks = encode_blocks(train_raw, **kwargs)
+        eval_blocks = encode_blocks(eval_raw, **kwargs)
+    if not data_args.streaming:
+        window = data_args.block_size + 1
+        for name, blocks in (("training", train_blocks), ("validation", eval_blocks)):
+            if len(blocks) == 0:
+                raise DataError(
+                    f"The {name} text is shorter than one block ({window} characters): use more text or a "
+                    "smaller --block_size."
+                )
+        if data_args.max_eval_samples is not None and len(eval_blocks) > data_args.max_eval_samples:
+            eval_blocks = eval_blocks.select(range(data_args.max_eval_samples))
+        logger.info(f"{len(train_blocks)} training blocks, {len(eval_blocks)} validation blocks of {window} ids")
+
+    # Sampling defaults saved with the model (generation_config.json)
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = training_args.sample_temperature
+    model.generation_config.max_new_tokens = training_args.sample_length
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, train_raw, data_args.text_column)
+    if tokenizer.oov_characters(prompt):
+        raise DataError(
+            f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
+        )
+    sampler = SampleCallback(
+        tokenizer, prompt, training_args.sample_every_evals, training_args.sample_length, training_args.sample_temperature
+    )
+    guard = DivergenceGuard()
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=[sampler, guard, LearningRateLogCallback(), *(callbacks or [])],
+    )
+    sampler.trainer = trainer
+
+    result = trainer.train(resume_from_checkpoint=resume)
+    if guard.diverged_at is not None:
+        raise TrainingDiverged(guard.message(training_args.output_dir))
+
+    trainer.save_model()  # the best model when load_best_model_at_end, with tokenizer and generation config
+    metrics = {**result.metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
+    if not data_args.streaming:
+        metrics["train_blocks"] = len(train_blocks)
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_model_card(
+            training_args.output_dir,
+            model=trainer.model,
+            metrics=metrics,
+            dataset=data_args.train_file or data_args.dataset_name,
+            training_args=training_args,
+            data_args=data_args,
+            prompt=prompt,
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="char_lstm training run")
+    return metrics

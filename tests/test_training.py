@@ -1,0 +1,189 @@
+"""char_lstm.training with a real Trainer: end-to-end, plateau LR, divergence guard, arguments, output safety."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from char_lstm.data import DataError
+from char_lstm.training import PRESETS, TrainingDiverged, parse_arguments, train
+from conftest import shakespeare_like, write_text
+
+
+TINY = [
+    "--embedding_size", "16", "--hidden_size", "32", "--dropout", "0.0", "--block_size", "32",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--report_to", "none",
+    "--dataloader_pin_memory", "false", "--sample_length", "40",
+]
+
+
+def run(tmp_path, *extra, text=None, callbacks=None):
+    data = tmp_path / "train.txt"
+    if not data.exists():
+        write_text(data, text if text is not None else shakespeare_like(8000))
+    argv = ["--train_file", str(data), "--output_dir", str(tmp_path / "out"), *TINY, *extra]
+    metrics = train(*parse_arguments(argv), callbacks=callbacks)
+    return metrics, tmp_path / "out"
+
+
+def log_history(out):
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
+    metrics, out = run(tmp_path, "--max_steps", "60", "--eval_steps", "20", "--save_steps", "20", "--logging_steps", "10",
+                       "--learning_rate", "1e-2")
+    evals = [entry["eval_loss"] for entry in log_history(out) if "eval_loss" in entry]
+    assert len(evals) >= 3 and evals[-1] < evals[0] - 0.3
+    assert math.isclose(metrics["eval_bits_per_char"], metrics["eval_loss"] / math.log(2), rel_tol=1e-3)
+    assert math.isclose(metrics["eval_perplexity"], math.exp(metrics["eval_loss"]), rel_tol=1e-3)
+    assert "----- sample at step 20 -----\nROMEO:" in capsys.readouterr().out
+    for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "README.md"):
+        assert (out / name).exists(), name
+    card = (out / "README.md").read_text()
+    assert f"value: {round(metrics['eval_loss'], 4)}" in card and "| block (sequence) length | 32 |" in card
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.generation_config.do_sample and model.generation_config.temperature == 0.8
+    text = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=20)[0])
+    assert text.startswith("ROMEO:") and len(text) == 26
+
+
+def test_plateau_halves_the_learning_rate_after_patience_evaluations(tmp_path, caplog):
+    # a learning rate so small that the eval loss cannot improve by the scheduler's threshold: every eval is "bad"
+    _, out = run(tmp_path, "--max_steps", "9", "--eval_steps", "1", "--save_steps", "100", "--logging_steps", "1",
+                 "--learning_rate", "1e-7", "--lr_scheduler_kwargs", '{"factor": 0.5, "patience": 2}',
+                 "--sample_every_evals", "0", "--load_best_model_at_end", "false")
+    lrs = [entry["learning_rate"] for entry in log_history(out) if "learning_rate" in entry]
+    # eval 1 sets the best, evals 2-4 do not improve: after the 3rd bad one (> patience) the LR is halved
+    assert lrs[:4] == pytest.approx([1e-7] * 4)
+    assert lrs[4:7] == pytest.approx([5e-8] * 3)
+    assert lrs[7:9] == pytest.approx([2.5e-8] * 2)
+    assert "learning rate reduced 1e-07 -> 5e-08" in caplog.text
+
+
+class PoisonWeights(TrainerCallback):
+    """Makes the weights NaN at the start of a given step (what a diverging run does)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float("nan"))
+
+
+def test_divergence_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged) as error:
+        run(tmp_path, "--max_steps", "20", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0",
+            callbacks=[PoisonWeights(step=5)])
+    message = str(error.value)
+    assert "Training diverged at step 5" in message
+    assert "--learning_rate 1e-4" in message and "--max_grad_norm" in message and "--fp16/--bf16" in message
+    assert message.endswith("checkpoint-4.")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(out / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "model.safetensors").exists()
+
+
+def test_output_dir_with_checkpoints_is_protected(tmp_path):
+    args = ("--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0")
+    run(tmp_path, *args)
+    out = tmp_path / "out"
+    before = (out / "checkpoint-4" / "model.safetensors").read_bytes()
+    with pytest.raises(DataError, match="already holds checkpoints \\(checkpoint-4\\).*--resume_from_checkpoint True"):
+        run(tmp_path, *args)
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == before
+    run(tmp_path, *args, "--overwrite_output_dir", "true", "--seed", "7")
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() != before
+
+
+def test_resume_true_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="holds no checkpoint to resume from"):
+        run(tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "True")
+
+
+@pytest.mark.parametrize(
+    "extra, text, message",
+    [
+        (("--block_size", "0"), None, "--block_size must be a positive"),
+        ((), "too short", r"training text is shorter than one block \(33 characters\)"),
+        (("--validation_split_percentage", "1"), "x" * 40, r"validation text is shorter than one block"),
+        (("--preset", "huge"), None, r"Unknown --preset 'huge'; choose from \['cpu-small', 'seed'\]"),
+        (("--sample_prompt", "Zebra~"), None, "has characters outside the vocabulary"),
+    ],
+)
+def test_bad_input_errors(tmp_path, extra, text, message):
+    with pytest.raises(DataError, match=message):
+        run(tmp_path, "--max_steps", "2", *extra, text=text)
+
+
+def test_tokenizer_that_does_not_match_the_model(tmp_path):
+    _, out = run(tmp_path, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0")
+    other = tmp_path / "other"
+    (tmp_path / "other.txt").write_text("completely different characters: 0123456789", encoding="utf-8")
+    from char_lstm import CharLSTMTokenizer
+
+    CharLSTMTokenizer.from_corpus((tmp_path / "other.txt").read_text()).save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizer has \\d+ tokens but the model's vocab_size is \\d+"):
+        run(tmp_path, "--max_steps", "2", "--model_name_or_path", str(out), "--tokenizer_name", str(other),
+            "--output_dir", str(tmp_path / "out2"))
+
+
+def test_continue_from_a_saved_model_reuses_its_tokenizer(tmp_path):
+    _, out = run(tmp_path, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0")
+    first = load_file(out / "model.safetensors")
+    argv = ["--train_file", str(tmp_path / "train.txt"), "--output_dir", str(tmp_path / "more"), *TINY,
+            "--model_name_or_path", str(out), "--max_steps", "2", "--eval_steps", "2", "--sample_every_evals", "0",
+            "--hidden_size", "64"]  # ignored: the saved model's architecture is used
+    train(*parse_arguments(argv))
+    second = load_file(tmp_path / "more" / "model.safetensors")
+    assert first.keys() == second.keys() and all(first[k].shape == second[k].shape for k in first)
+    assert json.loads((tmp_path / "more" / "vocab.json").read_text()) == json.loads((out / "vocab.json").read_text())
+
+
+def test_arguments_from_json_and_yaml_files_and_presets(tmp_path):
+    values = {"train_file": "x.txt", "hidden_size": 48, "learning_rate": 0.01, "output_dir": str(tmp_path / "o")}
+    (tmp_path / "c.json").write_text(json.dumps(values))
+    model_args, data_args, training_args = parse_arguments([str(tmp_path / "c.json")])
+    assert (model_args.hidden_size, data_args.train_file, training_args.learning_rate) == (48, "x.txt", 0.01)
+    (tmp_path / "c.yaml").write_text("train_file: y.txt\npreset: cpu-small\nembedding_size: 24\n")
+    model_args, data_args, training_args = parse_arguments([str(tmp_path / "c.yaml")])
+    assert (model_args.embedding_size, model_args.hidden_size) == (24, PRESETS["cpu-small"]["hidden_size"])
+    assert training_args.max_steps == PRESETS["cpu-small"]["max_steps"]
+    # command line: the preset fills in, explicit flags win
+    model_args, _, training_args = parse_arguments(["--preset", "cpu-small", "--hidden_size", "100"])
+    assert model_args.hidden_size == 100 and model_args.dropout == PRESETS["cpu-small"]["dropout"]
+    # the seed's defaults without a preset
+    model_args, data_args, training_args = parse_arguments([])
+    assert (model_args.embedding_size, model_args.hidden_size, model_args.num_hidden_layers) == (128, 512, 2)
+    assert (model_args.dropout, data_args.block_size, training_args.per_device_train_batch_size) == (0.5, 100, 64)
+    assert (training_args.learning_rate, training_args.max_grad_norm) == (2e-3, 1.0)
+    assert training_args.lr_scheduler_kwargs == {"factor": 0.5, "patience": 3}
+    assert data_args.dataset_name == "karpathy/tiny_shakespeare"
+    _, _, cosine = parse_arguments(["--lr_scheduler_type", "cosine"])
+    assert cosine.lr_scheduler_kwargs == {}
+
+
+def test_tensorboard_gets_metrics_and_samples(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--report_to", "tensorboard")
+    event_dirs = {os.path.dirname(p) for p in map(str, (tmp_path).rglob("events.out.tfevents*"))}
+    assert event_dirs
+    tags = {"tensors": set(), "scalars": set()}
+    for folder in event_dirs:
+        acc = EventAccumulator(folder)
+        acc.Reload()
+        tags["tensors"] |= set(acc.Tags()["tensors"])
+        tags["scalars"] |= set(acc.Tags()["scalars"])
+    assert any("sample" in tag for tag in tags["tensors"]), tags
+    assert "eval/bits_per_char" in tags["scalars"] and "eval/loss" in tags["scalars"]
