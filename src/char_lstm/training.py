@@ -165,6 +165,28 @@ PRESETS = {
 }
 
 
+def prepare_launch_environment() -> None:
+    """Make multi-process launches on machines without GPU run real DDP over gloo.
+
+    * `accelerate launch --multi_gpu --num_processes N` (or `torchrun`) on a CPU-only machine starts N processes, but
+      accelerate only sets up CPU DDP when told to use the CPU: tell it.
+    * `accelerate launch --cpu --num_processes N` starts a single process (accelerate runs several CPU processes only
+      through mpirun), which would silently train alone: refuse it with the command that works.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    if world_size > 1 and not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return
+    launched_by_mpi = any(name in os.environ for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if use_cpu and "MASTER_ADDR" in os.environ and not launched_by_mpi and "LOCAL_RANK" not in os.environ:
+        raise DataError(
+            "accelerate launch --cpu --num_processes N starts only one process; for N processes on CPU run "
+            "`accelerate launch --multi_gpu --num_processes N scripts/train.py ...` (char_lstm uses gloo when there "
+            "is no GPU)."
+        )
+
+
 def parse_arguments(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, CharLSTMTrainingArguments) from the command line or from one .json/.yaml file,
     with `--preset` values as defaults."""

@@ -1,0 +1,148 @@
+"""scripts/train.py as users run it: subprocesses, `accelerate launch` with 2 processes, SIGKILL and resume."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import shakespeare_like, write_text  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = str(ROOT / "scripts" / "train.py")
+TINY = [
+    "--embedding_size", "16", "--hidden_size", "32", "--dropout", "0.1", "--block_size", "32",
+    "--per_device_train_batch_size", "8", "--report_to", "none", "--dataloader_pin_memory", "false",
+    "--sample_length", "30",
+]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def launch(args, cwd, timeout=300, accelerate=None):
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", *accelerate] if accelerate else [sys.executable]
+    return subprocess.run(prefix + [TRAIN, *args], capture_output=True, text=True, cwd=cwd, env=env(), timeout=timeout)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return str(write_text(tmp_path / "corpus.txt", shakespeare_like(8000)))
+
+
+def test_cli_run_and_error_exit(tmp_path, corpus):
+    out = tmp_path / "out"
+    result = launch(["--train_file", corpus, "--output_dir", str(out), *TINY, "--max_steps", "30",
+                     "--eval_steps", "10", "--save_steps", "10", "--learning_rate", "1e-2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    assert evals[-1] < evals[0]
+    assert "----- sample at step 10 -----" in result.stdout
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+
+    # the same run again refuses to touch the checkpoints, in one line
+    again = launch(["--train_file", corpus, "--output_dir", str(out), *TINY, "--max_steps", "30"], tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "already holds checkpoints" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: str(d / "missing.txt"), "missing.txt does not exist"),
+        (lambda d: str(write_text(d / "empty.txt", "")), "empty.txt is empty"),
+        (lambda d: (d / "bad.txt").write_bytes(b"ok \xff\xfe") and str(d / "bad.txt"), "offset 3 (0xff)"),
+    ],
+)
+def test_cli_data_errors(tmp_path, make, message):
+    result = launch(["--train_file", make(tmp_path), "--output_dir", str(tmp_path / "o"), *TINY], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == next(
+        line for line in result.stderr.splitlines() if line.startswith("error: ")
+    )
+    assert message in result.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_cli_offline_hub_dataset_names_train_file(tmp_path):
+    result = launch(["--output_dir", str(tmp_path / "o"), *TINY], tmp_path)  # default: karpathy/tiny_shakespeare
+    assert result.returncode == 2
+    assert "Could not load the dataset 'karpathy/tiny_shakespeare'" in result.stderr
+    assert "--train_file" in result.stderr
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, corpus):
+    common = ["--train_file", corpus, *TINY, "--max_steps", "120", "--eval_steps", "20", "--save_steps", "20",
+              "--logging_steps", "20", "--sample_every_evals", "0", "--save_total_limit", "10", "--seed", "3"]
+    reference = launch([*common, "--output_dir", str(tmp_path / "ref")], tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, TRAIN, *common, "--output_dir", str(out)], cwd=tmp_path, env=env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-40" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()  # it really died mid-run
+
+    resumed = launch([*common, "--output_dir", str(out), "--resume_from_checkpoint", "True"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(tmp_path / "ref" / "checkpoint-120" / "model.safetensors")
+    got = load_file(out / "checkpoint-120" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert (expected[name] - got[name]).abs().max() <= 1e-6, name
+
+
+def test_accelerate_launch_two_processes(tmp_path, corpus):
+    out = tmp_path / "ddp"
+    result = launch(
+        ["--train_file", corpus, "--output_dir", str(out), *TINY, "--num_train_epochs", "1", "--eval_steps", "10",
+         "--save_steps", "10", "--logging_steps", "5", "--log_level", "info"],
+        tmp_path,
+        timeout=400,
+        accelerate=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no"],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    logs = result.stdout + result.stderr
+    # 2 processes x 8 blocks: the batches are sharded across the ranks, not duplicated
+    assert re.search(r"Total train batch size \(w\. parallel, distributed & accumulation\) = 16", logs), logs[-3000:]
+    train_text = shakespeare_like(8000)
+    blocks = int(len(train_text) * 0.95 - 1) // 32
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert abs(state["global_step"] - blocks / 16) <= 1
+    # only rank 0 prints samples and writes the outputs
+    assert logs.count("----- sample at step 10 -----") == 1
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    check = subprocess.run(
+        [sys.executable, "-c", "from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; import sys; "
+         f"m=M.from_pretrained({str(out)!r}, trust_remote_code=True); t=T.from_pretrained({str(out)!r}, "
+         "trust_remote_code=True); print(t.decode(m.generate(**t(['ROMEO:'], return_tensors='pt'), max_new_tokens=10)[0]))"],
+        capture_output=True, text=True, env=env(), timeout=120,
+    )
+    assert check.returncode == 0 and check.stdout.startswith("ROMEO:"), check.stderr[-2000:]
+
+
+def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path, corpus):
+    """accelerate's --cpu starts one process whatever --num_processes says: say so instead of training alone."""
+    result = launch(["--train_file", corpus, "--output_dir", str(tmp_path / "o"), *TINY], tmp_path,
+                    accelerate=["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                                "--dynamo_backend", "no"])
+    assert result.returncode != 0
+    assert "error: accelerate launch --cpu --num_processes N starts only one process" in result.stderr
+    assert "accelerate launch --multi_gpu --num_processes N" in result.stderr
