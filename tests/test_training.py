@@ -187,3 +187,28 @@ def test_tensorboard_gets_metrics_and_samples(tmp_path):
         tags["scalars"] |= set(acc.Tags()["scalars"])
     assert any("sample" in tag for tag in tags["tensors"]), tags
     assert "eval/bits_per_char" in tags["scalars"] and "eval/loss" in tags["scalars"]
+
+
+def test_bf16_and_gradient_accumulation(tmp_path):
+    metrics, out = run(tmp_path, "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--bf16", "true", "--use_cpu", "true",
+                       "--gradient_accumulation_steps", "2", "--sample_every_evals", "0")
+    assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 6
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_streaming_with_a_validation_file_and_oov_report(tmp_path, caplog):
+    write_text(tmp_path / "valid.txt", shakespeare_like(2000) + "\u00a7\u00a7 \u00b6")
+    metrics, out = run(tmp_path, "--max_steps", "5", "--eval_steps", "5", "--save_steps", "5", "--streaming", "true",
+                       "--validation_file", str(tmp_path / "valid.txt"), "--sample_every_evals", "0")
+    assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 5
+    with pytest.raises(DataError, match="--streaming needs --max_steps"):
+        run(tmp_path, "--streaming", "true", "--output_dir", str(tmp_path / "o2"))
+
+
+def test_validation_characters_outside_the_vocabulary_are_reported(tmp_path, caplog):
+    write_text(tmp_path / "valid.txt", shakespeare_like(2000) + "\u00a7\u00a7 \u00b6")
+    run(tmp_path, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0",
+        "--validation_file", str(tmp_path / "valid.txt"))
+    assert "3 characters of the validation text are not in the vocabulary" in caplog.text
+    assert "'\u00a7\u00b6'" in caplog.text
