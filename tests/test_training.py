@@ -83,7 +83,7 @@ def test_divergence_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         run(tmp_path, "--max_steps", "20", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0",
             callbacks=[PoisonWeights(step=5)])
     message = str(error.value)
-    assert "Training diverged at step 5" in message
+    assert "Training diverged at step 6: the weights became NaN/inf" in message  # found before saving step 6
     assert "--learning_rate 1e-4" in message and "--max_grad_norm" in message and "--fp16/--bf16" in message
     assert message.endswith("checkpoint-4.")
     out = tmp_path / "out"

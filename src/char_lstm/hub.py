@@ -51,6 +51,11 @@ def write_model_card(output_dir: str, model, metrics: dict, dataset: str, traini
                      repo_id: str | None = None, license: str = "apache-2.0") -> str:
     """Render `model_cards/char_lstm.md` with the run's real hyperparameters and metrics into `output_dir/README.md`."""
     config = model.config
+    if not os.path.isfile(MODEL_CARD_TEMPLATE):
+        raise FileNotFoundError(
+            f"The model card template {MODEL_CARD_TEMPLATE} is missing: install char_lstm from its repository "
+            "(pip install -e .), which holds model_cards/."
+        )
     with open(MODEL_CARD_TEMPLATE, encoding="utf-8") as f:
         template = f.read()
     is_hub_dataset = dataset is not None and not os.path.exists(dataset)

@@ -284,7 +284,7 @@ DIVERGENCE_HELP = (
 
 
 class DivergenceGuard(TrainerCallback):
-    """Stop as soon as the loss or the weights stop being finite, before a NaN checkpoint is written."""
+    """Stop when the loss or the weights stop being finite, before a NaN checkpoint or evaluation."""
 
     def __init__(self):
         self.diverged_at: int | None = None
@@ -298,6 +298,10 @@ class DivergenceGuard(TrainerCallback):
         control.should_evaluate = False
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Checked before anything is saved, evaluated or logged (and at the end), not at every step: the check waits
+        # for the device, and weights that are neither saved nor used cannot do harm in between.
+        if not (control.should_save or control.should_evaluate or control.should_log or control.should_training_stop):
+            return
         total = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
         if not torch.isfinite(total):
             self._trip(state, control, "the weights became NaN/inf")
