@@ -2,21 +2,14 @@ import os
 import tempfile
 
 import pytest
-import torch
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # datasets' cache of the tests (and of the scripts they run) stays out of the user's cache
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="char_lstm_datasets_cache_"))
 
-from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMTokenizer  # noqa: E402
-
-
-CORPUS = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "All:\nSpeak, speak.\n\tIndented line with  two spaces.\n"
-    "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
-)
+from char_lstm import CharLSTMTokenizer  # noqa: E402
+from helpers import CORPUS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,41 +17,6 @@ def tokenizer():
     return CharLSTMTokenizer.from_corpus(CORPUS)
 
 
-def make_model(tokenizer, cell_type="lstm", hidden_size=24, embedding_size=12, num_layers=2, dropout=0.0, seed=0, **kw):
-    torch.manual_seed(seed)
-    config = CharLSTMConfig(
-        vocab_size=len(tokenizer),
-        embedding_size=embedding_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        dropout=dropout,
-        cell_type=cell_type,
-        pad_token_id=tokenizer.pad_token_id,
-        unk_token_id=tokenizer.unk_token_id,
-        **kw,
-    )
-    return CharLSTMForCausalLM(config).eval()
-
-
 @pytest.fixture(params=["lstm", "gru", "rnn"])
 def cell_type(request):
     return request.param
-
-
-def write_text(path, text: str):
-    """Write `text` exactly (no newline translation)."""
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    return path
-
-
-def shakespeare_like(n_chars: int = 6000) -> str:
-    """A small deterministic corpus with speaker lines, so a tiny model learns something in a few steps."""
-    lines = [
-        "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n",
-        "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\n",
-        "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
-        "All:\nSpeak, speak.\n\n",
-    ]
-    text = "".join(lines[i % len(lines)] for i in range(n_chars // 40 + 1))
-    return text[:n_chars]

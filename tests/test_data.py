@@ -18,7 +18,7 @@ from char_lstm.data import (
     read_text_file,
     split_validation_tail,
 )
-from conftest import shakespeare_like, write_text
+from helpers import shakespeare_like, write_text
 
 
 MESSY = "line one\r\nline two\n\n\tindented  two spaces   three\r\n\u00e9t\u00e9 \u4e2d\u6587 \U0001f600 end\n"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, TextStreamer
 
-from conftest import make_model
+from helpers import make_model
 
 
 @pytest.fixture

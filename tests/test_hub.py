@@ -19,7 +19,7 @@ from char_lstm import (
     check_vocab_match,
     load_model_and_tokenizer,
 )
-from conftest import CORPUS, make_model
+from helpers import CORPUS, make_model
 
 
 @pytest.fixture

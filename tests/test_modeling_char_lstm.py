@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel
-from conftest import CORPUS, make_model
+from helpers import CORPUS, make_model
 
 
 def encode(tokenizer, texts, **kwargs):

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from char_lstm import CharLSTMTokenizer
-from conftest import CORPUS
+from helpers import CORPUS
 
 
 UNICODE_TEXT = "tab\there\n\nline  with   spaces \u00a0nbsp\r\nemoji 😀👍🏽 cjk 中文字 e\u0301 a\u0308 \u200d end "

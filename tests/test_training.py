@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from char_lstm.data import DataError
 from char_lstm.training import PRESETS, TrainingDiverged, parse_arguments, train
-from conftest import shakespeare_like, write_text
+from helpers import shakespeare_like, write_text
 
 
 TINY = [

@@ -1,9 +1,22 @@
-"""Loading (and, later, sharing) CharLSTM models: a model and its tokenizer go together."""
+"""Loading and sharing CharLSTM models: model + tokenizer checks, the model card, the Hub folder and the upload."""
 
+import json
 import os
+import shutil
+from dataclasses import dataclass, field
 
 import torch
+import yaml
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+
+RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
+MODEL_CARD_TEMPLATE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "model_cards", "char_lstm.md"
+)
+TOKENIZER_FILES = ("vocab.json", "tokenizer_config.json")
 
 
 def check_vocab_match(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -40,62 +53,254 @@ def load_model_and_tokenizer(
     return model.eval(), tokenizer
 
 
-MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "model_cards", "char_lstm.md")
+# ----------------------------------------------------------------------------------------------------------------------
+# Model card
 
 
-def _round(value, digits: int = 4):
-    return round(float(value), digits) if value is not None else "n/a"
+def _metric_rows(results: dict) -> list[dict]:
+    """model-index metrics from {mode: {"loss", "bits_per_character", "perplexity"}}."""
+    rows = []
+    for mode, values in results.items():
+        label = {"eval": "validation", "fixed": "fixed windows", "streaming": "streaming"}.get(mode, mode)
+        rows += [
+            {"type": "loss", "name": f"Loss, nats/char ({label})", "value": round(float(values["loss"]), 4)},
+            {"type": "bits_per_character", "name": f"Bits per character ({label})",
+             "value": round(float(values["bits_per_character"]), 4)},
+            {"type": "perplexity", "name": f"Perplexity ({label})", "value": round(float(values["perplexity"]), 4)},
+        ]
+    return rows
 
 
-def write_model_card(output_dir: str, model, metrics: dict, dataset: str, training_args, data_args, prompt: str,
-                     repo_id: str | None = None, license: str = "apache-2.0") -> str:
-    """Render `model_cards/char_lstm.md` with the run's real hyperparameters and metrics into `output_dir/README.md`."""
-    config = model.config
+def render_model_card(model, run: dict, results: dict, repo_id: str, license: str = "apache-2.0") -> str:
+    """The model card (README.md): YAML metadata (with the measured results as model-index) and the sections of
+    `model_cards/char_lstm.md`, filled with the model's architecture and `run` (the training run's settings).
+
+    `results`: {mode: {"loss", "bits_per_character", "perplexity"}} with mode "eval" (validation during training),
+    "fixed" and/or "streaming" (scripts/evaluate.py).
+    """
     if not os.path.isfile(MODEL_CARD_TEMPLATE):
         raise FileNotFoundError(
             f"The model card template {MODEL_CARD_TEMPLATE} is missing: install char_lstm from its repository "
             "(pip install -e .), which holds model_cards/."
         )
+    config = model.config
+    dataset = run.get("dataset") or "unknown"
+    hub_dataset = run.get("dataset_is_hub", False)
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": license,
+        "tags": ["char_lstm", "character-level", config.cell_type, "text-generation", "custom_code"],
+    }
+    if hub_dataset:
+        metadata["datasets"] = [dataset]
+    metadata["model-index"] = [
+        {
+            "name": repo_id,
+            "results": [
+                {
+                    "task": {"type": "text-generation", "name": "Character-level language modeling"},
+                    "dataset": {"name": dataset, "type": dataset},
+                    "metrics": _metric_rows(results),
+                }
+            ],
+        }
+    ]
+    evaluation_lines = []
+    for mode, values in results.items():
+        what = {
+            "eval": "validation text, during training (windows of the training block size, zero state)",
+            "fixed": f"{values.get('data', 'held-out text')}, fixed windows of {values.get('block_size', '?')} "
+            "characters from a zero state",
+            "streaming": f"{values.get('data', 'held-out text')}, the whole text in one pass with the state carried",
+        }.get(mode, mode)
+        evaluation_lines.append(
+            f"| {what} | {values['loss']:.4f} | {values['bits_per_character']:.4f} | {values['perplexity']:.3f} |"
+        )
     with open(MODEL_CARD_TEMPLATE, encoding="utf-8") as f:
         template = f.read()
-    is_hub_dataset = dataset is not None and not os.path.exists(dataset)
-    scheduler = training_args.lr_scheduler_type
-    scheduler = getattr(scheduler, "value", scheduler)
-    if scheduler == "reduce_lr_on_plateau":
-        kwargs = training_args.lr_scheduler_kwargs or {}
-        scheduler = f"x{kwargs.get('factor', 0.1)} after {kwargs.get('patience', 10)} evaluations without improvement"
-    values = {
-        "license": license,
-        "cell_type": config.cell_type,
-        "cell_type_upper": config.cell_type.upper(),
-        "datasets_yaml": f"datasets:\n- {dataset}\n" if is_hub_dataset else "",
-        "model_name": repo_id or os.path.basename(os.path.abspath(output_dir)),
-        "repo_id": repo_id or output_dir,
-        "dataset": dataset if is_hub_dataset else os.path.basename(str(dataset)),
-        "eval_loss": _round(metrics.get("eval_loss")),
-        "bits_per_char": _round(metrics.get("eval_bits_per_char")),
-        "perplexity": _round(metrics.get("eval_perplexity")),
-        "num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "embedding_size": config.embedding_size,
-        "num_parameters": f"{model.num_parameters():,}",
-        "vocab_size": config.vocab_size,
-        "prompt": prompt,
-        "train_blocks": metrics.get("train_blocks", "the"),
-        "block_size": data_args.block_size,
-        "validation": "its validation split" if data_args.validation_file or is_hub_dataset else
-        f"the last {data_args.validation_split_percentage}% of the text",
-        "dropout": config.dropout,
-        "batch_size": training_args.per_device_train_batch_size,
-        "optim": getattr(training_args.optim, "value", training_args.optim),
-        "learning_rate": training_args.learning_rate,
-        "lr_scheduler": scheduler,
-        "max_grad_norm": training_args.max_grad_norm,
-        "global_step": metrics.get("global_step", "n/a"),
-        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
-        "seed": training_args.seed,
+    hyperparameters = {
+        "block (sequence) length": run.get("block_size"),
+        "batch size (per device x devices x accumulation)": run.get("batch_size"),
+        "optimizer": run.get("optimizer"),
+        "learning rate": run.get("learning_rate"),
+        "learning-rate schedule": run.get("lr_scheduler"),
+        "gradient clipping (max norm)": run.get("max_grad_norm"),
+        "training steps": run.get("global_step"),
+        "epochs": run.get("epochs"),
+        "precision": run.get("precision"),
+        "seed": run.get("seed"),
     }
+    return template.format(
+        metadata="---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---",
+        repo_id=repo_id,
+        cell_type=config.cell_type.upper(),
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        embedding_size=config.embedding_size,
+        dropout=config.dropout,
+        vocab_size=config.vocab_size,
+        num_parameters=f"{model.num_parameters():,}",
+        dataset=dataset,
+        training_data=run.get("training_data") or f"`{dataset}`",
+        prompt=run.get("sample_prompt") or "\n",
+        hyperparameters="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items() if v is not None),
+        evaluation="\n".join(evaluation_lines) or "| (no evaluation recorded) | | | |",
+    )
+
+
+def write_model_card(
+    output_dir: str, model, run: dict, results: dict, repo_id: str | None = None, license: str = "apache-2.0"
+) -> str:
+    """Render the model card into `output_dir/README.md`; returns its path."""
     path = os.path.join(output_dir, "README.md")
+    card = render_model_card(model, run, results, repo_id or os.path.basename(os.path.abspath(output_dir)), license)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(template.format(**values))
+        f.write(card)
     return path
+
+
+def results_from_training(metrics: dict) -> dict:
+    """The card's results from Trainer's final metrics (eval_loss, eval_bits_per_char, eval_perplexity)."""
+    if "eval_loss" not in metrics:
+        return {}
+    return {
+        "eval": {
+            "loss": metrics["eval_loss"],
+            "bits_per_character": metrics.get("eval_bits_per_char", metrics["eval_loss"] / 0.6931471805599453),
+            "perplexity": metrics.get("eval_perplexity", float("nan")),
+        }
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Hub folder and the upload
+
+
+class HubError(ValueError):
+    """A problem preparing or uploading a Hub repository, in one line with the way out."""
+
+
+def check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"Invalid --repo_id {repo_id!r}: {str(error).splitlines()[0]} (expected 'name' or 'user/name').")
+
+
+def check_model_dir(model_dir: str) -> None:
+    if not os.path.isdir(model_dir):
+        raise HubError(f"--model_dir {model_dir} does not exist; give the --output_dir of a training run.")
+    missing = [name for name in ("config.json", *TOKENIZER_FILES) if not os.path.isfile(os.path.join(model_dir, name))]
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in ("model.safetensors", "model.safetensors.index.json")):
+        missing.append("model.safetensors")
+    if missing:
+        raise HubError(
+            f"--model_dir {model_dir} is incomplete: {', '.join(missing)} missing; give a folder written by "
+            "scripts/train.py (or by model.save_pretrained + tokenizer.save_pretrained)."
+        )
+
+
+def build_hub_folder(
+    model_dir: str,
+    folder: str,
+    repo_id: str,
+    eval_results: dict | None = None,
+    overwrite: bool = False,
+    license: str = "apache-2.0",
+) -> str:
+    """Write the complete repository for `repo_id` into `folder`: safetensors weights, config.json with auto_map, the
+    code files for trust_remote_code, tokenizer files, generation_config.json and README.md (the model card)."""
+    check_repo_id(repo_id)
+    check_model_dir(model_dir)
+    if os.path.isdir(folder) and os.listdir(folder):
+        if not overwrite:
+            raise HubError(f"{folder} is not empty: choose another --output_dir or pass --overwrite_output_dir.")
+        shutil.rmtree(folder)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)  # model.safetensors, config.json (auto_map), generation_config.json, code files
+    tokenizer.save_pretrained(folder)
+
+    run = {}
+    run_path = os.path.join(model_dir, RUN_INFO_NAME)
+    if os.path.isfile(run_path):
+        with open(run_path, encoding="utf-8") as f:
+            run = json.load(f)
+    results = dict(eval_results or {})
+    if not results and os.path.isfile(os.path.join(model_dir, "all_results.json")):
+        with open(os.path.join(model_dir, "all_results.json"), encoding="utf-8") as f:
+            results = results_from_training(json.load(f))
+    write_model_card(folder, model, run, results, repo_id, license=license)
+    return folder
+
+
+def push_folder(
+    folder: str,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload char_lstm model",
+    token: str | None = None,
+) -> str:
+    """`create_repo` + `upload_folder`; returns the commit URL. The token comes from `token`, HF_TOKEN or the login."""
+    check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            "No Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN to a "
+            "token with write access (https://huggingface.co/settings/tokens)."
+        )
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, commit_message=commit_message)
+    return getattr(commit, "commit_url", str(commit))
+
+
+@dataclass
+class PushArguments:
+    model_dir: str = field(metadata={"help": "The trained model: the --output_dir of scripts/train.py."})
+    repo_id: str = field(metadata={"help": "The Hub repository, 'name' or 'user/name'."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where to build the repository folder (default: MODEL_DIR-hub)."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
+    eval_results: str | None = field(
+        default=None, metadata={"help": "JSON written by scripts/evaluate.py, for the card's model-index."}
+    )
+    license: str = field(default="apache-2.0", metadata={"help": "License in the card's metadata."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if needed)."})
+    commit_message: str = field(default="Upload char_lstm model", metadata={"help": "The commit message."})
+    dry_run: bool = field(default=False, metadata={"help": "Build the folder only; upload nothing."})
+
+
+def load_eval_results(path: str) -> dict:
+    """{mode: metrics} from a scripts/evaluate.py JSON file, with the data and block size kept for the card."""
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    modes = {mode: raw[mode] for mode in ("fixed", "streaming") if mode in raw}
+    if not modes:
+        raise HubError(f"{path} holds no 'fixed' or 'streaming' results: give the JSON written by scripts/evaluate.py.")
+    for values in modes.values():
+        values.setdefault("data", raw.get("data"))
+        values.setdefault("block_size", raw.get("block_size"))
+    return modes
+
+
+def run_push(args: PushArguments) -> str:
+    """Build the repository folder and, unless --dry_run, upload it; returns the folder."""
+    check_repo_id(args.repo_id)
+    if not args.dry_run and not get_token():
+        push_folder("", args.repo_id)  # raises the no-token error before any work
+    folder = args.output_dir or os.path.normpath(args.model_dir) + "-hub"
+    results = load_eval_results(args.eval_results) if args.eval_results else None
+    build_hub_folder(args.model_dir, folder, args.repo_id, results, overwrite=args.overwrite_output_dir,
+                     license=args.license)
+    print(f"built {folder}: {', '.join(sorted(os.listdir(folder)))}")
+    if not args.dry_run:
+        url = push_folder(folder, args.repo_id, args.private, args.revision, args.commit_message)
+        print(f"pushed to https://huggingface.co/{args.repo_id} ({url})")
+    return folder

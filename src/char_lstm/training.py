@@ -15,6 +15,9 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+from functools import lru_cache
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -38,7 +41,8 @@ from .data import (
     load_raw_datasets,
     split_validation_tail,
 )
-from .hub import check_vocab_match, write_model_card
+from .hub import RUN_INFO_NAME, check_vocab_match, results_from_training, write_model_card
+from .metrics import load_bits_per_character
 from .modeling_char_lstm import CharLSTMForCausalLM
 
 
@@ -233,11 +237,16 @@ def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) ->
 
 
 def compute_metrics(eval_prediction) -> dict[str, float]:
-    """Bits per character and perplexity of the evaluation text (from the per-position losses)."""
-    nll = torch.as_tensor(eval_prediction.predictions)
-    mask = torch.as_tensor(eval_prediction.label_ids)[:, 1:] != -100
-    mean = float(nll[mask].double().mean())
-    return {"bits_per_char": mean / math.log(2), "perplexity": math.exp(min(mean, 50.0))}
+    """Bits per character and perplexity of the evaluation text, through the bits_per_character evaluate module."""
+    nll = np.asarray(eval_prediction.predictions, dtype=np.float64).reshape(-1)
+    labels = np.asarray(eval_prediction.label_ids)[:, 1:].reshape(-1)
+    result = _bits_per_character().compute(predictions=nll, references=labels)
+    return {"bits_per_char": result["bits_per_character"], "perplexity": result["perplexity"]}
+
+
+@lru_cache(maxsize=1)
+def _bits_per_character():
+    return load_bits_per_character()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -397,6 +406,43 @@ def default_sample_prompt(tokenizer, train_raw, column: str) -> str:
     return first[:8] or next(t for t in tokenizer.get_vocab() if len(t) == 1)
 
 
+def training_run_info(model_args, data_args, training_args, metrics: dict, prompt: str, global_step: int) -> dict:
+    """What the model card says about the run (saved as training_run.json next to the model)."""
+    dataset = data_args.train_file or data_args.dataset_name
+    is_hub = data_args.train_file is None and not os.path.isdir(str(dataset))
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    if scheduler == "reduce_lr_on_plateau":
+        kwargs = training_args.lr_scheduler_kwargs or {}
+        scheduler = (f"x{kwargs.get('factor', 0.1)} after {kwargs.get('patience', 10)} evaluations without "
+                     "improvement of the validation loss")
+    validation = (
+        f"`{data_args.validation_file}`" if data_args.validation_file
+        else "its validation split" if is_hub or data_args.train_file is None
+        else f"the last {data_args.validation_split_percentage}% of the text, held out"
+    )
+    blocks = metrics.get("train_blocks")
+    return {
+        "dataset": dataset if is_hub else os.path.basename(os.path.normpath(str(dataset))),
+        "dataset_is_hub": is_hub,
+        "training_data": (f"`{dataset if is_hub else os.path.basename(os.path.normpath(str(dataset)))}`: "
+                          f"{blocks if blocks is not None else 'streamed'} training blocks of {data_args.block_size} "
+                          f"characters; validation: {validation}."),
+        "block_size": data_args.block_size,
+        "batch_size": f"{training_args.per_device_train_batch_size} x {training_args.world_size} x "
+                      f"{training_args.gradient_accumulation_steps}",
+        "optimizer": getattr(training_args.optim, "value", training_args.optim),
+        "learning_rate": training_args.learning_rate,
+        "lr_scheduler": scheduler,
+        "max_grad_norm": training_args.max_grad_norm,
+        "global_step": global_step,
+        "epochs": round(float(metrics.get("epoch", 0.0)), 3),
+        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        "seed": training_args.seed,
+        "train_runtime_s": metrics.get("train_runtime"),
+        "sample_prompt": prompt,
+    }
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -505,15 +551,11 @@ def train(
     trainer.save_metrics("all", metrics)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        write_model_card(
-            training_args.output_dir,
-            model=trainer.model,
-            metrics=metrics,
-            dataset=data_args.train_file or data_args.dataset_name,
-            training_args=training_args,
-            data_args=data_args,
-            prompt=prompt,
-        )
+        run = training_run_info(model_args, data_args, training_args, metrics, prompt, trainer.state.global_step)
+        with open(os.path.join(training_args.output_dir, RUN_INFO_NAME), "w", encoding="utf-8") as f:
+            json.dump(run, f, indent=2)
+        write_model_card(training_args.output_dir, trainer.model, run, results_from_training(metrics),
+                         repo_id=training_args.hub_model_id or training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="char_lstm training run")
     return metrics

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import shakespeare_like, write_text  # noqa: E402
+from helpers import shakespeare_like, write_text
 
 
 ROOT = Path(__file__).resolve().parents[2]

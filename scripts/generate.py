@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Sample text from a trained char_lstm model with `model.generate()`.
+
+    python scripts/generate.py --model_name_or_path outputs/shakespeare --prompt "ROMEO:" --max_new_tokens 300
+    python scripts/generate.py --model_name_or_path outputs/shakespeare --prompt "ROMEO:" "JULIET:" --seed 0
+    echo "First Citizen:" | python scripts/generate.py --model_name_or_path you/char-model --trust_remote_code
+    python scripts/generate.py --model_name_or_path outputs/shakespeare --prompt "All:" --greedy
+
+One prompt and one sample stream to stdout character by character; several are generated as one batch.
+"""
+
+import sys
+
+from transformers import HfArgumentParser
+
+from char_lstm.sampling import GenerateArguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Share a trained char_lstm model on the Hugging Face Hub.
+
+    python scripts/push_to_hub.py --model_dir outputs/shakespeare --repo_id you/char-shakespeare --dry_run
+    python scripts/evaluate.py --model_name_or_path outputs/shakespeare --validation_file test.txt --output_json eval.json
+    python scripts/push_to_hub.py --model_dir outputs/shakespeare --repo_id you/char-shakespeare --eval_results eval.json
+
+Builds the complete repository folder (safetensors weights, config.json with auto_map, the code files for
+trust_remote_code, tokenizer files, generation_config.json, README.md model card) in --output_dir (default
+MODEL_DIR-hub), then uploads it with huggingface_hub (token from HF_TOKEN or `hf auth login`). --dry_run stops after
+building the folder.
+"""
+
+import sys
+
+from transformers import HfArgumentParser
+
+from char_lstm.hub import PushArguments, run_push
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        run_push(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Sampling text from a trained model with `model.generate()` (what `scripts/generate.py` runs)."""
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TextStreamer, set_seed
+
+from .hub import load_model_and_tokenizer
+
+
+@dataclass
+class GenerateArguments:
+    model_name_or_path: str = field(metadata={"help": "A trained model: a local folder or a Hub id."})
+    prompt: list[str] | None = field(
+        default=None, metadata={"help": "One or more prompts (batched together); default: read one from stdin."}
+    )
+    max_new_tokens: int = field(default=500, metadata={"help": "Characters to generate per sample."})
+    do_sample: bool = field(default=True, metadata={"help": "Sample (true) or take the most likely character."})
+    greedy: bool = field(default=False, metadata={"help": "Same as --do_sample false."})
+    temperature: float = field(default=0.8, metadata={"help": "Below 1: safer text; above 1: more surprising."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely characters (0: all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set with this probability."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1 discourages repeating characters."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Samples per prompt."})
+    seed: int | None = field(default=None, metadata={"help": "Random seed, for reproducible samples."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."})
+    dtype: str = field(default="auto", metadata={"help": "auto (as saved), float32, bfloat16 or float16."})
+    unknown_to_unk: bool = field(
+        default=False, metadata={"help": "Map prompt characters outside the vocabulary to <unk> instead of failing."}
+    )
+    stream: bool = field(default=True, metadata={"help": "Print characters as they come (one prompt, one sample)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
+
+
+class CharacterStreamer(TextStreamer):
+    """`TextStreamer` that prints every character as soon as it is generated (TextStreamer waits for whole words)."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, file=None, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt=skip_prompt, **decode_kwargs)
+        self.file = file
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        print(text, end="\n" if stream_end else "", file=self.file or sys.stdout, flush=True)
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:
+            if value.shape[0] > 1:
+                raise ValueError("CharacterStreamer only supports batch size 1")
+            value = value[0]
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.next_tokens_are_prompt = False
+        self.on_finalized_text(self.tokenizer.decode(value.tolist(), **self.decode_kwargs))
+
+    def end(self) -> None:
+        self.next_tokens_are_prompt = True
+        self.on_finalized_text("", stream_end=True)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {name!r}.")
+    return DTYPES[name]
+
+
+def check_prompts(tokenizer, prompts: list[str], unknown_to_unk: bool) -> None:
+    unknown = sorted(set().union(*(tokenizer.oov_characters(p) for p in prompts)))
+    if unknown and not unknown_to_unk:
+        raise ValueError(
+            f"The prompt has characters the model has never seen: {unknown}; remove them, or pass --unknown_to_unk "
+            "to map them to <unk>."
+        )
+    if any(not p for p in prompts):
+        raise ValueError("A prompt is empty: a character model needs at least one character to start from.")
+
+
+def generate_texts(model, tokenizer, prompts: list[str], streamer=None, **generate_kwargs) -> list[str]:
+    """prompt + generated text for every prompt (and every returned sequence), in order, from one batched
+    `model.generate()` call (left padding; each row generates what its prompt generates alone)."""
+    batch = tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
+    out = model.generate(**batch, streamer=streamer, **generate_kwargs)
+    width = batch["input_ids"].shape[1]
+    repeats = generate_kwargs.get("num_return_sequences", 1)
+    return [
+        prompts[row // repeats] + tokenizer.decode(out[row, width:], skip_special_tokens=True)
+        for row in range(out.shape[0])
+    ]
+
+
+def run(args: GenerateArguments, stdout=None) -> list[str]:
+    """Load the model, generate, print; returns the texts."""
+    stdout = stdout or sys.stdout
+    prompts = args.prompt
+    if not prompts:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ValueError("No prompt: pass --prompt TEXT (several allowed) or pipe the prompt on stdin.")
+        prompts = [sys.stdin.read()]
+    device = pick_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model_name_or_path, device=device, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code
+    )
+    check_prompts(tokenizer, prompts, args.unknown_to_unk)
+    if args.seed is not None:
+        set_seed(args.seed)
+    do_sample = args.do_sample and not args.greedy
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, num_return_sequences=args.num_return_sequences,
+                  repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id)
+    if do_sample:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    single = len(prompts) == 1 and args.num_return_sequences == 1
+    streamer = None
+    if args.stream and single:
+        # the prompt as typed (its unknown characters would decode as nothing), then the new characters as they come
+        print(prompts[0], end="", file=stdout, flush=True)
+        streamer = CharacterStreamer(tokenizer, skip_prompt=True, file=stdout, skip_special_tokens=True)
+    texts = generate_texts(model, tokenizer, prompts, streamer=streamer, **kwargs)
+    if streamer is None:
+        for index, text in enumerate(texts):
+            if not single:
+                print(f"===== sample {index + 1} of {len(texts)} =====", file=stdout)
+            print(text, file=stdout, flush=True)
+    return texts
