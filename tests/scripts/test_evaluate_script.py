@@ -1,0 +1,54 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from char_lstm import load_model_and_tokenizer
+from char_lstm.evaluation import evaluate_ids
+from helpers import run_script, shakespeare_like, write_text
+
+
+def test_evaluate_a_text_file(trained_model, tmp_path):
+    text = shakespeare_like(3000)[::-1][:2000] + "\u00a7"  # held-out-like text with one unknown character
+    path = write_text(tmp_path / "held_out.txt", text)
+    out = tmp_path / "results.json"
+    result = run_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--validation_file", str(path),
+                                        "--block_size", "32", "--output_json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 characters of the text are not in the vocabulary" in result.stderr
+    data = json.loads(out.read_text())
+    assert data["characters"] == len(text) and data["unknown_characters"] == 1
+    # the numbers are those of the library function (checked against hand-computed cross-entropy in its tests)
+    model, tokenizer = load_model_and_tokenizer(str(trained_model))
+    expected = evaluate_ids(model, tokenizer.encode_corpus(text), 32)
+    for mode in ("fixed", "streaming"):
+        assert data[mode]["loss"] == pytest.approx(expected[mode]["loss"], rel=1e-6)
+        assert data[mode]["bits_per_character"] == pytest.approx(data[mode]["loss"] / math.log(2))
+        assert f"{data[mode]['loss']:.4f}" in result.stdout
+    assert data["fixed"]["characters"] == data["streaming"]["characters"] == len(text) - 1
+
+
+def test_evaluate_a_dataset_split(trained_model, tmp_path):
+    folder = tmp_path / "ds" / "data"
+    folder.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        pd.DataFrame({"text": [shakespeare_like(1500)]}).to_parquet(folder / f"{split}-00000-of-00001.parquet")
+    out = tmp_path / "r.json"
+    result = run_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--dataset_name",
+                                        str(tmp_path / "ds"), "--split", "test", "--block_size", "64",
+                                        "--modes", "fixed", "--output_json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert "fixed" in data and "streaming" not in data and data["block_size"] == 64
+    missing = run_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--dataset_name",
+                                         str(tmp_path / "ds"), "--split", "dev"], tmp_path)
+    assert missing.returncode == 2 and "has no split 'dev'" in missing.stderr
+
+
+def test_evaluate_errors(trained_model, tmp_path):
+    nothing = run_script("evaluate.py", ["--model_name_or_path", str(trained_model)], tmp_path)
+    assert nothing.returncode == 2 and "error: Nothing to evaluate on" in nothing.stderr
+    no_model = run_script("evaluate.py", ["--model_name_or_path", str(tmp_path / "nope"), "--validation_file",
+                                          str(write_text(tmp_path / "t.txt", "abc"))], tmp_path)
+    assert no_model.returncode == 2 and "error:" in no_model.stderr

@@ -1,0 +1,130 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from char_lstm import load_model_and_tokenizer
+from helpers import run_script, script_env
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
+    eval_json = tmp_path / "eval.json"
+    evaluation = run_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--validation_file",
+                                            str(trained_model.parent / "train.txt"), "--block_size", "32",
+                                            "--output_json", str(eval_json)], tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    folder = tmp_path / "repo"
+    result = run_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
+                                           "--output_dir", str(folder), "--eval_results", str(eval_json),
+                                           "--dry_run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = set(os.listdir(folder))
+    assert files == {"model.safetensors", "config.json", "generation_config.json", "configuration_char_lstm.py",
+                     "modeling_char_lstm.py", "tokenization_char_lstm.py", "vocab.json", "tokenizer_config.json",
+                     "README.md"}
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_char_lstm.CharLSTMForCausalLM"
+    )
+    card = (folder / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0" and "char_lstm" in meta["tags"]
+    metrics = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    measured = json.loads(eval_json.read_text())
+    assert metrics["Loss, nats/char (fixed windows)"] == round(measured["fixed"]["loss"], 4)
+    assert metrics["Bits per character (streaming)"] == round(measured["streaming"]["bits_per_character"], 4)
+    for section in ("## How to use", "## Training data", "## Training procedure", "## Evaluation", "## Limitations"):
+        assert section in card
+    assert 'from_pretrained("someone/char-tiny", trust_remote_code=True)' in card
+    assert "| block (sequence) length | 32 |" in card and "| training steps | 40 |" in card
+    # the code snippet of the card runs (on the local folder)
+    snippet = card.split("```python\n")[1].split("```")[0].replace("someone/char-tiny", str(folder))
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, env=script_env(), timeout=120)
+    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
+
+
+def test_built_folder_loads_from_the_hub_cache_without_char_lstm(trained_model, tmp_path):
+    """The folder, placed where huggingface_hub caches ORG/NAME, loads offline with trust_remote_code in a process
+    where char_lstm cannot be imported, and generates the same text as the original for the same seed."""
+    folder = tmp_path / "repo"
+    built = run_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someorg/char-tiny",
+                                          "--output_dir", str(folder), "--dry_run"], tmp_path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    hub_cache = tmp_path / "hf_home" / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = hub_cache / "models--someorg--char-tiny" / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (hub_cache / "models--someorg--char-tiny" / "refs").mkdir()
+    (hub_cache / "models--someorg--char-tiny" / "refs" / "main").write_text(revision)
+
+    model, tokenizer = load_model_and_tokenizer(str(trained_model))
+    torch.manual_seed(77)
+    expected = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=50,
+                                               do_sample=True)[0])
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class BlockCharLSTM:
+            def find_spec(self, name, path=None, target=None):
+                if name == "char_lstm" or name.startswith("char_lstm."):
+                    raise ImportError("blocked")
+
+        sys.meta_path.insert(0, BlockCharLSTM())
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained("someorg/char-tiny", trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained("someorg/char-tiny", trust_remote_code=True)
+        assert "char_lstm" not in sys.modules
+        torch.manual_seed(77)
+        out = model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=50, do_sample=True)
+        sys.stdout.write("TEXT:" + repr(tokenizer.decode(out[0])))
+        """
+    )
+    env = script_env(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(hub_cache), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("TEXT:")[-1] == repr(expected)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model_dir", "{tmp}/missing", "--repo_id", "a/b", "--dry_run"], "does not exist"),
+        (["--model_dir", "{model}", "--repo_id", "not a valid//id", "--dry_run"], "Invalid --repo_id"),
+        (["--model_dir", "{model}", "--repo_id", "a/b"], "No Hugging Face token: log in with `hf auth login`"),
+    ],
+)
+def test_push_errors(trained_model, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, model=trained_model) for a in args]
+    env = {"HF_HOME": str(tmp_path / "empty_home")}
+    result = run_script("push_to_hub.py", args, tmp_path, **env)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_incomplete_model_dir_and_existing_output(trained_model, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(trained_model, incomplete, ignore=shutil.ignore_patterns("model.safetensors", "checkpoint-*"))
+    result = run_script("push_to_hub.py", ["--model_dir", str(incomplete), "--repo_id", "a/b", "--dry_run"], tmp_path)
+    assert result.returncode == 2 and "is incomplete: model.safetensors missing" in result.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "a/b", "--dry_run",
+                                           "--output_dir", str(out)], tmp_path)
+    assert result.returncode == 2 and "is not empty" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
