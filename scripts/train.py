@@ -12,6 +12,8 @@ The work is done by `char_lstm.training.train`.
 import logging
 import sys
 
+import torch
+
 from char_lstm.data import DataError
 from char_lstm.training import TrainingDiverged, parse_arguments, prepare_launch_environment, train
 
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        # leave a multi-process run cleanly (gloo aborts a process that exits with its group still open)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

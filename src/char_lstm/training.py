@@ -558,4 +558,5 @@ def train(
                          repo_id=training_args.hub_model_id or training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="char_lstm training run")
+    trainer.accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     return metrics
