@@ -11,20 +11,9 @@ Two modes are reported: `fixed` (windows of --block_size from a zero state, comp
 
 import sys
 
-from transformers import HfArgumentParser
-
+from char_lstm.cli import run_command
 from char_lstm.evaluation import EvaluateArguments, run
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(EvaluateArguments, run))

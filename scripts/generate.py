@@ -11,20 +11,9 @@ One prompt and one sample stream to stdout character by character; several are g
 
 import sys
 
-from transformers import HfArgumentParser
-
+from char_lstm.cli import run_command
 from char_lstm.sampling import GenerateArguments, run
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(args=argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(GenerateArguments, run))

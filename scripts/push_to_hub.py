@@ -13,20 +13,9 @@ building the folder.
 
 import sys
 
-from transformers import HfArgumentParser
-
+from char_lstm.cli import run_command
 from char_lstm.hub import PushArguments, run_push
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
-    try:
-        run_push(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(PushArguments, run_push))

@@ -235,6 +235,17 @@ def build_hub_folder(
     return folder
 
 
+def require_token(token: str | None = None) -> str:
+    """`token`, else HF_TOKEN, else the saved login; a one-line error saying how to log in when there is none."""
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            "No Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN to a "
+            "token with write access (https://huggingface.co/settings/tokens)."
+        )
+    return token
+
+
 def push_folder(
     folder: str,
     repo_id: str,
@@ -245,13 +256,7 @@ def push_folder(
 ) -> str:
     """`create_repo` + `upload_folder`; returns the commit URL. The token comes from `token`, HF_TOKEN or the login."""
     check_repo_id(repo_id)
-    token = token or get_token()
-    if not token:
-        raise HubError(
-            "No Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN to a "
-            "token with write access (https://huggingface.co/settings/tokens)."
-        )
-    api = HfApi(token=token)
+    api = HfApi(token=require_token(token))
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -293,8 +298,8 @@ def load_eval_results(path: str) -> dict:
 def run_push(args: PushArguments) -> str:
     """Build the repository folder and, unless --dry_run, upload it; returns the folder."""
     check_repo_id(args.repo_id)
-    if not args.dry_run and not get_token():
-        push_folder("", args.repo_id)  # raises the no-token error before any work
+    if not args.dry_run:
+        require_token()  # before any work
     folder = args.output_dir or os.path.normpath(args.model_dir) + "-hub"
     results = load_eval_results(args.eval_results) if args.eval_results else None
     build_hub_folder(args.model_dir, folder, args.repo_id, results, overwrite=args.overwrite_output_dir,
