@@ -264,3 +264,30 @@ def test_backprop_through_the_cache_across_calls(tokenizer, cell_type):
     (first + second).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("hidden_size, embedding_size, num_layers, batch", [(24, 12, 2, 1), (40, 40, 1, 3), (64, 16, 3, 5)])
+def test_fast_single_step_decode_equals_the_sequence_kernel(tokenizer, cell_type, hidden_size, embedding_size,
+                                                            num_layers, batch):
+    model = make_model(tokenizer, cell_type, hidden_size=hidden_size, embedding_size=embedding_size,
+                       num_layers=num_layers)
+    ids = torch.randint(2, len(tokenizer), (batch, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits  # one call of the sequence kernels
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])]  # fast path
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert hasattr(model.model.layers[0], "_char_lstm_fused")  # the fast path did run
+
+
+def test_fast_step_follows_weight_updates(tokenizer):
+    model = make_model(tokenizer, "lstm")
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        model(input_ids=ids[:, :1], cache=DynamicCache(config=model.config))  # builds the fused weights
+        model.model.layers[0].weight_hh_l0.mul_(1.5)  # in place, as an optimizer step does
+        expected = model(input_ids=ids[:, :2], use_cache=False).logits[:, -1]
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :1], cache=cache)
+        got = model(input_ids=ids[:, 1:2], cache=cache).logits[:, -1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
