@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         model_args, data_args, training_args = parse_arguments(argv)
         logging.getLogger().setLevel(training_args.get_process_log_level())
         train(model_args, data_args, training_args)
-    except (DataError, TrainingDiverged) as error:
+    except (DataError, TrainingDiverged, ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

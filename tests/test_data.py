@@ -171,3 +171,13 @@ def test_oov_count_and_collator(tmp_path):
     batch = collate_blocks([{"input_ids": [1, 2, 3]}, {"input_ids": [3, 2, 1]}])
     assert batch["input_ids"].dtype == batch["labels"].dtype
     assert batch["input_ids"].tolist() == batch["labels"].tolist() == [[1, 2, 3], [3, 2, 1]]
+
+
+def test_empty_cells_read_as_empty_text(tmp_path):
+    pd.DataFrame({"text": ["first row", None, "third"]}).to_csv(tmp_path / "d.csv", index=False)
+    raw = load_raw_datasets(train_file=str(tmp_path / "d.csv"))
+    tokenizer = build_tokenizer(raw["train"], "text", "|")
+    blocks = encode_blocks(raw["train"], tokenizer, "text", block_size=8, separator="|")
+    assert tokenizer.decode(blocks[0]["input_ids"]) == "first row"
+    head, tail = split_validation_tail(raw["train"], "text", 20)
+    assert "".join(t or "" for t in list(head["text"]) + list(tail["text"])) == "first rowthird"

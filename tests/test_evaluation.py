@@ -87,3 +87,7 @@ def test_bad_arguments(model_and_ids):
         evaluate_ids(model, ids[:1], 10)
     with pytest.raises(ValueError, match="Unknown evaluation mode"):
         evaluate_ids(model, ids, 10, modes=("sliding",))
+
+
+def test_perplexity_of_a_diverged_model_is_infinite():
+    assert load_bits_per_character().compute(predictions=[1e4], references=[1])["perplexity"] == float("inf")

@@ -291,3 +291,22 @@ def test_fast_step_follows_weight_updates(tokenizer):
         model(input_ids=ids[:, :1], cache=cache)
         got = model(input_ids=ids[:, 1:2], cache=cache).logits[:, -1]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_input_is_a_clear_error(tokenizer):
+    model = make_model(tokenizer)
+    with pytest.raises(ValueError, match="The input has no tokens"):
+        model(input_ids=torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_truncated_bptt_with_detach_cache(tokenizer):
+    from char_lstm.modeling_char_lstm import detach_cache
+
+    model = make_model(tokenizer).train()
+    ids = encode(tokenizer, ["ROMEO:\nBut, soft! what light"])["input_ids"]
+    cache = DynamicCache(config=model.config)
+    for start in range(0, ids.shape[1] - 1, 8):  # chunk after chunk, one backward each
+        chunk = ids[:, start : start + 9]
+        model(input_ids=chunk, labels=chunk, cache=cache, use_cache=True).loss.backward()
+        detach_cache(cache)
+    assert all(not s.requires_grad for layer in cache.layers for s in layer.recurrent_states.values())

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from char_lstm.modeling_char_lstm import detach_cache
 from char_lstm.numpy_reference import NumpyCharLSTM, clip_grads_by_global_norm
 from helpers import make_model
 
@@ -103,9 +104,7 @@ def test_truncated_bptt_matches_torch_with_detached_state(tokenizer, cell_type):
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets)
         loss.backward()
         torch_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5).item()
-        for layer in cache.layers:  # truncation: the next chunk starts from the state, not its history
-            for i, state in layer.recurrent_states.items():
-                layer.recurrent_states[i] = state.detach()
+        detach_cache(cache)  # truncation: the next chunk starts from the state, not from its history
         np_loss, np_grads, np_norm = chunks[index]
         assert np_loss == pytest.approx(loss.item(), rel=1e-6)
         assert np_norm == pytest.approx(torch_norm, rel=1e-6)

@@ -105,6 +105,26 @@ def test_output_dir_with_checkpoints_is_protected(tmp_path):
     assert (out / "checkpoint-4" / "model.safetensors").read_bytes() != before
 
 
+def test_overwrite_deletes_nothing_when_the_run_cannot_start(tmp_path):
+    args = ("--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0")
+    run(tmp_path, *args)
+    with pytest.raises(DataError, match="does not exist"):
+        train(*parse_arguments(["--train_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out"),
+                                "--overwrite_output_dir", "true", *TINY]))
+    assert (tmp_path / "out" / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_default_sample_prompt_uses_known_characters(tmp_path):
+    from char_lstm import CharLSTMTokenizer
+    from char_lstm.data import load_raw_datasets
+    from char_lstm.training import default_sample_prompt
+
+    raw = load_raw_datasets(train_file=str(write_text(tmp_path / "t.txt", "Über alles")))
+    tokenizer = CharLSTMTokenizer.from_corpus("er all")
+    assert default_sample_prompt(tokenizer, raw["train"], "text") == "er alle"
+    assert default_sample_prompt(CharLSTMTokenizer.from_corpus("ROMEO: x"), raw["train"], "text") == "ROMEO:"
+
+
 def test_resume_true_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(DataError, match="holds no checkpoint to resume from"):
         run(tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "True")

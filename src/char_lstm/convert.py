@@ -63,7 +63,7 @@ def load_chars(path: str) -> list[str]:
     `CharDataset` builds it)."""
     if not os.path.isfile(path):
         raise ConversionError(f"--chars {path} does not exist.")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8") as f:  # default newline handling, as CharDataset's open(path, 'r') reads
         text = f.read()
     if path.endswith(".json"):
         chars = json.loads(text)

@@ -162,7 +162,7 @@ def load_raw_datasets(
 
 def _cut_rows(batch: dict, indices: list[int], column: str, row: int, cut: int, keep: str) -> dict:
     """Keep the head (`keep="head"`: characters before `cut`) or the tail of row `row`; other rows unchanged."""
-    texts = list(batch[column])
+    texts = [text or "" for text in batch[column]]
     for position, index in enumerate(indices):
         if index == row:
             texts[position] = texts[position][:cut] if keep == "head" else texts[position][cut:]
@@ -170,7 +170,7 @@ def _cut_rows(batch: dict, indices: list[int], column: str, row: int, cut: int, 
 
 
 def _text_lengths(batch: dict, column: str) -> dict:
-    return {"_length": [len(text) for text in batch[column]]}
+    return {"_length": [len(text or "") for text in batch[column]]}
 
 
 def split_validation_tail(train: Dataset, column: str, percentage: float, num_proc: int | None = None):
@@ -197,8 +197,9 @@ def split_validation_tail(train: Dataset, column: str, percentage: float, num_pr
 
 
 def iter_texts(dataset: Dataset | IterableDataset, column: str) -> Iterator[str]:
+    """The texts of `dataset`, an empty cell (None) read as an empty text."""
     for batch in dataset.iter(batch_size=256):
-        yield from batch[column]
+        yield from (text or "" for text in batch[column])
 
 
 def build_tokenizer(train: Dataset | IterableDataset, column: str, separator: str) -> CharLSTMTokenizer:
@@ -235,7 +236,7 @@ def _encode_blocks(batch: dict, column: str, vocab_items: tuple, separator: str,
     starting every `stride` characters (the model shifts the labels inside, so each window trains `block_size`
     predictions, and with `stride == block_size` every character is predicted once)."""
     tokenizer = _tokenizer_for(vocab_items)
-    ids = tokenizer.encode_corpus(separator.join(batch[column]))
+    ids = tokenizer.encode_corpus(separator.join(text or "" for text in batch[column]))
     window = block_size + 1
     if len(ids) < window:
         return {"input_ids": np.empty((0, window), dtype=ids.dtype)}

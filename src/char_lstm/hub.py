@@ -13,9 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
-MODEL_CARD_TEMPLATE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "model_cards", "char_lstm.md"
-)
+# Ships inside the package (package data), so installed copies can render cards too
+MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "char_lstm.md")
 TOKENIZER_FILES = ("vocab.json", "tokenizer_config.json")
 
 
@@ -78,11 +77,6 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
     `results`: {mode: {"loss", "bits_per_character", "perplexity"}} with mode "eval" (validation during training),
     "fixed" and/or "streaming" (scripts/evaluate.py).
     """
-    if not os.path.isfile(MODEL_CARD_TEMPLATE):
-        raise FileNotFoundError(
-            f"The model card template {MODEL_CARD_TEMPLATE} is missing: install char_lstm from its repository "
-            "(pip install -e .), which holds model_cards/."
-        )
     config = model.config
     dataset = run.get("dataset") or "unknown"
     hub_dataset = run.get("dataset_is_hub", False)
@@ -213,11 +207,14 @@ def build_hub_folder(
     code files for trust_remote_code, tokenizer files, generation_config.json and README.md (the model card)."""
     check_repo_id(repo_id)
     check_model_dir(model_dir)
+    source, target = os.path.realpath(model_dir), os.path.realpath(folder)
+    if source == target or source.startswith(target + os.sep):
+        raise HubError(f"--output_dir {folder} would replace the model in --model_dir {model_dir}; choose another folder.")
+    model, tokenizer = load_model_and_tokenizer(model_dir)  # before anything is deleted
     if os.path.isdir(folder) and os.listdir(folder):
         if not overwrite:
             raise HubError(f"{folder} is not empty: choose another --output_dir or pass --overwrite_output_dir.")
         shutil.rmtree(folder)
-    model, tokenizer = load_model_and_tokenizer(model_dir)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)  # model.safetensors, config.json (auto_map), generation_config.json, code files
     tokenizer.save_pretrained(folder)

@@ -137,6 +137,19 @@ def _single_step(rnn: nn.RNNBase, cell_type: str, x: torch.Tensor, state: tuple[
     return h.unsqueeze(1), new_state
 
 
+def detach_cache(cache: Cache) -> Cache:
+    """Cut the autograd history of the states in `cache`, in place, and return it.
+
+    A cache used while training keeps the graph of the calls that filled it, so that one `backward()` through several
+    calls gives full backpropagation through time. For truncated BPTT (char-rnn style: each chunk starts from the
+    previous chunk's final state, gradients stop at the boundary), detach it between chunks."""
+    for layer in cache.layers:
+        for index, state in getattr(layer, "recurrent_states", {}).items():
+            if state is not None:
+                layer.recurrent_states[index] = state.detach()
+    return cache
+
+
 class _Packing:
     """Where the real tokens of a padded batch are, and how to move them to and from a `PackedSequence`.
 
@@ -314,6 +327,8 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                 self._check_input_ids(input_ids)
             inputs_embeds = self.embeddings(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError("The input has no tokens: give at least one character (an empty prompt has nothing to start from).")
 
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
@@ -501,4 +516,4 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["CharLSTMForCausalLM", "CharLSTMModel", "CharLSTMPreTrainedModel"]
+__all__ = ["CharLSTMForCausalLM", "CharLSTMModel", "CharLSTMPreTrainedModel", "detach_cache"]

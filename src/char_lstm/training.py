@@ -350,7 +350,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def _prepare_output_dir(args: CharLSTMTrainingArguments) -> str | bool | None:
-    """Refuse to clobber a previous run; return the checkpoint to resume from (or None)."""
+    """Refuse to clobber a previous run (nothing is deleted here); return the checkpoint to resume from (or None)."""
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true" or None
@@ -365,12 +365,17 @@ def _prepare_output_dir(args: CharLSTMTrainingArguments) -> str | bool | None:
                 f"{args.output_dir} already holds checkpoints ({os.path.basename(last)}): resume with "
                 "--resume_from_checkpoint True, start over with --overwrite_output_dir, or choose another --output_dir."
             )
-        if args.process_index == 0:
-            for name in os.listdir(args.output_dir):
-                if name.startswith("checkpoint-"):
-                    shutil.rmtree(os.path.join(args.output_dir, name))
-            logger.warning(f"--overwrite_output_dir: deleted the checkpoints in {args.output_dir}")
     return resume
+
+
+def _delete_old_checkpoints(args: CharLSTMTrainingArguments) -> None:
+    """--overwrite_output_dir: remove the previous run's checkpoints, once everything else is known to work."""
+    if args.process_index == 0 and os.path.isdir(args.output_dir):
+        old = [name for name in os.listdir(args.output_dir) if name.startswith("checkpoint-")]
+        for name in old:
+            shutil.rmtree(os.path.join(args.output_dir, name))
+        if old:
+            logger.warning(f"--overwrite_output_dir: deleted the checkpoints in {args.output_dir}")
 
 
 def _load_tokenizer_and_model(model_args: ModelArguments, train_raw, data_args: DataArguments):
@@ -400,10 +405,13 @@ def _load_tokenizer_and_model(model_args: ModelArguments, train_raw, data_args: 
 
 
 def default_sample_prompt(tokenizer, train_raw, column: str) -> str:
+    """"ROMEO:" when the vocabulary has those characters, else the start of the training text (its characters that
+    are in the vocabulary), else one character of the vocabulary."""
     if not tokenizer.oov_characters("ROMEO:"):
         return "ROMEO:"
-    first = next(iter_texts(train_raw, column), "")
-    return first[:8] or next(t for t in tokenizer.get_vocab() if len(t) == 1)
+    first = next(iter_texts(train_raw, column), "")[:64]
+    known = "".join(c for c in first if not tokenizer.oov_characters(c))[:8]
+    return known or next(t for t in tokenizer.get_vocab() if len(t) == 1)
 
 
 def training_run_info(model_args, data_args, training_args, metrics: dict, prompt: str, global_step: int) -> dict:
@@ -478,12 +486,16 @@ def train(
 
     tokenizer, model = _load_tokenizer_and_model(model_args, train_raw, data_args)
     if training_args.process_index == 0 and not data_args.streaming:
-        oov = count_oov(eval_raw, data_args.text_column, tokenizer)
-        if oov:
-            logger.warning(
-                f"{sum(oov.values())} characters of the validation text are not in the vocabulary of the training "
-                f"text and become <unk>: {''.join(sorted(oov))!r}"
-            )
+        texts = {"validation": eval_raw}
+        if model_args.model_name_or_path or model_args.tokenizer_name:  # a vocabulary not built from this text
+            texts = {"training": train_raw, **texts}
+        for name, dataset in texts.items():
+            oov = count_oov(dataset, data_args.text_column, tokenizer)
+            if oov:
+                logger.warning(
+                    f"{sum(oov.values())} characters of the {name} text are not in the vocabulary and become <unk>: "
+                    f"{''.join(sorted(oov))!r}"
+                )
 
     with training_args.main_process_first(desc="encoding"):
         kwargs = dict(
@@ -509,6 +521,8 @@ def train(
                 )
         if data_args.max_eval_samples is not None and len(eval_blocks) > data_args.max_eval_samples:
             eval_blocks = eval_blocks.select(range(data_args.max_eval_samples))
+    elif data_args.max_eval_samples is not None:
+        eval_blocks = eval_blocks.take(data_args.max_eval_samples)
         logger.info(f"{len(train_blocks)} training blocks, {len(eval_blocks)} validation blocks of {window} ids")
 
     # Sampling defaults saved with the model (generation_config.json)
@@ -539,6 +553,9 @@ def train(
     )
     sampler.trainer = trainer
 
+    if resume is None and training_args.overwrite_output_dir:
+        _delete_old_checkpoints(training_args)
+    trainer.accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)
     if guard.diverged_at is not None:
         raise TrainingDiverged(guard.message(training_args.output_dir))
@@ -557,6 +574,8 @@ def train(
         write_model_card(training_args.output_dir, trainer.model, run, results_from_training(metrics),
                          repo_id=training_args.hub_model_id or training_args.output_dir)
     if training_args.push_to_hub:
+        # Trainer.push_to_hub writes its generic card over README.md first; the run's own card stays instead
+        trainer.create_model_card = lambda *args, **kwargs: None
         trainer.push_to_hub(commit_message="char_lstm training run")
     trainer.accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     return metrics

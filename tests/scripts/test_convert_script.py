@@ -57,6 +57,14 @@ def greedy_original(module, chars, prompt, length):
     return "".join(out)
 
 
+def test_chars_from_a_text_with_windows_newlines(tmp_path):
+    """CharDataset reads its text with open(path, 'r'): \r\n becomes \n, so '\r' is not in its vocabulary."""
+    from char_lstm.convert import load_chars
+
+    (tmp_path / "crlf.txt").write_bytes(b"ab\r\ncd\r\n")
+    assert load_chars(str(tmp_path / "crlf.txt")) == ["\n", "a", "b", "c", "d"]
+
+
 @pytest.mark.parametrize("chars_from", ["json", "text"])
 def test_converted_model_equals_the_original(original, tmp_path, chars_from):
     module, chars = original

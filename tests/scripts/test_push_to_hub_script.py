@@ -128,3 +128,15 @@ def test_incomplete_model_dir_and_existing_output(trained_model, tmp_path):
                                            "--output_dir", str(out)], tmp_path)
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_output_dir_cannot_replace_the_model(trained_model, tmp_path):
+    import shutil as sh
+
+    model_dir = tmp_path / "model"
+    sh.copytree(trained_model, model_dir, ignore=sh.ignore_patterns("checkpoint-*"))
+    for target in (model_dir, tmp_path):
+        result = run_script("push_to_hub.py", ["--model_dir", str(model_dir), "--repo_id", "a/b", "--dry_run",
+                                               "--output_dir", str(target), "--overwrite_output_dir"], tmp_path)
+        assert result.returncode == 2 and "would replace the model" in result.stderr
+    assert (model_dir / "model.safetensors").exists()

@@ -54,6 +54,6 @@ class BitsPerCharacter(evaluate.Metric):
         return {
             "loss": loss,
             "bits_per_character": loss / math.log(2),
-            "perplexity": math.exp(min(loss, 700.0)),
+            "perplexity": math.exp(loss) if loss < 709.0 else float("inf"),  # exp overflows a float past 709
             "characters": count,
         }
