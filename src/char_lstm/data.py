@@ -7,10 +7,11 @@ encoded blocks from the `datasets` cache instead of encoding again.
 """
 
 import glob
+import itertools
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from functools import lru_cache
 
 import datasets
@@ -82,16 +83,13 @@ def load_files(files: list[str], text_column: str, encoding: str, streaming: boo
     """Text files (one row per file, exact text) or .jsonl/.json/.csv/.parquet files (rows as they are)."""
     extensions = {os.path.splitext(path)[1].lower() for path in files}
     if all(ext in TEXT_EXTENSIONS or ext == "" for ext in extensions):
-        for path in files:
-            if os.path.getsize(path) == 0:
-                raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
         files = [os.path.abspath(path) for path in files]
         kwargs = {
             "files": files,
             "encoding": encoding,
             "fingerprint": [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files],
         }
-        for path in files:  # decode errors are reported here, with the file name and byte offset
+        for path in files:  # empty files and decode errors are reported here, with the file name and byte offset
             read_text_file(path, encoding)
         features = Features({"text": Value("string")})
         if streaming:
@@ -204,20 +202,14 @@ def iter_texts(dataset: Dataset | IterableDataset, column: str) -> Iterator[str]
 
 def build_tokenizer(train: Dataset | IterableDataset, column: str, separator: str) -> CharLSTMTokenizer:
     """The vocabulary of the training text (plus the document separator's characters)."""
-    return CharLSTMTokenizer.from_corpus(_chain(iter_texts(train, column), [separator]))
-
-
-def _chain(*iterables: Iterable[str]) -> Iterator[str]:
-    for iterable in iterables:
-        yield from iterable
+    return CharLSTMTokenizer.from_corpus(itertools.chain(iter_texts(train, column), [separator]))
 
 
 def count_oov(dataset: Dataset | IterableDataset, column: str, tokenizer: CharLSTMTokenizer) -> dict[str, int]:
     """How many times each character outside the vocabulary occurs in `dataset`."""
     counts: dict[str, int] = {}
-    vocab = tokenizer.get_vocab()
     for text in iter_texts(dataset, column):
-        for char in set(text).difference(vocab):
+        for char in tokenizer.oov_characters(text):
             counts[char] = counts.get(char, 0) + text.count(char)
     return counts
 

@@ -1,6 +1,7 @@
 """Loading and sharing CharLSTM models: model + tokenizer checks, the model card, the Hub folder and the upload."""
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ def results_from_training(metrics: dict) -> dict:
     return {
         "eval": {
             "loss": metrics["eval_loss"],
-            "bits_per_character": metrics.get("eval_bits_per_char", metrics["eval_loss"] / 0.6931471805599453),
+            "bits_per_character": metrics.get("eval_bits_per_char", metrics["eval_loss"] / math.log(2)),
             "perplexity": metrics.get("eval_perplexity", float("nan")),
         }
     }

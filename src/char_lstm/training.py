@@ -459,8 +459,6 @@ def train(
 ) -> dict:
     """Train a CharLSTM model with Trainer; returns the final metrics. Raises DataError for bad input and
     TrainingDiverged when the loss stops being finite. `callbacks` are added to the run's own."""
-    if data_args.block_size <= 0:
-        raise DataError(f"--block_size must be a positive number of characters, got {data_args.block_size}.")
     if data_args.streaming and training_args.max_steps <= 0:
         raise DataError("--streaming needs --max_steps (the length of a stream is not known in advance).")
     resume = _prepare_output_dir(training_args)
