@@ -6,14 +6,17 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from datasets import Dataset
 
 from char_lstm import CharLSTMTokenizer
 from char_lstm.data import (
     DataError,
     build_tokenizer,
     collate_blocks,
+    collate_stream_blocks,
     count_oov,
     encode_blocks,
+    encode_streams,
     load_raw_datasets,
     read_text_file,
     split_validation_tail,
@@ -181,3 +184,39 @@ def test_empty_cells_read_as_empty_text(tmp_path):
     assert tokenizer.decode(blocks[0]["input_ids"]) == "first row"
     head, tail = split_validation_tail(raw["train"], "text", 20)
     assert "".join(t or "" for t in list(head["text"]) + list(tail["text"])) == "first rowthird"
+
+
+def test_streams_are_contiguous_and_each_process_owns_its_own(tmp_path):
+    """The stateful layout read the way Trainer reads it: a sequential sampler, batches dealt to 2 processes by
+    accelerate's own BatchSamplerShard. Every batch row continues its stream exactly, and the processes share no text."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    text = "".join(np.random.default_rng(0).choice(list("abcdefghijklmnop \n"), size=2000))  # no repeated stretch
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    batch, processes, block = 3, 2, 10
+    streams = encode_streams(Dataset.from_dict({"text": [text]}), tokenizer, "text", block, num_streams=batch * processes)
+    windows = (len(text) - 1) // (batch * processes) // block
+    assert len(streams) == windows * batch * processes
+    read = {}
+    for rank in range(processes):
+        shard = BatchSamplerShard(BatchSampler(SequentialSampler(streams), batch, drop_last=False), processes, rank)
+        steps = [collate_stream_blocks([streams[i] for i in indices]) for indices in shard]
+        assert len(steps) == windows
+        for row in range(batch):
+            assert [step["window"][row].item() for step in steps] == list(range(windows))
+            inputs = "".join(tokenizer.decode(step["input_ids"][row]) for step in steps)
+            targets = "".join(tokenizer.decode(step["shift_labels"][row]) for step in steps)
+            start = text.index(inputs)
+            assert len(inputs) == windows * block and targets == text[start + 1 : start + 1 + len(inputs)]
+            read[(rank, row)] = range(start, start + len(inputs) + 1)
+    spans = sorted(read.values(), key=lambda span: span.start)
+    assert len(spans) == batch * processes
+    assert all(a.stop - 1 <= b.start for a, b in zip(spans, spans[1:]))  # predicted characters never overlap
+    assert spans[0].start == 0
+
+
+def test_stateful_text_too_short_names_the_split_and_the_fix():
+    tokenizer = CharLSTMTokenizer.from_corpus("abc")
+    with pytest.raises(DataError, match="validation text .* too short for 8 streams.*smaller --per_device_eval_batch_size"):
+        encode_streams(Dataset.from_dict({"text": ["abc" * 20]}), tokenizer, "text", 10, 8, name="validation")

@@ -3,15 +3,26 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from char_lstm.data import DataError
-from char_lstm.training import PRESETS, TrainingDiverged, parse_arguments, train
-from helpers import shakespeare_like, write_text
+from datasets import Dataset
+
+from char_lstm import CharLSTMTokenizer
+from char_lstm.data import DataError, collate_stream_blocks, encode_streams
+from char_lstm.training import (
+    PRESETS,
+    CharLSTMTrainingArguments,
+    StatefulTrainer,
+    TrainingDiverged,
+    parse_arguments,
+    train,
+)
+from helpers import make_model, shakespeare_like, write_text
 
 
 TINY = [
@@ -21,13 +32,13 @@ TINY = [
 ]
 
 
-def run(tmp_path, *extra, text=None, callbacks=None):
+def run(tmp_path, *extra, text=None, callbacks=None, out="out"):
     data = tmp_path / "train.txt"
     if not data.exists():
         write_text(data, text if text is not None else shakespeare_like(8000))
-    argv = ["--train_file", str(data), "--output_dir", str(tmp_path / "out"), *TINY, *extra]
+    argv = ["--train_file", str(data), "--output_dir", str(tmp_path / out), *TINY, *extra]
     metrics = train(*parse_arguments(argv), callbacks=callbacks)
-    return metrics, tmp_path / "out"
+    return metrics, tmp_path / out
 
 
 def log_history(out):
@@ -232,3 +243,86 @@ def test_validation_characters_outside_the_vocabulary_are_reported(tmp_path, cap
         "--validation_file", str(tmp_path / "valid.txt"))
     assert "3 characters of the validation text are not in the vocabulary" in caplog.text
     assert "'\u00a7\u00b6'" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stateful truncated BPTT (--stateful)
+
+STATEFUL = ("--stateful", "true", "--sample_every_evals", "0", "--learning_rate", "1e-2", "--logging_steps", "1",
+            "--per_device_eval_batch_size", "2")
+
+
+def final_weights(out):
+    return load_file(out / "model.safetensors")
+
+
+def test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start(tmp_path):
+    """Trainer's own loss on consecutive batches equals the loss of one long read of each stream, and a batch that
+    starts the streams again (the next epoch) starts from zero."""
+    text = shakespeare_like(3000)
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    streams = encode_streams(Dataset.from_dict({"text": [text]}), tokenizer, "text", block_size=20, num_streams=4)
+    args = CharLSTMTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
+                                     train_sampling_strategy="sequential", label_names=["shift_labels"], use_cpu=True,
+                                     eval_strategy="no", load_best_model_at_end=False, lr_scheduler_type="constant")
+    model = make_model(tokenizer)
+    trainer = StatefulTrainer(model=model, args=args, train_dataset=streams, data_collator=collate_stream_blocks)
+    batches = list(trainer.get_train_dataloader())
+    windows = len(streams) // 4
+    assert len(batches) == windows and [int(b["window"][0]) for b in batches] == list(range(windows))
+
+    model.train()  # dropout is 0: train mode, the state of the "train" streams
+    with torch.no_grad():
+        losses = [trainer.compute_loss(model, batch).item() for batch in batches[:3]]
+        restart = trainer.compute_loss(model, batches[0]).item()  # window 0 again: a new epoch
+        inputs = torch.cat([b["input_ids"] for b in batches[:3]], dim=1)
+        targets = torch.cat([b["shift_labels"] for b in batches[:3]], dim=1)
+        logits = model(input_ids=inputs, use_cache=False).logits
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    expected = [nll[:, k * 20 : (k + 1) * 20].mean().item() for k in range(3)]
+    assert losses == pytest.approx(expected, abs=1e-5)
+    assert restart == pytest.approx(losses[0], abs=1e-6)
+    zero_state_loss = torch.nn.functional.cross_entropy(
+        model(input_ids=batches[2]["input_ids"], use_cache=False).logits.transpose(1, 2), batches[2]["shift_labels"]
+    ).item()
+    assert abs(zero_state_loss - losses[2]) > 1e-3  # the carried state does make a difference
+
+
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_stateful_resume_continues_the_streams_exactly(tmp_path, accumulation):
+    args = ("--max_steps", "8", "--eval_steps", "4", "--save_steps", "4", "--gradient_accumulation_steps", accumulation,
+            *STATEFUL)
+    _, full = run(tmp_path, *args, out="full")
+    _, part = run(tmp_path, *args, "--max_steps", "4", out="part")
+    assert (part / "checkpoint-4" / "stream_state_0.pt").exists()
+    _, resumed = run(tmp_path, *args, "--resume_from_checkpoint", "True", out="part")
+    expected, got = final_weights(full), final_weights(resumed)
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+    # Without its saved state the resumed run reads on from zero states, and ends elsewhere.
+    if accumulation == "1":
+        (part / "checkpoint-4" / "stream_state_0.pt").unlink()
+        for name in os.listdir(part):
+            if name.startswith("checkpoint-") and name != "checkpoint-4":
+                shutil.rmtree(part / name)
+        _, cold = run(tmp_path, *args, "--resume_from_checkpoint", str(part / "checkpoint-4"), out="part")
+        got = final_weights(cold)
+        assert not all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_stateful_evaluation_leaves_the_training_streams_alone(tmp_path):
+    _, quiet = run(tmp_path, "--max_steps", "6", "--eval_steps", "100", "--save_steps", "100", *STATEFUL, out="quiet")
+    metrics, busy = run(tmp_path, "--max_steps", "6", "--eval_steps", "1", "--save_steps", "100", *STATEFUL,
+                        "--load_best_model_at_end", "false", out="busy")
+    a, b = final_weights(quiet), final_weights(busy)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert math.isclose(metrics["eval_bits_per_char"], metrics["eval_loss"] / math.log(2), rel_tol=1e-3)
+    run_info = json.loads((busy / "training_run.json").read_text())
+    assert run_info["stateful"] and "Stateful truncated BPTT" in (busy / "README.md").read_text()
+
+
+def test_stateful_refuses_streaming_and_stride(tmp_path):
+    with pytest.raises(DataError, match="--stateful .* drop --streaming"):
+        run(tmp_path, "--stateful", "true", "--streaming", "true", "--max_steps", "2")
+    with pytest.raises(DataError, match="drop --stride"):
+        run(tmp_path, "--stateful", "true", "--stride", "7", "--max_steps", "2")

@@ -150,6 +150,38 @@ def detach_cache(cache: Cache) -> Cache:
     return cache
 
 
+def reset_cache_rows(cache: Cache, rows: torch.Tensor) -> Cache:
+    """Set the states of the batch rows where `rows` (bool, (B,)) is True back to zero, in place, and return `cache`.
+
+    Stateful truncated BPTT uses it where a stream starts over (at a new epoch, or a new evaluation)."""
+    for layer in cache.layers:
+        for index, state in getattr(layer, "recurrent_states", {}).items():
+            if state is not None:
+                layer.recurrent_states[index] = state.masked_fill(rows.to(state.device).view(-1, 1), 0.0)
+    return cache
+
+
+def cache_states(cache: Cache) -> list[tuple[torch.Tensor, ...]] | None:
+    """The states of `cache`, one tuple ``((B, H), ...)`` per layer (for saving), or None when it holds none yet."""
+    states = []
+    for layer in cache.layers:
+        present = [i for i, flag in sorted(getattr(layer, "has_previous_state", {}).items()) if flag]
+        if not present:
+            return None
+        states.append(tuple(layer.recurrent_states[i].detach() for i in present))
+    return states
+
+
+def cache_from_states(config: CharLSTMConfig, states: list[tuple[torch.Tensor, ...]]) -> DynamicCache:
+    """A `DynamicCache` holding `states` (as returned by `cache_states`), to continue from them."""
+    cache = DynamicCache(config=config)
+    if len(states) != config.num_hidden_layers:
+        raise ValueError(f"Expected states for {config.num_hidden_layers} layers, got {len(states)}.")
+    for layer_idx, state in enumerate(states):
+        _write_state(cache, layer_idx, tuple(state))
+    return cache
+
+
 class _Packing:
     """Where the real tokens of a padded batch are, and how to move them to and from a `PackedSequence`.
 
@@ -516,4 +548,12 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["CharLSTMForCausalLM", "CharLSTMModel", "CharLSTMPreTrainedModel", "detach_cache"]
+__all__ = [
+    "CharLSTMForCausalLM",
+    "CharLSTMModel",
+    "CharLSTMPreTrainedModel",
+    "cache_from_states",
+    "cache_states",
+    "detach_cache",
+    "reset_cache_rows",
+]

@@ -15,13 +15,14 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
     AutoTokenizer,
+    DynamicCache,
     HfArgumentParser,
     Trainer,
     TrainerCallback,
@@ -35,15 +36,23 @@ from .data import (
     DataError,
     build_tokenizer,
     collate_blocks,
+    collate_stream_blocks,
     count_oov,
     encode_blocks,
+    encode_streams,
     iter_texts,
     load_raw_datasets,
     split_validation_tail,
 )
 from .hub import RUN_INFO_NAME, check_vocab_match, results_from_training, write_model_card
 from .metrics import load_bits_per_character
-from .modeling_char_lstm import CharLSTMForCausalLM
+from .modeling_char_lstm import (
+    CharLSTMForCausalLM,
+    cache_from_states,
+    cache_states,
+    detach_cache,
+    reset_cache_rows,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -95,6 +104,12 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for encoding."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Encode again instead of using the cache."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data (needs --max_steps)."})
+    stateful: bool = field(
+        default=False,
+        metadata={"help": "Stateful truncated BPTT (char-rnn style): the text is read as batch-size contiguous streams "
+                  "and each step starts from the previous step's final state, so the model learns dependencies "
+                  "longer than one block. Evaluation reads its text the same way."},
+    )
 
 
 def _plateau_defaults() -> dict:
@@ -229,17 +244,22 @@ def _preset_values(name: str | None) -> dict:
 # Metrics
 
 
-def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-position loss of the next character, (B, T - 1), so evaluation keeps B*T numbers instead of B*T*V."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return nll.masked_fill(targets == -100, 0.0)
+def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """Per-position loss of the next character, so evaluation keeps B*T numbers instead of B*T*V.
+
+    `labels` are the inputs (transformers' convention: position t predicts label t + 1), or with `shifted=True` the
+    targets of each position already (`shift_labels`, stateful training)."""
+    if not shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return nll.masked_fill(labels == -100, 0.0)
 
 
-def compute_metrics(eval_prediction) -> dict[str, float]:
+def compute_metrics(eval_prediction, shifted: bool = False) -> dict[str, float]:
     """Bits per character and perplexity of the evaluation text, through the bits_per_character evaluate module."""
     nll = np.asarray(eval_prediction.predictions, dtype=np.float64).reshape(-1)
-    labels = np.asarray(eval_prediction.label_ids)[:, 1:].reshape(-1)
+    labels = np.asarray(eval_prediction.label_ids)
+    labels = (labels if shifted else labels[:, 1:]).reshape(-1)
     result = _bits_per_character().compute(predictions=nll, references=labels)
     return {"bits_per_char": result["bits_per_character"], "perplexity": result["perplexity"]}
 
@@ -342,6 +362,79 @@ class LearningRateLogCallback(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Stateful truncated BPTT
+
+
+STREAM_STATE_NAME = "stream_state_{}.pt"
+
+
+class StatefulTrainer(Trainer):
+    """`Trainer` for stateful truncated BPTT (char-rnn style, `--stateful`): each batch row continues its own
+    contiguous stream of text, starting from the state the previous batch left (detached, so gradients stop at the
+    window boundary), and a stream that starts over (`window == 0`: a new epoch, a new evaluation) starts from zero.
+
+    The data comes from `encode_streams` + `collate_stream_blocks`, read in order (`train_sampling_strategy` is
+    "sequential"); accelerate deals the batches to the processes so that each process owns its own streams. What
+    Trainer does not know and this class adds:
+
+    * the carried state, one per mode: evaluation in the middle of training reads its own streams and leaves the
+      training state alone;
+    * the state saved in each checkpoint next to the RNG state (one file per process), and restored on resume, so a
+      resumed run continues exactly as the uninterrupted one (with gradient accumulation too: micro-batches follow
+      each other in the same order).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stream_caches: dict[str, DynamicCache] = {}
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "window" not in self._signature_columns:  # the model does not take it, but the collator needs it
+            self._signature_columns = [*self._signature_columns, "window"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        window = inputs.pop("window")
+        mode = "train" if model.training else "eval"
+        cache = self._stream_caches.get(mode)
+        if cache is None:
+            cache = DynamicCache(config=self.accelerator.unwrap_model(model).config)
+        reset_cache_rows(cache, window == 0)
+        loss, outputs = super().compute_loss(
+            model, {**inputs, "cache": cache, "use_cache": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        self._stream_caches[mode] = detach_cache(cache)
+        return (loss, outputs) if return_outputs else loss
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        cache = self._stream_caches.get("train")
+        states = cache_states(cache) if cache is not None else None
+        if states is not None:
+            states = [tuple(s.cpu() for s in layer) for layer in states]
+            torch.save(states, os.path.join(output_dir, STREAM_STATE_NAME.format(self.args.process_index)))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STREAM_STATE_NAME.format(self.args.process_index))
+        if not os.path.isfile(path):
+            logger.warning(f"{checkpoint} has no stream state for process {self.args.process_index}: the streams "
+                           "continue from a zero state.")
+            return
+        states = torch.load(path, map_location=self.args.device, weights_only=True)
+        if states[0][0].shape[0] != self.args.per_device_train_batch_size:
+            raise DataError(
+                f"{checkpoint} was trained with {states[0][0].shape[0]} streams per process but "
+                f"--per_device_train_batch_size is {self.args.per_device_train_batch_size}: resume a --stateful run "
+                "with the same batch size and number of processes."
+            )
+        self._stream_caches["train"] = cache_from_states(self.accelerator.unwrap_model(self.model).config, states)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -434,7 +527,10 @@ def training_run_info(model_args, data_args, training_args, metrics: dict, promp
         "dataset_is_hub": is_hub,
         "training_data": (f"`{dataset if is_hub else os.path.basename(os.path.normpath(str(dataset)))}`: "
                           f"{blocks if blocks is not None else 'streamed'} training blocks of {data_args.block_size} "
-                          f"characters; validation: {validation}."),
+                          f"characters; validation: {validation}."
+                          + (" Stateful truncated BPTT: each batch row reads one contiguous stream, starting from the "
+                             "previous step's state." if data_args.stateful else "")),
+        "stateful": data_args.stateful,
         "block_size": data_args.block_size,
         "batch_size": f"{training_args.per_device_train_batch_size} x {training_args.world_size} x "
                       f"{training_args.gradient_accumulation_steps}",
@@ -461,6 +557,14 @@ def train(
     TrainingDiverged when the loss stops being finite. `callbacks` are added to the run's own."""
     if data_args.streaming and training_args.max_steps <= 0:
         raise DataError("--streaming needs --max_steps (the length of a stream is not known in advance).")
+    if data_args.stateful:
+        if data_args.streaming:
+            raise DataError("--stateful lays the whole text out as streams and needs its length: drop --streaming.")
+        if data_args.stride is not None and data_args.stride != data_args.block_size:
+            raise DataError("--stateful reads each stream window after window: drop --stride (it is --block_size).")
+        # Streams are read in order, and the loss and metrics use the targets that `collate_stream_blocks` gives.
+        training_args.train_sampling_strategy = "sequential"
+        training_args.label_names = ["shift_labels"]
     resume = _prepare_output_dir(training_args)
     set_seed(training_args.seed)
 
@@ -500,15 +604,25 @@ def train(
             tokenizer=tokenizer,
             column=data_args.text_column,
             block_size=data_args.block_size,
-            stride=data_args.stride,
             separator=data_args.document_separator,
         )
-        if not data_args.streaming:
-            kwargs.update(
-                num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache
-            )
-        train_blocks = encode_blocks(train_raw, **kwargs)
-        eval_blocks = encode_blocks(eval_raw, **kwargs)
+        if data_args.stateful:
+            # One stream per batch row of every process (see `stream_layout`).
+            world = training_args.world_size
+            train_blocks = encode_streams(train_raw, num_streams=world * training_args.per_device_train_batch_size, **kwargs)
+            eval_streams = world * training_args.per_device_eval_batch_size
+            eval_blocks = encode_streams(eval_raw, num_streams=eval_streams, name="validation", **kwargs)
+            if data_args.max_eval_samples is not None:  # the first windows of every stream
+                keep = max(1, data_args.max_eval_samples // eval_streams) * eval_streams
+                eval_blocks = eval_blocks.select(range(min(keep, len(eval_blocks))))
+        else:
+            kwargs["stride"] = data_args.stride
+            if not data_args.streaming:
+                kwargs.update(
+                    num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache
+                )
+            train_blocks = encode_blocks(train_raw, **kwargs)
+            eval_blocks = encode_blocks(eval_raw, **kwargs)
     if not data_args.streaming:
         window = data_args.block_size + 1
         for name, blocks in (("training", train_blocks), ("validation", eval_blocks)):
@@ -517,7 +631,11 @@ def train(
                     f"The {name} text is shorter than one block ({window} characters): use more text or a "
                     "smaller --block_size."
                 )
-        if data_args.max_eval_samples is not None and len(eval_blocks) > data_args.max_eval_samples:
+        if (
+            not data_args.stateful
+            and data_args.max_eval_samples is not None
+            and len(eval_blocks) > data_args.max_eval_samples
+        ):
             eval_blocks = eval_blocks.select(range(data_args.max_eval_samples))
     elif data_args.max_eval_samples is not None:
         eval_blocks = eval_blocks.take(data_args.max_eval_samples)
@@ -538,15 +656,16 @@ def train(
         tokenizer, prompt, training_args.sample_every_evals, training_args.sample_length, training_args.sample_temperature
     )
     guard = DivergenceGuard()
-    trainer = Trainer(
+    trainer_class = StatefulTrainer if data_args.stateful else Trainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_blocks,
         eval_dataset=eval_blocks,
-        data_collator=collate_blocks,
+        data_collator=collate_stream_blocks if data_args.stateful else collate_blocks,
         processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        compute_metrics=partial(compute_metrics, shifted=data_args.stateful),
+        preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful),
         callbacks=[sampler, guard, LearningRateLogCallback(), *(callbacks or [])],
     )
     sampler.trainer = trainer
