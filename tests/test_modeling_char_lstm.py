@@ -310,3 +310,39 @@ def test_truncated_bptt_with_detach_cache(tokenizer):
         model(input_ids=chunk, labels=chunk, cache=cache, use_cache=True).loss.backward()
         detach_cache(cache)
     assert all(not s.requires_grad for layer in cache.layers for s in layer.recurrent_states.values())
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_has_the_distribution_of_dropout(p):
+    from char_lstm.modeling_char_lstm import CharLSTMDropout
+
+    torch.manual_seed(0)
+    dropout = CharLSTMDropout(p).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept elements, scaled the same
+    assert torch.equal(dropout.eval()(x), x)
+    assert dropout(x.detach().bfloat16()).dtype == torch.bfloat16
+
+
+def test_stream_state_helpers_save_restore_and_reset_rows(tokenizer, cell_type):
+    from char_lstm.modeling_char_lstm import cache_from_states, cache_states, reset_cache_rows
+
+    model = make_model(tokenizer, cell_type=cell_type)
+    ids = encode(tokenizer, [CORPUS[:12], CORPUS[40:52]])["input_ids"]
+    cache = DynamicCache(config=model.config)
+    assert cache_states(cache) is None
+    model(input_ids=ids[:, :6], cache=cache, use_cache=True)
+    states = cache_states(cache)
+    assert len(states) == 2 and len(states[0]) == (2 if cell_type == "lstm" else 1)
+    restored = cache_from_states(model.config, states)
+    with torch.no_grad():
+        expected = model(input_ids=ids[:, 6:], cache=cache, use_cache=True).logits
+        assert torch.allclose(model(input_ids=ids[:, 6:], cache=restored, use_cache=True).logits, expected)
+        reset_cache_rows(restored, torch.tensor([True, False]))
+        reset = cache_states(restored)
+        assert all((s[0] == 0).all() and (s[1] != 0).any() for layer in reset for s in layer)

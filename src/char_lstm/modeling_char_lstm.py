@@ -182,6 +182,21 @@ def cache_from_states(config: CharLSTMConfig, states: list[tuple[torch.Tensor, .
     return cache
 
 
+class CharLSTMDropout(nn.Dropout):
+    """`nn.Dropout` with the same distribution (each element kept with probability ``1 - p``, kept ones scaled by
+    ``1 / (1 - p)``), drawn faster on CPU, where `F.dropout` draws a Bernoulli per element: a uniform draw compared
+    with ``p`` takes a third of the time (forward + backward on a (64, 101, 512) activation, one core: 35 ms -> 12 ms;
+    the seed's model has two per training step). Other devices use `F.dropout`, whose fused kernels are fast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1.0:
+            return torch.zeros_like(x)
+        scale = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * scale
+
+
 class _Packing:
     """Where the real tokens of a padded batch are, and how to move them to and from a `PackedSequence`.
 
@@ -309,7 +324,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
             )
             for idx in range(config.num_hidden_layers)
         )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = CharLSTMDropout(config.dropout)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -433,7 +448,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     def __init__(self, config: CharLSTMConfig):
         super().__init__(config)
         self.model = CharLSTMModel(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = CharLSTMDropout(config.dropout)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
 

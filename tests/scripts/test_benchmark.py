@@ -1,36 +1,35 @@
+"""scripts/benchmark.py: the --quick mode runs every section (a smoke test: no timing is asserted)."""
+
 import json
-import subprocess
-import sys
-from pathlib import Path
+
+from char_lstm.benchmark import meets
+from helpers import run_script
 
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_benchmark_quick_runs_and_writes_json(tmp_path):
+def test_benchmark_quick_runs_every_section_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--output_json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("benchmark.py", ["--quick", "--output_json", str(out)], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    names = {row["benchmark"] for row in data["results"]}
-    assert {"encode_corpus, best of 3", "time per char, 500 vs 50"} <= names
+    rows = {row["benchmark"]: row for row in data["results"]}
+    assert {row["section"] for row in data["results"]} == {"training", "decode", "batch", "encoding", "memory"}
+    for name in ("Trainer (fp32) vs seed loop (fp32)", "Trainer (fp32) vs kernel bound (fp32)",
+                 "generate() vs seed loop, time per char", "time per char, 500 vs 50",
+                 "generate() (fp32) vs seed loop, batch 64", "encode_corpus, best of 3", "peak RSS preparing it"):
+        assert name in rows, name
     assert all(row["value"] > 0 for row in data["results"])
-    assert "torch" in data["environment"]
-    assert "encode_corpus" in result.stdout
+    assert 15 < rows["corpus prepared"]["value"] < 25  # MB: the quick mode's generated corpus
+    assert {"torch", "threads", "cpu", "device"} <= set(data["environment"])
+    assert "encode_corpus" in result.stdout and "target" in result.stdout
+
+
+def test_targets_are_checked_in_both_directions():
+    assert meets(1.2, ">= 1.1") and not meets(1.0, ">= 1.1")
+    assert meets(0.4, "<= 0.5") and not meets(0.6, "<= 0.5")
+    assert meets(1500, "< 2000") and not meets(2000, "< 2000")
 
 
 def test_benchmark_rejects_unknown_section(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--sections", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert result.returncode != 0
+    result = run_script("benchmark.py", ["--sections", "nope"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
     assert "Unknown --sections ['nope']" in result.stderr

@@ -1,0 +1,510 @@
+"""Benchmarks of char_lstm against the seed's Track B code and the bare kernels, printed as a table and written as JSON.
+
+Every comparison runs side by side in one process (same machine state, same threads, same weights); the ratios are
+what matter, absolute times drift with the machine. Sections:
+
+* `training`: characters/s of our Trainer pipeline vs the seed's loop (its per-item `CharDataset`, a shuffled
+  `DataLoader`, the manual zero_grad/forward/backward/clip/step) vs a bare `nn.LSTM` forward+backward of the same
+  shapes (the kernel bound); the seed's model (2x512, embedding 128), block 100, batch 64. In fp32, and in bf16 where
+  the device runs it (autocast, `--bf16` in training).
+* `decode`: `generate()` time per character at batch 1 (sampling, temperature 0.8) vs the seed's generate loop with
+  the same weights, and after 100 vs 2000 new characters (a step must not get dearer).
+* `batch`: generation throughput at batch 64 vs the seed's loop run on 64 rows.
+* `encoding`: `encode_corpus` MB/s against the per-character tokenizer.
+* `memory`: peak RSS of the real training pipeline preparing a 100 MB corpus (made by repeating and perturbing text).
+
+The seed baselines below are re-implementations of the seed's Track B code, kept as close to its behaviour as
+possible (per-character dict lookups in `__getitem__`, one multi-layer `nn.LSTM`, one `model(x, hidden)` call per
+generated character): they are the yardstick, not code to use.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import TrainerCallback
+
+from .configuration_char_lstm import CharLSTMConfig
+from .modeling_char_lstm import CharLSTMForCausalLM
+from .tokenization_char_lstm import CharLSTMTokenizer
+
+
+SEED_SHAPES = {"embedding_size": 128, "hidden_size": 512, "num_hidden_layers": 2, "dropout": 0.5}
+BLOCK, BATCH = 100, 64
+
+
+@dataclass
+class BenchmarkArguments:
+    corpus: str | None = field(default=None, metadata={"help": "Text file to measure on (default: generated text)."})
+    sections: str = field(
+        default="training,decode,batch,encoding,memory", metadata={"help": "Comma-separated sections to run."}
+    )
+    quick: bool = field(default=False, metadata={"help": "Fewer steps and smaller sizes: about a minute in all."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
+    output_json: str = field(default="benchmark.json", metadata={"help": "Where to write the results."})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The seed's Track B code, as the baseline
+
+
+class SeedCharDataset(Dataset):
+    """The seed's dataset: every item is cut from the text and mapped character by character when it is read."""
+
+    def __init__(self, text: str, seq_length: int, char_to_idx: dict[str, int]):
+        self.text, self.seq_length, self.char_to_idx = text, seq_length, char_to_idx
+
+    def __len__(self):
+        return len(self.text) - self.seq_length
+
+    def __getitem__(self, idx):
+        chunk = self.text[idx : idx + self.seq_length + 1]
+        return (
+            torch.tensor([self.char_to_idx[c] for c in chunk[:-1]]),
+            torch.tensor([self.char_to_idx[c] for c in chunk[1:]]),
+        )
+
+
+class SeedCharLSTM(nn.Module):
+    """The seed's model: embedding, one multi-layer `nn.LSTM` (dropout between layers), dropout, linear head."""
+
+    def __init__(self, vocab_size: int, embed_size: int, hidden_size: int, num_layers: int, dropout: float):
+        super().__init__()
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, x, hidden=None):
+        output, hidden = self.lstm(self.embedding(x), hidden)
+        return self.fc(self.dropout(output)), hidden
+
+    def init_hidden(self, batch_size: int, device):
+        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device)
+        return (zeros, zeros.clone())
+
+    @classmethod
+    def from_char_lstm(cls, model: CharLSTMForCausalLM) -> "SeedCharLSTM":
+        """The seed's model holding the weights of `model` (same function: the layers are stacked into one module)."""
+        config = model.config
+        seed = cls(config.vocab_size, config.embedding_size, config.hidden_size, config.num_hidden_layers, config.dropout)
+        state = {"embedding.weight": model.model.embeddings.weight, "fc.weight": model.lm_head.weight,
+                 "fc.bias": model.lm_head.bias}
+        for index, layer in enumerate(model.model.layers):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                state[f"lstm.{name}_l{index}"] = getattr(layer, f"{name}_l0")
+        seed.load_state_dict({key: value.detach().clone() for key, value in state.items()})
+        return seed.to(model.device)
+
+
+def seed_generate(model: SeedCharLSTM, prompts: torch.Tensor, length: int, temperature: float = 0.8) -> torch.Tensor:
+    """The seed's generate loop (prompt one character per call, then one call per new character), on a batch of
+    prompts (B, P): the seed's code with `batch_size` rows instead of 1. Returns (B, P + length)."""
+    model.eval()
+    with torch.no_grad():
+        hidden = model.init_hidden(prompts.shape[0], prompts.device)
+        for t in range(prompts.shape[1] - 1):
+            _, hidden = model(prompts[:, t : t + 1], hidden)
+        x, generated = prompts[:, -1:], [prompts]
+        for _ in range(length):
+            logits, hidden = model(x, hidden)
+            if temperature == 0:
+                x = logits[:, -1].argmax(dim=-1, keepdim=True)
+            else:
+                x = torch.multinomial(torch.softmax(logits[:, -1] / temperature, dim=-1), 1)
+            generated.append(x)
+    return torch.cat(generated, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "onednn": torch.backends.mkldnn.is_available(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def load_text(path: str | None, quick: bool) -> str:
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "and", "queen", "ROMEO:", "speak", "hear", "me", "\n", "thou", "art", "fair"]
+    return " ".join(rng.choice(words, size=40_000 if quick else 200_000))
+
+
+def seed_sized_model(tokenizer: CharLSTMTokenizer, device: torch.device) -> CharLSTMForCausalLM:
+    torch.manual_seed(0)
+    config = CharLSTMConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            unk_token_id=tokenizer.unk_token_id, **SEED_SHAPES)
+    return CharLSTMForCausalLM(config).to(device)
+
+
+def row(name: str, value: float, unit: str, target: str = "", **extra) -> dict:
+    return {"benchmark": name, "value": value, "unit": unit, "target": target, **extra}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training throughput
+
+
+class _StepTimes(TrainerCallback):
+    """Wall time between the ends of consecutive optimizer steps (data loading included)."""
+
+    def __init__(self, device):
+        self.device, self.last, self.intervals = device, None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync(self.device)
+        now = time.perf_counter()
+        if self.last is not None:
+            self.intervals.append(now - self.last)
+        self.last = now
+
+
+def _median_after_warmup(intervals: list[float], warmup: int) -> float:
+    return statistics.median(intervals[warmup:] or intervals)
+
+
+def time_trainer(text: str, tokenizer, device, steps: int, warmup: int, bf16: bool) -> float:
+    """Seconds per step of `Trainer` on our model and data pipeline (blocks from `encode_blocks`, `collate_blocks`)."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from .data import collate_blocks, encode_blocks
+    from .training import CharLSTMTrainingArguments
+
+    blocks = encode_blocks(Dataset.from_dict({"text": [text]}), tokenizer, "text", BLOCK)
+    model = seed_sized_model(tokenizer, device)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = CharLSTMTrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps + warmup + 1, eval_strategy="no",
+            save_strategy="no", load_best_model_at_end=False, lr_scheduler_type="constant", report_to="none",
+            logging_strategy="no", disable_tqdm=True, bf16=bf16, use_cpu=device.type == "cpu",
+            dataloader_pin_memory=device.type == "cuda",
+        )
+        timer = _StepTimes(device)
+        Trainer(model=model, args=args, train_dataset=blocks, data_collator=collate_blocks, callbacks=[timer]).train()
+    return _median_after_warmup(timer.intervals, warmup)
+
+
+def time_seed_loop(text: str, tokenizer, device, steps: int, warmup: int) -> float:
+    """Seconds per step of the seed's training loop, on the same model shapes."""
+    char_to_idx = {char: index for char, index in tokenizer.get_vocab().items() if len(char) == 1}
+    loader = DataLoader(SeedCharDataset(text, BLOCK, char_to_idx), batch_size=BATCH, shuffle=True)
+    model = SeedCharLSTM.from_char_lstm(seed_sized_model(tokenizer, device)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    criterion = nn.CrossEntropyLoss()
+    intervals, last = [], None
+    for index, (inputs, targets) in enumerate(loader):
+        if index == steps + warmup + 1:
+            break
+        inputs, targets = inputs.to(device), targets.to(device)
+        hidden = model.init_hidden(inputs.size(0), device)
+        optimizer.zero_grad()
+        outputs, _ = model(inputs, hidden)
+        loss = criterion(outputs.view(-1, outputs.size(-1)), targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        loss.item()  # the seed accumulates the loss as a Python float every step
+        now = time.perf_counter()
+        if last is not None:
+            intervals.append(now - last)
+        last = now
+    return _median_after_warmup(intervals, warmup)
+
+
+def time_kernel(device, steps: int, warmup: int, bf16: bool) -> float:
+    """Seconds per forward+backward of a bare 2-layer `nn.LSTM` on (64, 100, 128) inputs (gradients of the weights
+    and of the input): the floor of a training step of the seed's model."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(SEED_SHAPES["embedding_size"], SEED_SHAPES["hidden_size"], SEED_SHAPES["num_hidden_layers"],
+                   batch_first=True, dropout=SEED_SHAPES["dropout"]).to(device).train()
+    # The input needs its gradient too, as the output of an embedding does.
+    x = torch.randn(BATCH, BLOCK, SEED_SHAPES["embedding_size"], device=device, requires_grad=True)
+    intervals = []
+    for _ in range(steps + warmup):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            output, _ = lstm(x)
+        output.float().sum().backward()
+        sync(device)
+        intervals.append(time.perf_counter() - start)
+    return _median_after_warmup(intervals, warmup)
+
+
+def bench_training(text: str, device, quick: bool) -> list[dict]:
+    steps, warmup = (6, 2) if quick else (30, 3)
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    chars = BATCH * BLOCK
+    seed = chars / time_seed_loop(text, tokenizer, device, steps, warmup)
+    rows = [row("seed loop (fp32)", seed, "chars/s")]
+    for bf16 in (False, True) if bf16_supported(device) else (False,):
+        name = "bf16" if bf16 else "fp32"
+        ours = chars / time_trainer(text, tokenizer, device, steps, warmup, bf16)
+        kernel = chars / time_kernel(device, steps, warmup, bf16)
+        rows += [
+            row(f"Trainer pipeline ({name})", ours, "chars/s"),
+            row(f"bare nn.LSTM fwd+bwd ({name})", kernel, "chars/s"),
+            row(f"Trainer ({name}) vs seed loop (fp32)", ours / seed, "ratio", ">= 1.1"),
+            row(f"Trainer ({name}) vs kernel bound ({name})", ours / kernel, "ratio", ">= 0.9"),
+        ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _prompts(text: str, tokenizer, batch: int, length: int, device) -> torch.Tensor:
+    starts = np.linspace(0, max(len(text) - length - 1, 0), batch).astype(int)
+    return tokenizer([text[s : s + length] for s in starts], return_tensors="pt")["input_ids"].to(device)
+
+
+def _time_generate(model, prompts: torch.Tensor, n: int, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                   do_sample=True, temperature=0.8)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _time_seed_generate(seed, prompts: torch.Tensor, n: int, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    seed_generate(seed, prompts, n, temperature=0.8)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _same_weights_check(model, seed, prompts: torch.Tensor) -> None:
+    """Greedy text of generate() and of the seed loop must agree: the comparison is between equal models."""
+    ours = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=30, do_sample=False)
+    theirs = seed_generate(seed, prompts, 30, temperature=0)
+    if not torch.equal(ours, theirs):
+        raise RuntimeError("generate() and the seed loop disagree on greedy text: the benchmark compares unequal models.")
+
+
+def bench_decode(text: str, device, quick: bool) -> list[dict]:
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    model = seed_sized_model(tokenizer, device).eval()
+    seed = SeedCharLSTM.from_char_lstm(model).eval()
+    prompt = _prompts(text, tokenizer, 1, 20, device)
+    _same_weights_check(model, seed, prompt)
+    short, long = (50, 500) if quick else (100, 2000)
+    _time_generate(model, prompt, 10, device)  # warm-up
+    per_char = {n: _time_generate(model, prompt, n, device) / n * 1e3 for n in (short, long)}
+    seed_per_char = min(_time_seed_generate(seed, prompt, short, device) for _ in range(2)) / short * 1e3
+    return [
+        row(f"generate(), {short} new chars", per_char[short], "ms/char"),
+        row(f"generate(), {long} new chars", per_char[long], "ms/char"),
+        row(f"seed generate loop, {short} chars", seed_per_char, "ms/char"),
+        row("generate() vs seed loop, time per char", per_char[short] / seed_per_char, "ratio", "<= 0.5"),
+        row(f"time per char, {long} vs {short}", per_char[long] / per_char[short], "ratio", "<= 1.1"),
+    ]
+
+
+def bench_batch(text: str, device, quick: bool) -> list[dict]:
+    """Characters/s generating for 64 prompts at once, fp32 and (where the device runs it) bf16 weights, against the
+    seed's loop on the same 64 prompts in fp32 (as the seed runs it)."""
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    model = seed_sized_model(tokenizer, device).eval()
+    seed = SeedCharLSTM.from_char_lstm(model).eval()
+    prompts = _prompts(text, tokenizer, BATCH, 20, device)
+    _same_weights_check(model, seed, prompts)
+    n = 50 if quick else 300
+    _time_seed_generate(seed, prompts, 5, device)  # warm-up
+    theirs = BATCH * n / min(_time_seed_generate(seed, prompts, n, device) for _ in range(2))
+    rows = [row(f"seed loop, batch {BATCH} (fp32)", theirs, "chars/s")]
+    for dtype in (torch.float32, torch.bfloat16) if bf16_supported(device) else (torch.float32,):
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        model = model.to(dtype)
+        _time_generate(model, prompts, 5, device)  # warm-up
+        ours = BATCH * n / min(_time_generate(model, prompts, n, device) for _ in range(2))
+        rows += [
+            row(f"generate(), batch {BATCH} ({name})", ours, "chars/s"),
+            row(f"generate() ({name}) vs seed loop, batch {BATCH}", ours / theirs, "ratio", ">= 1.5"),
+        ]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def bench_encoding(text: str, device, quick: bool) -> list[dict]:
+    """MB/s of `encode_corpus` on ~50 MB (5 MB quick), first call (cold memory) and best of 3, against the
+    per-character tokenizer on 1 MB."""
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    target = 5e6 if quick else 5e7
+    big = text * max(1, int(target // max(len(text), 1)))
+    megabytes = len(big.encode("utf-8")) / 1e6
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        ids = tokenizer.encode_corpus(big)
+        times.append(time.perf_counter() - start)
+        del ids
+    sample = big[:1_000_000]
+    start = time.perf_counter()
+    slow = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    slow_time = time.perf_counter() - start
+    if slow != tokenizer.encode_corpus(sample).tolist():
+        raise RuntimeError("encode_corpus must give the tokenizer's ids")
+    return [
+        row("encode_corpus, first call", megabytes / times[0], "MB/s", ">= 50"),
+        row("encode_corpus, best of 3", megabytes / min(times), "MB/s", ">= 50"),
+        row("tokenizer __call__", len(sample.encode("utf-8")) / 1e6 / slow_time, "MB/s"),
+        row("encoded text size", megabytes, "MB"),
+    ]
+
+
+def write_perturbed_corpus(text: str, path: str, megabytes: float, seed: int = 0) -> int:
+    """Write ~`megabytes` of text made of copies of `text`, each with 1% of its characters replaced by other
+    characters of the text (so no two copies are equal); returns the number of characters written."""
+    rng = np.random.default_rng(seed)
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    alphabet = np.unique(codes)
+    written = 0
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        while written < megabytes * 1e6:
+            copy = codes.copy()
+            where = rng.random(len(copy)) < 0.01
+            copy[where] = rng.choice(alphabet, size=int(where.sum()))
+            f.write(copy.tobytes().decode("utf-32-le"))
+            written += len(copy)
+    return written
+
+
+_PREPARE = (
+    "import sys\n"
+    "from char_lstm.training import parse_arguments, train\n"
+    "train(*parse_arguments(sys.argv[1:]))\n"
+)
+
+
+def bench_memory(text: str, device, quick: bool) -> list[dict]:
+    """Peak RSS of the training pipeline (`char_lstm.training.train`: load, vocabulary, validation split, encoding,
+    then one step of a tiny model) on a generated corpus of 100 MB (20 MB quick), in a subprocess."""
+    megabytes = 20 if quick else 100
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        chars = write_perturbed_corpus(text, corpus, megabytes)
+        size = os.path.getsize(corpus) / 1e6
+        argv = [
+            "--train_file", corpus, "--output_dir", os.path.join(tmp, "out"), "--embedding_size", "8",
+            "--hidden_size", "8", "--max_steps", "1", "--eval_steps", "1", "--save_steps", "1", "--max_eval_samples", "64",
+            "--report_to", "none", "--sample_every_evals", "0", "--use_cpu", "true", "--disable_tqdm", "true",
+        ]
+        env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(tmp, "cache"), "HF_HUB_OFFLINE": "1"}
+        log_path = os.path.join(tmp, "log.txt")
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-c", _PREPARE, *argv], env=env, stdout=log, stderr=log)
+            # os.wait4 gives this child's own peak RSS (ru_maxrss, in KiB on Linux)
+            _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        elapsed = time.perf_counter() - start
+        if process.returncode != 0:
+            with open(log_path) as log:
+                raise RuntimeError(f"the training pipeline failed on the {size:.0f} MB corpus:\n{log.read()[-2000:]}")
+    return [
+        row("corpus prepared", size, "MB", characters=chars),
+        row("pipeline wall time (prepare + 1 step)", elapsed, "s"),
+        row("peak RSS preparing it", usage.ru_maxrss / 1024, "MB", "< 2000"),
+    ]
+
+
+def meets(value: float, target: str) -> bool:
+    """Whether `value` meets a target written as ">= 1.1", "<= 0.5" or "< 2000"."""
+    operator, bound = target.split()
+    return {">=": value >= float(bound), "<=": value <= float(bound), "<": value < float(bound),
+            ">": value > float(bound)}[operator]
+
+
+SECTIONS = {
+    "training": bench_training,
+    "decode": bench_decode,
+    "batch": bench_batch,
+    "encoding": bench_encoding,
+    "memory": bench_memory,
+}
+
+
+def run(args: BenchmarkArguments) -> dict:
+    names = [name for name in args.sections.split(",") if name]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"Unknown --sections {unknown}; choose from {sorted(SECTIONS)}.")
+    device = pick_device(args.device)
+    text = load_text(args.corpus, args.quick)
+    results = {"environment": environment(device), "quick": args.quick, "results": []}
+    for name in names:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results["results"] += [{"section": name, **r} for r in SECTIONS[name](text, device, args.quick)]
+
+    env = results["environment"]
+    print(f"torch {env['torch']}, {env['threads']} threads, {env['cores']} cores, {env['cpu']}, device {env['device']}"
+          + (f" ({env['gpu']})" if "gpu" in env else "") + f", Python {env['python']}")
+    print(f"{'section':<9} {'benchmark':<44} {'value':>12}  {'unit':<8} target")
+    for r in results["results"]:
+        met = "" if not r["target"] else " ok" if meets(r["value"], r["target"]) else " MISSED"
+        print(f"{r['section']:<9} {r['benchmark']:<44} {r['value']:>12.3f}  {r['unit']:<8} {r['target']}{met}")
+    with open(args.output_json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.output_json}")
+    return results
