@@ -424,7 +424,8 @@ class StatefulTrainer(Trainer):
             logger.warning(f"{checkpoint} has no stream state for process {self.args.process_index}: the streams "
                            "continue from a zero state.")
             return
-        states = torch.load(path, map_location=self.args.device, weights_only=True)
+        device = next(self.model.parameters()).device
+        states = [tuple(s.to(device) for s in layer) for layer in torch.load(path, map_location="cpu", weights_only=True)]
         if states[0][0].shape[0] != self.args.per_device_train_batch_size:
             raise DataError(
                 f"{checkpoint} was trained with {states[0][0].shape[0]} streams per process but "

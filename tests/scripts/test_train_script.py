@@ -145,3 +145,31 @@ def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path, corpus)
     assert result.returncode != 0
     assert "error: accelerate launch --cpu --num_processes N starts only one process" in result.stderr
     assert "accelerate launch --multi_gpu --num_processes N" in result.stderr
+
+
+def test_stateful_two_processes_own_their_streams_and_resume_exactly(tmp_path, corpus):
+    """--stateful under 2 real processes: each saves the state of its own streams with the checkpoint, and a run
+    resumed from that checkpoint ends with the weights of the uninterrupted run."""
+    import shutil
+
+    import torch
+
+    two = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = [*TINY, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--stateful", "true",
+            "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--sample_every_evals", "0",
+            "--load_best_model_at_end", "false"]
+    full = tmp_path / "full"
+    result = launch(["--train_file", corpus, "--output_dir", str(full), *args], tmp_path, timeout=400, accelerate=two)
+    assert result.returncode == 0, result.stderr[-4000:]
+    states = [torch.load(full / "checkpoint-3" / f"stream_state_{rank}.pt") for rank in (0, 1)]
+    assert all(state[0][0].shape[0] == 4 for state in states)  # 4 streams per process
+    assert not torch.allclose(states[0][0][0], states[1][0][0])  # different text, different states
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
+    result = launch(["--train_file", corpus, "--output_dir", str(part), *args, "--resume_from_checkpoint", "True"],
+                    tmp_path, timeout=400, accelerate=two)
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected, got = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
