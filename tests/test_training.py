@@ -326,3 +326,20 @@ def test_stateful_refuses_streaming_and_stride(tmp_path):
         run(tmp_path, "--stateful", "true", "--streaming", "true", "--max_steps", "2")
     with pytest.raises(DataError, match="drop --stride"):
         run(tmp_path, "--stateful", "true", "--stride", "7", "--max_steps", "2")
+
+
+def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog):
+    metrics, out = run(tmp_path, "--max_steps", "500", "--eval_steps", "250", "--save_steps", "250",
+                       "--sample_every_evals", "0", "--max_train_seconds", "0.001")
+    assert metrics["global_step"] == 1
+    assert (out / "model.safetensors").exists() and math.isfinite(metrics["eval_loss"])
+    assert "--max_train_seconds 0.001 reached at step 1: stopping." in caplog.text
+
+
+def test_preset_bf16_follows_the_hardware():
+    from char_lstm.training import native_bf16
+
+    model_args, data_args, training_args = parse_arguments(["--preset", "cpu-small", "--output_dir", "x"])
+    assert training_args.bf16 == native_bf16()
+    model_args, data_args, training_args = parse_arguments(["--preset", "cpu-small", "--output_dir", "x", "--bf16", "false"])
+    assert not training_args.bf16
