@@ -333,6 +333,7 @@ def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog):
                        "--sample_every_evals", "0", "--max_train_seconds", "0.001")
     assert metrics["global_step"] == 1
     assert (out / "model.safetensors").exists() and math.isfinite(metrics["eval_loss"])
+    assert (out / "checkpoint-1").is_dir()  # the last step is saved (and evaluated), so it can be the best model
     assert "--max_train_seconds 0.001 reached at step 1: stopping." in caplog.text
 
 
