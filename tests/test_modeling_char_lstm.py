@@ -346,3 +346,15 @@ def test_stream_state_helpers_save_restore_and_reset_rows(tokenizer, cell_type):
         reset_cache_rows(restored, torch.tensor([True, False]))
         reset = cache_states(restored)
         assert all((s[0] == 0).all() and (s[1] != 0).any() for layer in reset for s in layer)
+
+
+def test_large_batch_decoding_on_cpu_uses_the_sequence_kernel(tokenizer):
+    """From 16 rows, oneDNN's sequence kernel is faster than the hand-fused step: decoding uses it, same results."""
+    model = make_model(tokenizer)
+    ids = torch.randint(2, len(tokenizer), (16, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert not hasattr(model.model.layers[0], "_char_lstm_fused")
