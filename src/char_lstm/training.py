@@ -155,8 +155,8 @@ class CharLSTMTrainingArguments(TrainingArguments):
     sample_temperature: float = field(default=0.8, metadata={"help": "Temperature of the samples."})
     max_train_seconds: float | None = field(
         default=None,
-        metadata={"help": "Stop training (and save) once this many seconds of training have passed, whatever "
-                  "--max_steps says: a guard for a time budget."},
+        metadata={"help": "Stop training (evaluating and saving that step) once this many seconds of training have "
+                  "passed, whatever --max_steps says: a guard for a time budget. 0: no limit."},
     )
 
     def __post_init__(self):
