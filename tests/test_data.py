@@ -217,6 +217,10 @@ def test_streams_are_contiguous_and_each_process_owns_its_own(tmp_path):
 
 
 def test_stateful_text_too_short_names_the_split_and_the_fix():
+    from char_lstm.data import stream_layout
+
+    with pytest.raises(DataError, match="training text \\(0 characters\\) is too short"):
+        stream_layout(0, 4, 10)
     tokenizer = CharLSTMTokenizer.from_corpus("abc")
     with pytest.raises(DataError, match="validation text .* too short for 8 streams.*smaller --per_device_eval_batch_size"):
         encode_streams(Dataset.from_dict({"text": ["abc" * 20]}), tokenizer, "text", 10, 8, name="validation")

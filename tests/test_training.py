@@ -291,7 +291,7 @@ def test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start(tm
 @pytest.mark.parametrize("accumulation", ["1", "2"])
 def test_stateful_resume_continues_the_streams_exactly(tmp_path, accumulation):
     args = ("--max_steps", "8", "--eval_steps", "4", "--save_steps", "4", "--gradient_accumulation_steps", accumulation,
-            *STATEFUL)
+            "--load_best_model_at_end", "false", *STATEFUL)
     _, full = run(tmp_path, *args, out="full")
     _, part = run(tmp_path, *args, "--max_steps", "4", out="part")
     assert (part / "checkpoint-4" / "stream_state_0.pt").exists()
@@ -301,6 +301,9 @@ def test_stateful_resume_continues_the_streams_exactly(tmp_path, accumulation):
 
     # Without its saved state the resumed run reads on from zero states, and ends elsewhere.
     if accumulation == "1":
+        with pytest.raises(DataError, match="trained with 8 streams per process and 1 process.*this run has 4 and 1"):
+            run(tmp_path, *args, "--resume_from_checkpoint", str(part / "checkpoint-4"),
+                "--per_device_train_batch_size", "4", out="part")
         (part / "checkpoint-4" / "stream_state_0.pt").unlink()
         for name in os.listdir(part):
             if name.startswith("checkpoint-") and name != "checkpoint-4":
@@ -334,6 +337,12 @@ def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog):
     assert metrics["global_step"] == 1
     assert (out / "model.safetensors").exists() and math.isfinite(metrics["eval_loss"])
     assert (out / "checkpoint-1").is_dir()  # the last step is saved (and evaluated), so it can be the best model
+
+    # ... but never NaN weights: the divergence guard checks the step the time limit saves
+    with pytest.raises(TrainingDiverged):
+        run(tmp_path, "--max_steps", "500", "--eval_steps", "250", "--save_steps", "250", "--sample_every_evals", "0",
+            "--max_train_seconds", "0.001", callbacks=[PoisonWeights(step=1)], out="nan")
+    assert not (tmp_path / "nan" / "checkpoint-1").exists()
     assert "--max_train_seconds 0.001 reached at step 1: stopping." in caplog.text
 
 

@@ -310,7 +310,7 @@ def stream_layout(num_ids: int, num_streams: int, block_size: int, name: str = "
     any text."""
     stream_length = (num_ids - 1) // num_streams  # predictions per stream
     windows = stream_length // block_size
-    if windows == 0:
+    if windows <= 0:
         raise DataError(
             f"The {name} text ({num_ids} characters) is too short for {num_streams} streams (one per batch row of every "
             f"process) of at least {block_size + 1} characters: use more text, a smaller "

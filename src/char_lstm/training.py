@@ -169,7 +169,7 @@ class CharLSTMTrainingArguments(TrainingArguments):
 PRESETS = {
     # The CPU recipe, tuned for quality per CPU second on tiny_shakespeare (2 cores, README "Results"): a 2x256 LSTM,
     # blocks of 64 (cheaper per character than 100 on CPU, and the length the test measure reads), 48 blocks per step
-    # whatever the number of processes, a cosine schedule that ends at 0, AdamW's weight decay against the gap between
+    # shared by the processes (48 // processes each), a cosine schedule that ends at 0, AdamW's weight decay against the gap between
     # training and held-out text, bf16 autocast where the hardware computes bf16 natively. Fastest on 2 cores as 2
     # processes of 1 thread: `accelerate launch --multi_gpu --num_processes 2 scripts/train.py --preset cpu-small`.
     "cpu-small": {
@@ -254,7 +254,7 @@ def native_bf16() -> bool:
     """Whether this machine computes bf16 natively: a GPU with bf16, or a CPU with AVX512-BF16 or AMX (elsewhere
     bf16 on CPU is emulated and slower than float32)."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
@@ -471,8 +471,8 @@ class StatefulTrainer(Trainer):
         cache = self._stream_caches.get("train")
         states = cache_states(cache) if cache is not None else None
         if states is not None:
-            states = [tuple(s.cpu() for s in layer) for layer in states]
-            torch.save(states, os.path.join(output_dir, STREAM_STATE_NAME.format(self.args.process_index)))
+            saved = {"states": [tuple(s.cpu() for s in layer) for layer in states], "world_size": self.args.world_size}
+            torch.save(saved, os.path.join(output_dir, STREAM_STATE_NAME.format(self.args.process_index)))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
@@ -483,14 +483,16 @@ class StatefulTrainer(Trainer):
             logger.warning(f"{checkpoint} has no stream state for process {self.args.process_index}: the streams "
                            "continue from a zero state.")
             return
-        device = next(self.model.parameters()).device
-        states = [tuple(s.to(device) for s in layer) for layer in torch.load(path, map_location="cpu", weights_only=True)]
-        if states[0][0].shape[0] != self.args.per_device_train_batch_size:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        rows, world_size = saved["states"][0][0].shape[0], saved["world_size"]
+        if (rows, world_size) != (self.args.per_device_train_batch_size, self.args.world_size):
             raise DataError(
-                f"{checkpoint} was trained with {states[0][0].shape[0]} streams per process but "
-                f"--per_device_train_batch_size is {self.args.per_device_train_batch_size}: resume a --stateful run "
-                "with the same batch size and number of processes."
+                f"{checkpoint} was trained with {rows} streams per process and {world_size} process(es), this run has "
+                f"{self.args.per_device_train_batch_size} and {self.args.world_size}: resume a --stateful run with the "
+                "same --per_device_train_batch_size and number of processes (the streams are laid out for them)."
             )
+        device = next(self.model.parameters()).device
+        states = [tuple(s.to(device) for s in layer) for layer in saved["states"]]
         self._stream_caches["train"] = cache_from_states(self.accelerator.unwrap_model(self.model).config, states)
 
 
@@ -622,6 +624,13 @@ def train(
             raise DataError("--stateful lays the whole text out as streams and needs its length: drop --streaming.")
         if data_args.stride is not None and data_args.stride != data_args.block_size:
             raise DataError("--stateful reads each stream window after window: drop --stride (it is --block_size).")
+        if training_args.auto_find_batch_size:
+            raise DataError("--stateful lays out one stream per batch row: drop --auto_find_batch_size.")
+        if training_args.n_gpu > 1:
+            raise DataError(
+                "--stateful needs one process per GPU (DataParallel splits the batch rows): launch with "
+                "`accelerate launch --multi_gpu --num_processes N` instead."
+            )
         # Streams are read in order, and the loss and metrics use the targets that `collate_stream_blocks` gives.
         training_args.train_sampling_strategy = "sequential"
         training_args.label_names = ["shift_labels"]
@@ -728,9 +737,10 @@ def train(
         preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful),
         callbacks=[
             sampler,
+            # before the guard: the guard checks the weights whenever a save or evaluation is due, this one included
+            *([TimeLimitCallback(training_args.max_train_seconds)] if training_args.max_train_seconds else []),
             guard,
             LearningRateLogCallback(),
-            *([TimeLimitCallback(training_args.max_train_seconds)] if training_args.max_train_seconds else []),
             *(callbacks or []),
         ],
     )

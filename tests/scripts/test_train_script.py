@@ -161,7 +161,7 @@ def test_stateful_two_processes_own_their_streams_and_resume_exactly(tmp_path, c
     full = tmp_path / "full"
     result = launch(["--train_file", corpus, "--output_dir", str(full), *args], tmp_path, timeout=400, accelerate=two)
     assert result.returncode == 0, result.stderr[-4000:]
-    states = [torch.load(full / "checkpoint-3" / f"stream_state_{rank}.pt") for rank in (0, 1)]
+    states = [torch.load(full / "checkpoint-3" / f"stream_state_{rank}.pt")["states"] for rank in (0, 1)]
     assert all(state[0][0].shape[0] == 4 for state in states)  # 4 streams per process
     assert not torch.allclose(states[0][0][0], states[1][0][0])  # different text, different states
 
