@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 from .configuration_char_lstm import CharLSTMConfig
 from .modeling_char_lstm import CharLSTMForCausalLM
 from .tokenization_char_lstm import CharLSTMTokenizer
+from .training import native_bf16
 
 
 SEED_SHAPES = {"embedding_size": 128, "hidden_size": 512, "num_hidden_layers": 2, "dropout": 0.5}
@@ -136,12 +137,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def sync(device: torch.device) -> None:
@@ -292,7 +287,7 @@ def bench_training(text: str, device, quick: bool) -> list[dict]:
     chars = BATCH * BLOCK
     seed = chars / time_seed_loop(text, tokenizer, device, steps, warmup)
     rows = [row("seed loop (fp32)", seed, "chars/s")]
-    for bf16 in (False, True) if bf16_supported(device) else (False,):
+    for bf16 in (False, True) if native_bf16(device.type) else (False,):
         name = "bf16" if bf16 else "fp32"
         ours = chars / time_trainer(text, tokenizer, device, steps, warmup, bf16)
         kernel = chars / time_kernel(device, steps, warmup, bf16)
@@ -314,21 +309,18 @@ def _prompts(text: str, tokenizer, batch: int, length: int, device) -> torch.Ten
     return tokenizer([text[s : s + length] for s in starts], return_tensors="pt")["input_ids"].to(device)
 
 
-def _time_generate(model, prompts: torch.Tensor, n: int, device) -> float:
+def _seconds(device, generate, *args) -> float:
+    """Wall time of one call, the device's queued work included."""
     sync(device)
     start = time.perf_counter()
-    model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
-                   do_sample=True, temperature=0.8)
+    generate(*args)
     sync(device)
     return time.perf_counter() - start
 
 
-def _time_seed_generate(seed, prompts: torch.Tensor, n: int, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    seed_generate(seed, prompts, n, temperature=0.8)
-    sync(device)
-    return time.perf_counter() - start
+def _model_generate(model, prompts: torch.Tensor, n: int) -> torch.Tensor:
+    return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                          min_new_tokens=n, do_sample=True, temperature=0.8)
 
 
 def _same_weights_check(model, seed, prompts: torch.Tensor) -> None:
@@ -346,9 +338,9 @@ def bench_decode(text: str, device, quick: bool) -> list[dict]:
     prompt = _prompts(text, tokenizer, 1, 20, device)
     _same_weights_check(model, seed, prompt)
     short, long = (50, 500) if quick else (100, 2000)
-    _time_generate(model, prompt, 10, device)  # warm-up
-    per_char = {n: _time_generate(model, prompt, n, device) / n * 1e3 for n in (short, long)}
-    seed_per_char = min(_time_seed_generate(seed, prompt, short, device) for _ in range(2)) / short * 1e3
+    _seconds(device, _model_generate, model, prompt, 10)  # warm-up
+    per_char = {n: _seconds(device, _model_generate, model, prompt, n) / n * 1e3 for n in (short, long)}
+    seed_per_char = min(_seconds(device, seed_generate, seed, prompt, short) for _ in range(2)) / short * 1e3
     return [
         row(f"generate(), {short} new chars", per_char[short], "ms/char"),
         row(f"generate(), {long} new chars", per_char[long], "ms/char"),
@@ -367,14 +359,14 @@ def bench_batch(text: str, device, quick: bool) -> list[dict]:
     prompts = _prompts(text, tokenizer, BATCH, 20, device)
     _same_weights_check(model, seed, prompts)
     n = 50 if quick else 300
-    _time_seed_generate(seed, prompts, 5, device)  # warm-up
-    theirs = BATCH * n / min(_time_seed_generate(seed, prompts, n, device) for _ in range(2))
+    _seconds(device, seed_generate, seed, prompts, 5)  # warm-up
+    theirs = BATCH * n / min(_seconds(device, seed_generate, seed, prompts, n) for _ in range(2))
     rows = [row(f"seed loop, batch {BATCH} (fp32)", theirs, "chars/s")]
-    for dtype in (torch.float32, torch.bfloat16) if bf16_supported(device) else (torch.float32,):
+    for dtype in (torch.float32, torch.bfloat16) if native_bf16(device.type) else (torch.float32,):
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
         model = model.to(dtype)
-        _time_generate(model, prompts, 5, device)  # warm-up
-        ours = BATCH * n / min(_time_generate(model, prompts, n, device) for _ in range(2))
+        _seconds(device, _model_generate, model, prompts, 5)  # warm-up
+        ours = BATCH * n / min(_seconds(device, _model_generate, model, prompts, n) for _ in range(2))
         rows += [
             row(f"generate(), batch {BATCH} ({name})", ours, "chars/s"),
             row(f"generate() ({name}) vs seed loop, batch {BATCH}", ours / theirs, "ratio", ">= 1.5"),

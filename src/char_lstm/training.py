@@ -250,10 +250,11 @@ def parse_arguments(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def native_bf16() -> bool:
-    """Whether this machine computes bf16 natively: a GPU with bf16, or a CPU with AVX512-BF16 or AMX (elsewhere
-    bf16 on CPU is emulated and slower than float32)."""
-    if torch.cuda.is_available():
+def native_bf16(device_type: str | None = None) -> bool:
+    """Whether `device_type` ("cuda" or "cpu"; default: cuda when available) computes bf16 natively: a GPU with bf16,
+    or a CPU with AVX512-BF16 or AMX (elsewhere bf16 on CPU is emulated and slower than float32)."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
