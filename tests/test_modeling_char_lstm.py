@@ -1,11 +1,14 @@
 """Forward pass, loss, cache and padding of CharLSTMForCausalLM (generation has its own file)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel
+from char_lstm.modeling_char_lstm import _STEP_WEIGHTS
 from helpers import CORPUS, make_model
 
 
@@ -248,6 +251,11 @@ def test_bfloat16(tokenizer, tmp_path):
     assert out.cache.layers[0].recurrent_states[0].dtype == torch.bfloat16
     generated = bf16.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 5)
+    with torch.no_grad():  # the one-token decoding step in bf16 (looked-up input projection) against fp32
+        cache = DynamicCache(config=bf16.config)
+        steps = torch.cat([bf16(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], dim=1)
+    assert steps.dtype == torch.bfloat16
+    torch.testing.assert_close(steps.float(), model(input_ids=ids).logits, atol=0.05, rtol=0.05)
 
 
 def test_backprop_through_the_cache_across_calls(tokenizer, cell_type):
@@ -277,7 +285,8 @@ def test_fast_single_step_decode_equals_the_sequence_kernel(tokenizer, cell_type
         cache = DynamicCache(config=model.config)
         steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])]  # fast path
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert hasattr(model.model.layers[0], "_char_lstm_fused")  # the fast path did run
+    assert all(layer in _STEP_WEIGHTS for layer in model.model.layers)  # the fast path did run
+    assert _STEP_WEIGHTS[model.model.layers[0]][1][0] is not None  # the first layer looked its input projection up
 
 
 def test_fast_step_follows_weight_updates(tokenizer):
@@ -348,13 +357,31 @@ def test_stream_state_helpers_save_restore_and_reset_rows(tokenizer, cell_type):
         assert all((s[0] == 0).all() and (s[1] != 0).any() for layer in reset for s in layer)
 
 
-def test_large_batch_decoding_on_cpu_uses_the_sequence_kernel(tokenizer):
-    """From 16 rows, oneDNN's sequence kernel is faster than the hand-fused step: decoding uses it, same results."""
-    model = make_model(tokenizer)
-    ids = torch.randint(2, len(tokenizer), (16, 6), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("batch", [16, 64])
+def test_fast_step_at_large_batches_and_from_embeddings(tokenizer, cell_type, batch):
+    """Generation batches decode through the fused step too (oneDNN's prepacked products on a CPU); fed
+    `inputs_embeds`, the first layer computes its input projection instead of looking it up. 64 rows x 64 units
+    reach the size from which float32 tanh is computed through sigmoid."""
+    model = make_model(tokenizer, cell_type, hidden_size=64)
+    ids = torch.randint(2, len(tokenizer), (batch, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])]
+        cache, cache_embeds = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        steps, steps_embeds = [], []
+        for t in range(ids.shape[1]):
+            steps.append(model(input_ids=ids[:, t : t + 1], cache=cache).logits)
+            embeds = model.get_input_embeddings()(ids[:, t : t + 1])
+            steps_embeds.append(model(inputs_embeds=embeds, cache=cache_embeds).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert not hasattr(model.model.layers[0], "_char_lstm_fused")
+    torch.testing.assert_close(torch.cat(steps_embeds, dim=1), full, rtol=1e-5, atol=1e-5)
+    if torch.backends.mkldnn.is_available():  # the product ran in oneDNN, not MKL
+        assert _STEP_WEIGHTS[model.model.layers[1]][1][2].packed is not None
+
+
+def test_model_with_decoding_weights_still_deep_copies(tokenizer):
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5]]), cache=DynamicCache(config=model.config))
+    assert model.model.layers[0] in _STEP_WEIGHTS
+    clone = copy.deepcopy(model)  # oneDNN's packed weights have no storage: they must not live on the module
+    assert clone.model.layers[0] not in _STEP_WEIGHTS

@@ -60,6 +60,7 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.generation_config.do_sample and model.generation_config.temperature == 0.8
+    assert model.generation_config.top_k == 0  # sampling from every character, not transformers' top 50
     text = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=20)[0])
     assert text.startswith("ROMEO:") and len(text) == 26
 

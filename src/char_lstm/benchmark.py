@@ -319,8 +319,10 @@ def _seconds(device, generate, *args) -> float:
 
 
 def _model_generate(model, prompts: torch.Tensor, n: int) -> torch.Tensor:
+    """Sampling at temperature 0.8 from the whole distribution, as the seed loop samples (and as trained models'
+    generation_config.json asks; transformers' own default would add a top-50 filter)."""
     return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                          min_new_tokens=n, do_sample=True, temperature=0.8)
+                          min_new_tokens=n, do_sample=True, temperature=0.8, top_k=0)
 
 
 def _same_weights_check(model, seed, prompts: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ real token.
 
 import math
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -40,17 +41,22 @@ _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 # `generate(full_sequence, cache=previous_cache)` feed only the new columns, as transformers does for key/value caches.
 _SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
 
-# Batch size from which one-token float32 decoding on CPU goes through the sequence kernel, not the hand-fused step.
-_FAST_STEP_MAX_CPU_BATCH = 16
+# The weights of the one-token decoding step, per recurrent layer, rebuilt when a weight changes. Kept beside the model,
+# not on it, so that `copy.deepcopy(model)` and pickling never meet oneDNN's packed (storage-less) tensors.
+_STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+# The first layer's input projection of every character, ``embedding @ W_ih.T + b``, is precomputed for decoding when
+# the table ``(V, gates * H)`` stays at most this many elements (16 MB in float32; a char vocabulary is far below).
+_INPUT_TABLE_MAX_ELEMENTS = 1 << 22
 
 
-def _check_cache(cache: Cache, config: CharLSTMConfig) -> None:
+def _check_cache(cache: Cache, num_layers: int, num_states: int) -> None:
     layers = getattr(cache, "layers", None)
     if (
         layers is None
-        or len(layers) != config.num_hidden_layers
+        or len(layers) != num_layers
         or not all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
-        or any(layer.number_of_states < config.number_of_conv_states for layer in layers)
+        or any(layer.number_of_states < num_states for layer in layers)
     ):
         raise ValueError(
             "CharLSTM needs a cache with one recurrent-state layer per recurrent layer: pass "
@@ -87,57 +93,127 @@ def _seen_tokens(cache: Cache | None) -> int:
     return getattr(cache, _SEEN_TOKENS_ATTR, 0)
 
 
-def _fused_weights(rnn: nn.RNNBase, cell_type: str) -> tuple[torch.Tensor, ...]:
-    """The layer's weights laid out for one matmul per step, cached on the module until a weight changes (in place,
-    as an optimizer does, or by moving the model): LSTM/RNN ([W_ih | W_hh], b_ih + b_hh); GRU (W_ih, b_ih, W_hh,
-    b_hh), whose candidate gate needs the hidden part apart."""
-    params = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-    cached = getattr(rnn, "_char_lstm_fused", None)
-    if cached is None or cached[0] != key:
-        w_ih, w_hh, b_ih, b_hh = (p.detach() for p in params)
-        if cell_type == "gru":
-            fused = (w_ih.t().contiguous(), b_ih, w_hh.t().contiguous(), b_hh)
+def _onednn_linear_usable() -> bool:
+    """Whether oneDNN's linear with prepacked weights can be called (a CPU build of torch with oneDNN)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class _StepLinear:
+    """``x @ weight.T + bias`` for the decoding step: weight ``(out, in)``, bias ``(out,)`` or None.
+
+    For float32 on a CPU the weight is prepacked once for oneDNN and the product runs there: torch's float32 matmul
+    goes through MKL, which on non-Intel CPUs takes its AVX2 path (on this project's AMD machine: 1.8 ms for a
+    (64, 1024) x (1024, 2048) product against 0.54 ms in oneDNN, 0.10 vs 0.06 ms for one row). Any other dtype or
+    device, or a torch without oneDNN, uses `torch.nn.functional.linear`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias, self.packed = weight, bias, None
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear_usable():
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+                probe = weight.new_zeros(1, weight.shape[1])
+                torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+                self.packed = packed
+            except RuntimeError:  # an older or partial oneDNN build: the plain product is always correct
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _step_weights(rnn: nn.RNNBase, cell_type: str, embeddings: nn.Embedding | None):
+    """The layer's weights laid out for the decoding step, rebuilt when a weight changes (in place, as an optimizer
+    does, or by moving the model). With `embeddings` (first layer, small vocabulary) the input projection is a table
+    of rows per character id instead of a product.
+
+    Returns ``(input_table, input_linear, hidden_linear)``:
+    - LSTM/RNN: input_table ``(V, G*H)`` = embedding @ W_ih.T + b_ih + b_hh and hidden_linear = (W_hh, None); without a
+      table, input_linear is None and hidden_linear = ([W_ih | W_hh], b_ih + b_hh), one product of ``[x | h]``.
+    - GRU (whose candidate gate needs the hidden part apart): input = (W_ih, b_ih) or the table embedding @ W_ih.T +
+      b_ih; hidden_linear = (W_hh, b_hh)."""
+    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0]
+    if embeddings is not None:
+        params.append(embeddings.weight)
+    key = (params[0].dtype, params[0].device, *((p.data_ptr(), p._version) for p in params))
+    cached = _STEP_WEIGHTS.get(rnn)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in params[:4])
+    table = input_linear = None
+    if cell_type == "gru":
+        if embeddings is not None:
+            table = nn.functional.linear(embeddings.weight.detach().float(), w_ih.float(), b_ih.float()).to(w_ih.dtype)
         else:
-            fused = (torch.cat([w_ih, w_hh], dim=1).t().contiguous(), b_ih + b_hh)
-        rnn._char_lstm_fused = cached = (key, fused)
-    return cached[1]
+            input_linear = _StepLinear(w_ih, b_ih)
+        hidden_linear = _StepLinear(w_hh, b_hh)
+    elif embeddings is not None:
+        bias = (b_ih.float() + b_hh.float())
+        table = nn.functional.linear(embeddings.weight.detach().float(), w_ih.float(), bias).to(w_ih.dtype)
+        hidden_linear = _StepLinear(w_hh, None)
+    else:
+        hidden_linear = _StepLinear(torch.cat([w_ih, w_hh], dim=1).contiguous(), b_ih + b_hh)
+    fused = (table, input_linear, hidden_linear)
+    _STEP_WEIGHTS[rnn] = (key, fused)
+    return fused
 
 
-def _single_step(rnn: nn.RNNBase, cell_type: str, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None):
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh; for larger float32 tensors on a CPU computed as ``2 * sigmoid(2x) - 1``, the same function (within 2e-7)
+    at a third of the cost there (torch's CPU tanh takes 37 us on a (64, 512) tensor, its sigmoid 7 us). Small
+    tensors keep the one call, cheaper than four."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= 4096:
+        return torch.sigmoid(x * 2).mul_(2).sub_(1)
+    return torch.tanh(x)
+
+
+def _single_step(
+    rnn: nn.RNNBase,
+    cell_type: str,
+    x: torch.Tensor,
+    state: tuple[torch.Tensor, ...] | None,
+    input_ids: torch.Tensor | None = None,
+    embeddings: nn.Embedding | None = None,
+):
     """One time step of one layer, the same function as `rnn` on a length-1 sequence but without its per-call
     overhead (oneDNN's LSTM costs ~2.7 ms per call for a 512-unit layer on a CPU, this ~0.1 ms).
 
-    x: (B, 1, in); state: ((B, H), ...) or None for zeros. Returns (output (B, 1, H), new state ((B, H), ...))."""
+    x: (B, 1, in); state: ((B, H), ...) or None for zeros; input_ids (B, 1) with the `embeddings` that made x, for the
+    first layer, to look its input projection up instead of computing it. Returns (output (B, 1, H), new state)."""
     x = x[:, 0]
     hidden = rnn.hidden_size
     if state is None:
         zeros = x.new_zeros(x.shape[0], hidden)
         state = (zeros, zeros) if cell_type == "lstm" else (zeros,)
     h = state[0]
-    weights = _fused_weights(rnn, cell_type)
-    if cell_type == "lstm":
-        w, b = weights
-        gates = torch.addmm(b, torch.cat([x, h], dim=1), w)  # (B, 4H): input, forget, cell, output
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        new_state = (h, c)
-    elif cell_type == "gru":
-        w_ih, b_ih, w_hh, b_hh = weights
-        gi = torch.addmm(b_ih, x, w_ih)  # (B, 3H): reset, update, new
-        gh = torch.addmm(b_hh, h, w_hh)
+    table, input_linear, hidden_linear = _step_weights(rnn, cell_type, embeddings if input_ids is not None else None)
+    if table is not None:
+        gi = table.index_select(0, input_ids[:, 0])  # (B, G*H): the input projection, bias included
+    elif input_linear is not None:
+        gi = input_linear(x)
+    if cell_type == "gru":
+        gh = hidden_linear(h)  # (B, 3H): reset, update, new
         i_r, i_z, i_n = gi.chunk(3, dim=1)
         h_r, h_z, h_n = gh.chunk(3, dim=1)
         r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
+        n = _tanh(i_n + r * h_n)
         h = n + z * (h - n)
-        new_state = (h,)
-    else:
-        w, b = weights
-        h = torch.tanh(torch.addmm(b, torch.cat([x, h], dim=1), w))
-        new_state = (h,)
-    return h.unsqueeze(1), new_state
+        return h.unsqueeze(1), (h,)
+    gates = gi + hidden_linear(h) if table is not None else hidden_linear(torch.cat([x, h], dim=1))
+    if cell_type == "lstm":
+        # In place on the fresh (B, 4H) gates, to allocate little: input, forget, cell, output.
+        g = _tanh(gates[:, 2 * hidden : 3 * hidden])
+        i, f, _, o = gates.sigmoid_().chunk(4, dim=1)
+        c = (f * state[1]).addcmul_(i, g)
+        h = _tanh(c).mul_(o)
+        return h.unsqueeze(1), (h, c)
+    h = _tanh(gates)
+    return h.unsqueeze(1), (h,)
 
 
 def detach_cache(cache: Cache) -> Cache:
@@ -192,7 +268,9 @@ class CharLSTMDropout(nn.Dropout):
     the seed's model has two per training step). Other devices use `F.dropout`, whose fused kernels are fast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
             return super().forward(x)
         if self.p == 1.0:
             return torch.zeros_like(x)
@@ -338,8 +416,11 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         vocab_size = self.embeddings.num_embeddings
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-        if bad.numel():
+        if input_ids.numel() == 0:
+            return
+        low, high = torch.aminmax(input_ids)
+        if int(low) < 0 or int(high) >= vocab_size:  # two reductions: cheap enough for every decoding step
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
             raise ValueError(
                 f"input_ids holds id {int(bad[0])}, outside [0, {vocab_size - 1}] (vocab_size={vocab_size}): "
                 "the tokenizer does not match this model; load the tokenizer saved with it."
@@ -364,6 +445,8 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         inputs_embeds (`torch.Tensor` of shape `(B, T, E)`): instead of `input_ids`.
         """
         config = self.config
+        cell_type = config.cell_type
+        num_states = 2 if cell_type == "lstm" else 1  # config.number_of_conv_states, read once
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         )
@@ -383,7 +466,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
         if cache is not None:
-            _check_cache(cache, config)
+            _check_cache(cache, len(self.layers), num_states)
             seen_before = _seen_tokens(cache)
 
         packing = None
@@ -392,22 +475,17 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
             if not bool(mask.bool().all()):
                 packing = _Packing(mask)
 
-        num_states = config.number_of_conv_states
-        # Decoding one token without autograd (generation): a hand-fused step instead of the sequence kernel, where
-        # that kernel's per-call cost dominates. In float32 on CPU that is below ~16 rows (2x512 LSTM, one step, 2
-        # threads: 0.25 vs 0.89 ms at 1 row, 3.0 vs 2.2 ms at 64 rows, where oneDNN's kernel is the faster); in bf16
-        # the fused step stays ahead at 64 rows (43k vs 37k characters/s in generate()). Training and prompts keep
-        # the fused cuDNN/oneDNN sequence kernels.
-        fast_step = (
-            seq_len == 1
-            and packing is None
-            and not torch.is_grad_enabled()
-            and (
-                batch_size < _FAST_STEP_MAX_CPU_BATCH
-                or inputs_embeds.device.type != "cpu"
-                or inputs_embeds.dtype != torch.float32
-            )
-        )
+        # Decoding one token without autograd (generation): a hand-fused step instead of the sequence kernel, whose
+        # per-call cost dominates a single step (2x512 LSTM on 2 CPU threads: 0.89 ms per call at 1 row). Training
+        # and prompts keep the fused cuDNN/oneDNN sequence kernels.
+        fast_step = seq_len == 1 and packing is None and not torch.is_grad_enabled()
+        # The first layer's input projection is looked up per character id when the table is small.
+        table_ids = None
+        embeddings = self.embeddings
+        if fast_step and input_ids is not None and type(embeddings) is nn.Embedding and embeddings.max_norm is None:
+            gates_width = _GATES[cell_type] * config.hidden_size
+            if embeddings.num_embeddings * gates_width <= _INPUT_TABLE_MAX_ELEMENTS:
+                table_ids = input_ids
         hidden_states = inputs_embeds
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
         x = packing.pack(hidden_states) if packing is not None else hidden_states
@@ -419,13 +497,21 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                     f"{batch_size}; use a new `DynamicCache(config=model.config)` for a new batch."
                 )
             if fast_step:
-                x, final = _single_step(rnn, config.cell_type, x, initial)
+                first = layer_idx == 0 and table_ids is not None
+                x, final = _single_step(
+                    rnn,
+                    cell_type,
+                    x,
+                    initial,
+                    input_ids=table_ids if first else None,
+                    embeddings=self.embeddings if first else None,
+                )
             else:
                 hx = None
                 if initial is not None:
                     # (1, B, H) each. With autograd on, read a copy: the cache buffer is overwritten in place below.
                     hx = tuple((s.clone() if torch.is_grad_enabled() else s).unsqueeze(0) for s in initial)
-                    hx = hx if config.cell_type == "lstm" else hx[0]
+                    hx = hx if cell_type == "lstm" else hx[0]
                 x, final = rnn(x, hx)
                 final = final if isinstance(final, tuple) else (final,)
                 final = tuple(s.squeeze(0) for s in final)  # (B, H) each
@@ -503,6 +589,17 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
+        if not is_first_iteration and cache is not None and next_sequence_length is not None:
+            # Every step after the prompt needs only the new token(s) and the state: no mask (padding is already absorbed
+            # in the state), no positions. Building them here skips transformers' generic preparation, which costs
+            # ~0.1 ms per token on a CPU (for a model registered with the Auto classes it inspects `forward`'s
+            # signature on every call) against a model step of ~0.2 ms.
+            new_ids = input_ids[:, -next_sequence_length:]
+            device = self.lm_head.weight.device
+            model_inputs = {"input_ids": new_ids if new_ids.device == device else new_ids.to(device), "cache": cache}
+            model_inputs.update((k, v) for k, v in kwargs.items() if k != "labels")
+            model_inputs["attention_mask"] = None
+            return model_inputs
         # Continuing from a returned cache: like with key/value caches, `input_ids` is the full sequence (old + new);
         # only the columns the state has not consumed yet are fed.
         seen = _seen_tokens(cache)
@@ -525,9 +622,6 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        # After the prompt, every new token is real and padding is already absorbed in the state: no mask needed.
-        if not is_first_iteration and model_inputs.get("cache") is not None:
-            model_inputs["attention_mask"] = None
         return model_inputs
 
     def forward(

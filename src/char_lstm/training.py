@@ -714,6 +714,7 @@ def train(
     # Sampling defaults saved with the model (generation_config.json)
     model.generation_config.do_sample = True
     model.generation_config.temperature = training_args.sample_temperature
+    model.generation_config.top_k = 0  # the whole distribution, as char-rnn samples (transformers' default keeps 50)
     model.generation_config.max_new_tokens = training_args.sample_length
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
