@@ -378,6 +378,21 @@ def test_fast_step_at_large_batches_and_from_embeddings(tokenizer, cell_type, ba
         assert _STEP_WEIGHTS[model.model.layers[1]][1][2].packed is not None
 
 
+def test_fast_step_under_cpu_autocast(tokenizer, cell_type):
+    """A bf16 training run samples text under autocast: the float32 model's decoding step then runs in bf16 as
+    `nn.Linear` would, close to the sequence kernels under the same autocast."""
+    model = make_model(tokenizer, cell_type, hidden_size=64)
+    ids = torch.randint(2, len(tokenizer), (3, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :4], cache=cache)  # the prompt leaves bf16 states, as in generate()
+        steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(4, 8)]
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(torch.cat(steps, dim=1).float(), full[:, 4:].float(), atol=0.05, rtol=0.05)
+    assert generated.shape == (3, 11)
+
+
 def test_model_with_decoding_weights_still_deep_copies(tokenizer):
     model = make_model(tokenizer)
     with torch.no_grad():

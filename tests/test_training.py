@@ -223,8 +223,8 @@ def test_tensorboard_gets_metrics_and_samples(tmp_path):
 
 def test_bf16_and_gradient_accumulation(tmp_path):
     metrics, out = run(tmp_path, "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--bf16", "true", "--use_cpu", "true",
-                       "--gradient_accumulation_steps", "2", "--sample_every_evals", "0")
-    assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 6
+                       "--gradient_accumulation_steps", "2", "--sample_every_evals", "1", "--sample_length", "20")
+    assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 6  # sampling under bf16 autocast too
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
 

@@ -122,7 +122,8 @@ class _StepLinear:
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        # Under autocast (a bf16 training run sampling text) `linear` is the op that casts to the autocast dtype.
+        if self.packed is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return nn.functional.linear(x, self.weight, self.bias)
 
