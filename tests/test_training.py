@@ -78,6 +78,14 @@ def test_plateau_halves_the_learning_rate_after_patience_evaluations(tmp_path, c
     assert "learning rate reduced 1e-07 -> 5e-08" in caplog.text
 
 
+def test_a_decaying_schedule_is_not_reported_as_plateau_cuts(tmp_path, caplog):
+    _, out = run(tmp_path, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "100", "--logging_steps", "1",
+                 "--lr_scheduler_type", "cosine", "--sample_every_evals", "0")
+    lrs = [entry["learning_rate"] for entry in log_history(out) if "learning_rate" in entry]
+    assert lrs[-1] < lrs[0]  # the LR did go down, every step
+    assert "learning rate reduced" not in caplog.text
+
+
 class PoisonWeights(TrainerCallback):
     """Makes the weights NaN at the start of a given step (what a diverging run does)."""
 

@@ -570,11 +570,15 @@ def default_sample_prompt(tokenizer, train_raw, column: str) -> str:
     return known or next(t for t in tokenizer.get_vocab() if len(t) == 1)
 
 
+def _scheduler_name(training_args) -> str:
+    return getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+
+
 def training_run_info(model_args, data_args, training_args, metrics: dict, prompt: str, global_step: int) -> dict:
     """What the model card says about the run (saved as training_run.json next to the model)."""
     dataset = data_args.train_file or data_args.dataset_name
     is_hub = data_args.train_file is None and not os.path.isdir(str(dataset))
-    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    scheduler = _scheduler_name(training_args)
     if scheduler == "reduce_lr_on_plateau":
         kwargs = training_args.lr_scheduler_kwargs or {}
         scheduler = (f"x{kwargs.get('factor', 0.1)} after {kwargs.get('patience', 10)} evaluations without "
@@ -742,7 +746,8 @@ def train(
             # before the guard: the guard checks the weights whenever a save or evaluation is due, this one included
             *([TimeLimitCallback(training_args.max_train_seconds)] if training_args.max_train_seconds else []),
             guard,
-            LearningRateLogCallback(),
+            # only the plateau scheduler's cuts are news; a cosine or linear schedule lowers the LR every step
+            *([LearningRateLogCallback()] if _scheduler_name(training_args) == "reduce_lr_on_plateau" else []),
             *(callbacks or []),
         ],
     )
