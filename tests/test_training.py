@@ -3,7 +3,10 @@
 import json
 import math
 import os
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -362,3 +365,11 @@ def test_preset_bf16_follows_the_hardware():
     assert training_args.bf16 == native_bf16()
     model_args, data_args, training_args = parse_arguments(["--preset", "cpu-small", "--output_dir", "x", "--bf16", "false"])
     assert not training_args.bf16
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
+def test_keep_freed_memory_takes_on_glibc():
+    # in a child process: the settings hold for the whole process, and this one should keep its defaults
+    code = "from char_lstm.training import keep_freed_memory; print(keep_freed_memory())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"

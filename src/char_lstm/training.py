@@ -7,6 +7,7 @@ bits-per-character / perplexity from the evaluation loss.
 """
 
 import argparse
+import ctypes
 import json
 import logging
 import math
@@ -222,6 +223,28 @@ def prepare_launch_environment() -> None:
             "`accelerate launch --multi_gpu --num_processes N scripts/train.py ...` (char_lstm uses gloo when there "
             "is no GPU)."
         )
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for the next training step instead of handing it back to the kernel.
+
+    With glibc's defaults, large blocks are mmap-ed and unmapped again when freed, and the top of the heap is trimmed,
+    so each step's activations and gradients come back as fresh pages that the kernel faults in and zeroes. On this
+    project's 2-core machine that was a quarter of a `--preset cpu-small` step (300 steps in 12.2 s with 3.1 s of
+    system time -> 9.3 s with 0.5 s). After this call blocks up to 32 MB come from the heap and up to 1 GB of freed
+    memory stays there. It changes the whole process, so the training and benchmark scripts call it, not the library
+    functions. Linux with glibc only; elsewhere nothing changes. Returns whether both settings took."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl): leave it as it is
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def parse_arguments(argv: list[str] | None = None):
