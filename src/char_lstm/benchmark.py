@@ -6,7 +6,9 @@ what matter, absolute times drift with the machine. Sections:
 * `training`: characters/s of our Trainer pipeline vs the seed's loop (its per-item `CharDataset`, a shuffled
   `DataLoader`, the manual zero_grad/forward/backward/clip/step) vs a bare `nn.LSTM` forward+backward of the same
   shapes (the kernel bound); the seed's model (2x512, embedding 128), block 100, batch 64. In fp32, and in bf16 where
-  the device runs it (autocast, `--bf16` in training).
+  the device runs it (autocast, `--bf16` in training). The seed loop runs first with the process as the seed's script
+  leaves it, then once more after the malloc settings `scripts/train.py` applies (`keep_freed_memory`), under which
+  our pipeline and the kernel are timed (and every later section runs).
 * `decode`: `generate()` time per character at batch 1 (sampling, temperature 0.8) vs the seed's generate loop with
   the same weights, and after 100 vs 2000 new characters (a step must not get dearer).
 * `batch`: generation throughput at batch 64 vs the seed's loop run on 64 rows.
