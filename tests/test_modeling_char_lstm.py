@@ -335,7 +335,14 @@ def test_cpu_dropout_has_the_distribution_of_dropout(p):
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept elements, scaled the same
     assert torch.equal(dropout.eval()(x), x)
+    dropout.train()
     assert dropout(x.detach().bfloat16()).dtype == torch.bfloat16
+    default = torch.get_default_dtype()
+    try:  # the mask is drawn in float32 whatever the default dtype, and never changes x's dtype
+        torch.set_default_dtype(torch.float64)
+        assert dropout(x.detach()).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_stream_state_helpers_save_restore_and_reset_rows(tokenizer, cell_type):
@@ -391,6 +398,56 @@ def test_fast_step_under_cpu_autocast(tokenizer, cell_type):
         generated = model.generate(ids, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(torch.cat(steps, dim=1).float(), full[:, 4:].float(), atol=0.05, rtol=0.05)
     assert generated.shape == (3, 11)
+    step_linear = _STEP_WEIGHTS[model.model.layers[1]][1][-1]
+    x = torch.randn(3, step_linear.weight.shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert step_linear(x).dtype == torch.bfloat16  # cast as autocast's linear does, not oneDNN in float32
+    assert step_linear(x).dtype == torch.float32
+
+
+def test_decoding_sees_weights_edited_through_data(tokenizer, cell_type):
+    """`.data` edits bump no version counter: the decoding weights are rebuilt at every generate() and prompt."""
+    model = make_model(tokenizer, cell_type).eval()
+    ids = torch.randint(2, len(tokenizer), (2, 5), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, max_new_tokens=3, do_sample=False)  # builds the decoding weights
+    with torch.no_grad():
+        model.model.embeddings.weight.data.mul_(2)
+        model.model.layers[1].weight_hh_l0.data.mul_(1.5)
+    expected = copy.deepcopy(model).generate(ids, max_new_tokens=12, do_sample=False)  # a copy has no cached weights
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    with torch.no_grad():  # token by token: the prompt (a sequence) refreshes them too
+        model.model.layers[0].weight_hh_l0.data.mul_(0.5)
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :2], cache=cache)
+        steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(2, 5)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_under_accelerate_cpu_offload(tokenizer):
+    """Offloaded weights sit on `meta` until accelerate's hooks bring them in: decoding runs the layers' own forward."""
+    from accelerate import cpu_offload
+
+    model = make_model(tokenizer).eval()
+    ids = torch.randint(2, len(tokenizer), (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].weight_hh_l0.is_meta
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_decoding_step_without_onednn_and_for_inference_mode_models(tokenizer):
+    ids = torch.randint(2, len(tokenizer), (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # parameters without version counters: the step rebuilds its weights every time
+        model = make_model(tokenizer, hidden_size=64).eval()
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        for enabled in (True, False):  # torch.backends.mkldnn.flags(enabled=False) is honoured
+            with torch.backends.mkldnn.flags(enabled=enabled):
+                cache = DynamicCache(config=model.config)
+                steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(6)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_model_with_decoding_weights_still_deep_copies(tokenizer):

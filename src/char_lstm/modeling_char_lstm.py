@@ -41,8 +41,10 @@ _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 # `generate(full_sequence, cache=previous_cache)` feed only the new columns, as transformers does for key/value caches.
 _SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
 
-# The weights of the one-token decoding step, per recurrent layer, rebuilt when a weight changes. Kept beside the model,
-# not on it, so that `copy.deepcopy(model)` and pickling never meet oneDNN's packed (storage-less) tensors.
+# The weights of the one-token decoding step, per recurrent layer: rebuilt when a weight changes (its version counter
+# or storage moves) and, because edits through `.data` change neither, forgotten whenever a sequence (a prompt, a
+# training batch) goes through the layer and at the start of every `generate()`. Kept beside the model, not on it, so
+# that `copy.deepcopy(model)` and pickling never meet oneDNN's packed (storage-less) tensors.
 _STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 # The first layer's input projection of every character, ``embedding @ W_ih.T + b``, is precomputed for decoding when
@@ -123,7 +125,12 @@ class _StepLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast (a bf16 training run sampling text) `linear` is the op that casts to the autocast dtype.
-        if self.packed is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        if (
+            self.packed is not None
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.enabled  # `torch.backends.mkldnn.flags(enabled=False)` is honoured
+        ):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return nn.functional.linear(x, self.weight, self.bias)
 
@@ -141,9 +148,12 @@ def _step_weights(rnn: nn.RNNBase, cell_type: str, embeddings: nn.Embedding | No
     params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0]
     if embeddings is not None:
         params.append(embeddings.weight)
-    key = (params[0].dtype, params[0].device, *((p.data_ptr(), p._version) for p in params))
+    try:
+        key = (params[0].dtype, params[0].device, *((p.data_ptr(), p._version) for p in params))
+    except RuntimeError:  # parameters created under inference_mode have no version counter: never reuse
+        key = None
     cached = _STEP_WEIGHTS.get(rnn)
-    if cached is not None and cached[0] == key:
+    if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     w_ih, w_hh, b_ih, b_hh = (p.detach() for p in params[:4])
     table = input_linear = None
@@ -277,7 +287,7 @@ class CharLSTMDropout(nn.Dropout):
         if self.p == 1.0:
             return torch.zeros_like(x)
         # In place on the fresh uniforms (float32, whatever x's dtype: a bf16 uniform would round p): 1 where kept.
-        scale = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        scale = torch.rand(x.shape, device=x.device, dtype=torch.float32).ge_(self.p).mul_(1.0 / (1.0 - self.p))
         return x * (scale if x.dtype == torch.float32 else scale.to(x.dtype))
 
 
@@ -417,6 +427,20 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.embeddings = new_embeddings
 
+    def _weights_in_place(self) -> bool:
+        """False when accelerate hooks manage the layers (a `device_map`, offloading: weights on `meta` until a hook
+        brings them in around the module's forward), which the decoding step, reading the weights itself, would
+        bypass: the layers' own forward runs then."""
+        modules = (self.embeddings, *self.layers)
+        return not any(hasattr(module, "_hf_hook") for module in modules) and not self.layers[0].weight_hh_l0.is_meta
+
+    def forget_decoding_weights(self) -> None:
+        """Drop the decoding step's prepared weights (rebuilt at the next one-token step). Forward does it whenever a
+        sequence goes through, and `generate()` at its start; call it after editing weights through `.data`, which
+        their version counters do not see, if you decode token by token yourself without a prompt in between."""
+        for rnn in self.layers:
+            _STEP_WEIGHTS.pop(rnn, None)
+
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         vocab_size = self.embeddings.num_embeddings
         if input_ids.numel() == 0:
@@ -481,7 +505,9 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         # Decoding one token without autograd (generation): a hand-fused step instead of the sequence kernel, whose
         # per-call cost dominates a single step (2x512 LSTM on 2 CPU threads: 0.89 ms per call at 1 row). Training
         # and prompts keep the fused cuDNN/oneDNN sequence kernels.
-        fast_step = seq_len == 1 and packing is None and not torch.is_grad_enabled()
+        fast_step = seq_len == 1 and packing is None and not torch.is_grad_enabled() and self._weights_in_place()
+        if not fast_step:
+            self.forget_decoding_weights()
         # The first layer's input projection is looked up per character id when the table is small.
         table_ids = None
         embeddings = self.embeddings
@@ -599,7 +625,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             # signature on every call) against a model step of ~0.2 ms.
             new_ids = input_ids[:, -next_sequence_length:]
             device = self.lm_head.weight.device
-            model_inputs = {"input_ids": new_ids if new_ids.device == device else new_ids.to(device), "cache": cache}
+            if device.type != "meta" and new_ids.device != device:  # as transformers does (meta: offloaded weights)
+                new_ids = new_ids.to(device)
+            model_inputs = {"input_ids": new_ids, "cache": cache}
             model_inputs.update((k, v) for k, v in kwargs.items() if k != "labels")
             model_inputs["attention_mask"] = None
             return model_inputs
@@ -614,6 +642,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
                     "(the tokens generated so far followed by the new ones) together with the cache."
                 )
             next_sequence_length = total - seen
+        if is_first_iteration:
+            self.model.forget_decoding_weights()  # a new generate(): weights may have been edited in between
         if is_first_iteration and inputs_embeds is None and not seen:
             self._check_prompt_known(input_ids, attention_mask)
         model_inputs = super().prepare_inputs_for_generation(
