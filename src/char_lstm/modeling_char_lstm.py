@@ -157,15 +157,15 @@ def _step_weights(rnn: nn.RNNBase, cell_type: str, embeddings: nn.Embedding | No
         return cached[1]
     w_ih, w_hh, b_ih, b_hh = (p.detach() for p in params[:4])
     table = input_linear = None
+    if embeddings is not None:
+        # GRU keeps b_hh with the hidden product (its candidate gate scales it by r); LSTM/RNN fold it in here.
+        input_bias = b_ih.float() if cell_type == "gru" else b_ih.float() + b_hh.float()
+        table = nn.functional.linear(embeddings.weight.detach().float(), w_ih.float(), input_bias).to(w_ih.dtype)
     if cell_type == "gru":
-        if embeddings is not None:
-            table = nn.functional.linear(embeddings.weight.detach().float(), w_ih.float(), b_ih.float()).to(w_ih.dtype)
-        else:
+        if table is None:
             input_linear = _StepLinear(w_ih, b_ih)
         hidden_linear = _StepLinear(w_hh, b_hh)
-    elif embeddings is not None:
-        bias = (b_ih.float() + b_hh.float())
-        table = nn.functional.linear(embeddings.weight.detach().float(), w_ih.float(), bias).to(w_ih.dtype)
+    elif table is not None:
         hidden_linear = _StepLinear(w_hh, None)
     else:
         hidden_linear = _StepLinear(torch.cat([w_ih, w_hh], dim=1).contiguous(), b_ih + b_hh)
@@ -194,15 +194,16 @@ def _single_step(
     """One time step of one layer, the same function as `rnn` on a length-1 sequence but without its per-call
     overhead (oneDNN's LSTM costs ~2.7 ms per call for a 512-unit layer on a CPU, this ~0.1 ms).
 
-    x: (B, 1, in); state: ((B, H), ...) or None for zeros; input_ids (B, 1) with the `embeddings` that made x, for the
-    first layer, to look its input projection up instead of computing it. Returns (output (B, 1, H), new state)."""
+    x: (B, 1, in); state: ((B, H), ...) or None for zeros; input_ids (B, 1) and the `embeddings` that made x (both or
+    neither), for the first layer, to look its input projection up instead of computing it. Returns (output (B, 1, H),
+    new state)."""
     x = x[:, 0]
     hidden = rnn.hidden_size
     if state is None:
         zeros = x.new_zeros(x.shape[0], hidden)
         state = (zeros, zeros) if cell_type == "lstm" else (zeros,)
     h = state[0]
-    table, input_linear, hidden_linear = _step_weights(rnn, cell_type, embeddings if input_ids is not None else None)
+    table, input_linear, hidden_linear = _step_weights(rnn, cell_type, embeddings)
     if table is not None:
         gi = table.index_select(0, input_ids[:, 0])  # (B, G*H): the input projection, bias included
     elif input_linear is not None:
@@ -473,7 +474,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         """
         config = self.config
         cell_type = config.cell_type
-        num_states = 2 if cell_type == "lstm" else 1  # config.number_of_conv_states, read once
+        num_states = config.number_of_conv_states
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         )
@@ -533,7 +534,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                     x,
                     initial,
                     input_ids=table_ids if first else None,
-                    embeddings=self.embeddings if first else None,
+                    embeddings=embeddings if first else None,
                 )
             else:
                 hx = None
