@@ -416,10 +416,13 @@ class TimeLimitCallback(TrainerCallback):
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        over = torch.tensor([time.perf_counter() - self.start >= self.seconds], dtype=torch.int32, device=args.device)
+        over = time.perf_counter() - self.start >= self.seconds
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)  # every process stops at the same step
-        if self.stopped_at is None and bool(over.item()):
+            # every process stops at the same step (one process alone needs no tensor and no device sync per step)
+            flag = torch.tensor([over], dtype=torch.int32, device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item())
+        if self.stopped_at is None and over:
             self.stopped_at = state.global_step
             control.should_training_stop = True
             # Evaluate and save this last step too, so the best model kept at the end can be the latest one.
