@@ -1,6 +1,7 @@
 """char_lstm.data: loading exact text with datasets, the validation tail, vectorized blocks, the cache."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -10,6 +11,8 @@ from datasets import Dataset
 
 from char_lstm import CharLSTMTokenizer
 from char_lstm.data import (
+    BUNDLED_DATASET,
+    DEFAULT_DATASET,
     DataError,
     build_tokenizer,
     collate_blocks,
@@ -19,6 +22,7 @@ from char_lstm.data import (
     encode_streams,
     load_raw_datasets,
     read_text_file,
+    resolve_dataset_name,
     split_validation_tail,
 )
 from helpers import shakespeare_like, write_text
@@ -91,6 +95,27 @@ def test_local_folder_laid_out_like_the_hub_dataset(tmp_path):
 def test_unknown_or_offline_dataset_id_names_train_file():
     with pytest.raises(DataError, match="Could not load the dataset 'no-such-user/no-such-dataset'.*--train_file"):
         load_raw_datasets(dataset_name="no-such-user/no-such-dataset")
+    assert resolve_dataset_name("no-such-user/no-such-dataset") == "no-such-user/no-such-dataset"  # no fallback
+
+
+def test_bundled_tiny_shakespeare_replaces_the_hub_dataset_offline(caplog):
+    """Offline (conftest sets HF_HUB_OFFLINE=1), the default dataset becomes the bundled copy, said in one info line,
+    split like karpathy/tiny_shakespeare: one row per split, the first 90% / next 5% / last 5% of the characters."""
+    with caplog.at_level(logging.INFO, logger="char_lstm.data"):
+        name = resolve_dataset_name(DEFAULT_DATASET)
+    assert name == BUNDLED_DATASET
+    assert [r.getMessage() for r in caplog.records if "bundled" in r.getMessage()] == [
+        f"{DEFAULT_DATASET} cannot be reached (HF_HUB_OFFLINE is set): using the copy of tiny_shakespeare bundled "
+        "with char_lstm (same train/validation/test split)."
+    ]
+    raw = load_raw_datasets(dataset_name=name)
+    texts = {split: raw[split]["text"] for split in ("train", "validation", "test")}
+    assert {split: len(rows) for split, rows in texts.items()} == {"train": 1, "validation": 1, "test": 1}
+    assert {split: len(rows[0]) for split, rows in texts.items()} == {"train": 1003854, "validation": 55770, "test": 55770}
+    assert texts["train"][0].startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
+    assert texts["test"][0].endswith("Whiles thou art waking.\n")
+    streamed = load_raw_datasets(dataset_name=name, streaming=True)
+    assert next(iter(streamed["validation"]))["text"] == texts["validation"][0]
 
 
 def test_validation_tail_is_contiguous_and_exact(tmp_path):

@@ -9,6 +9,7 @@ encoded blocks from the `datasets` cache instead of encoding again.
 import glob
 import itertools
 import logging
+import lzma
 import math
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Sequence, Value
 from datasets.table import InMemoryTable
+from huggingface_hub import HfApi, is_offline_mode
 
 from .tokenization_char_lstm import CharLSTMTokenizer
 
@@ -32,6 +34,15 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 
 class DataError(ValueError):
     """A problem with the training data, explained in one line with the way out."""
+
+
+# The default dataset, and the copy of it that ships with the package (public-domain text, xz-compressed) so that the
+# main job runs without Hub access. Same train/validation/test split as the Hub dataset: the first 90% of the
+# characters, the next 5%, the last 5% (one row each).
+DEFAULT_DATASET = "karpathy/tiny_shakespeare"
+BUNDLED_DATASET = "tiny_shakespeare (bundled)"
+BUNDLED_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare.txt.xz")
+BUNDLED_SPLITS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -108,6 +119,58 @@ def load_files(files: list[str], text_column: str, encoding: str, streaming: boo
     return dataset
 
 
+def hub_unreachable_reason(repo_id: str, timeout: float = 5.0) -> str | None:
+    """Why the Hub dataset `repo_id` cannot be reached (offline mode, no connection...), or None when it can: one
+    request with a short timeout, no retries."""
+    if is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    try:
+        HfApi().dataset_info(repo_id, timeout=timeout)
+    except Exception as error:  # no network, DNS, proxy, timeout, HTTP error: all mean "not from the Hub"
+        reason = str(error).splitlines()[0] if str(error) else ""
+        return f"{type(error).__name__}: {reason[:120]}".rstrip(": ")
+    return None
+
+
+def resolve_dataset_name(dataset_name: str | None, dataset_config_name: str | None = None) -> str | None:
+    """The dataset to load: `karpathy/tiny_shakespeare` is replaced by the bundled copy when the Hub cannot be reached
+    (said in one info line); any other name is returned as it is."""
+    if dataset_name != DEFAULT_DATASET or dataset_config_name not in (None, "default"):
+        return dataset_name
+    reason = hub_unreachable_reason(dataset_name)
+    if reason is None:
+        return dataset_name
+    logger.info(f"{DEFAULT_DATASET} cannot be reached ({reason}): using the copy of tiny_shakespeare bundled with "
+                "char_lstm (same train/validation/test split).")
+    return BUNDLED_DATASET
+
+
+def bundled_split_text(split: str) -> str:
+    """One split of the bundled tiny_shakespeare, cut exactly as the Hub dataset's."""
+    with lzma.open(BUNDLED_CORPUS, "rb") as f:
+        text = f.read().decode("utf-8")
+    start, end = BUNDLED_SPLITS[split]
+    return text[int(len(text) * start) : int(len(text) * end)]
+
+
+def _bundled_rows(split: str) -> Iterator[dict]:
+    yield {"text": bundled_split_text(split)}
+
+
+def load_bundled_dataset(streaming: bool = False) -> DatasetDict | datasets.IterableDatasetDict:
+    """The bundled tiny_shakespeare as the Hub dataset loads: train/validation/test, one row of `text` each."""
+    features = Features({"text": Value("string")})
+    if streaming:
+        return datasets.IterableDatasetDict({
+            split: IterableDataset.from_generator(_bundled_rows, gen_kwargs={"split": split}, features=features)
+            for split in BUNDLED_SPLITS
+        })
+    return DatasetDict({
+        split: Dataset.from_generator(_bundled_rows, gen_kwargs={"split": split}, features=features)
+        for split in BUNDLED_SPLITS
+    })
+
+
 def load_raw_datasets(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -116,15 +179,20 @@ def load_raw_datasets(
     text_column: str = "text",
     encoding: str = "utf-8",
     streaming: bool = False,
+    file_option: str = "--train_file",
 ) -> DatasetDict | datasets.IterableDatasetDict:
-    """`train` (and `validation` when the data has one) with the text in `text_column`."""
+    """`train` (and `validation` when the data has one) with the text in `text_column`. `dataset_name` may be
+    `BUNDLED_DATASET` (see `resolve_dataset_name`); `file_option` is the flag the error messages suggest instead of a
+    dataset that cannot be loaded."""
     if train_file is not None:
-        raw = {"train": load_files(expand_files(train_file, "--train_file"), text_column, encoding, streaming)}
+        raw = {"train": load_files(expand_files(train_file, file_option), text_column, encoding, streaming)}
         if validation_file is not None:
             raw["validation"] = load_files(
                 expand_files(validation_file, "--validation_file"), text_column, encoding, streaming
             )
         raw = (datasets.IterableDatasetDict if streaming else DatasetDict)(raw)
+    elif dataset_name == BUNDLED_DATASET:
+        raw = load_bundled_dataset(streaming)
     elif dataset_name is not None:
         # A local folder laid out like a Hub dataset loads the same way as the Hub id (absolute path: see README).
         name = os.path.abspath(dataset_name) if os.path.isdir(dataset_name) else dataset_name
@@ -134,7 +202,7 @@ def load_raw_datasets(
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise DataError(
                 f"Could not load the dataset {dataset_name!r} ({type(error).__name__}: {reason[:200]}); "
-                "without Hub access, train on a local text file with --train_file path/to/text.txt."
+                f"without Hub access, use a local text file with {file_option} path/to/text.txt."
             ) from None
         if "train" not in raw:
             raise DataError(f"The dataset {dataset_name!r} has no 'train' split (it has {list(raw)}).")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .data import DataError, iter_texts, load_raw_datasets
+from .data import DataError, iter_texts, load_raw_datasets, resolve_dataset_name
 from .hub import load_model_and_tokenizer
 from .metrics import load_bits_per_character
 from .sampling import pick_device, resolve_dtype
@@ -114,19 +114,22 @@ class EvaluateArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
 
 
-def load_text(args: EvaluateArguments) -> str:
-    """The text to measure, documents joined with the separator."""
+def load_text(args: EvaluateArguments) -> tuple[str, str]:
+    """(the text to measure, documents joined with the separator; what it is, for the results)."""
     if args.validation_file is not None:
-        dataset = load_raw_datasets(train_file=args.validation_file, text_column=args.text_column, encoding=args.encoding)["train"]
+        dataset = load_raw_datasets(train_file=args.validation_file, text_column=args.text_column,
+                                    encoding=args.encoding, file_option="--validation_file")["train"]
+        name = args.validation_file
     elif args.dataset_name is not None:
-        raw = load_raw_datasets(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-                                text_column=args.text_column)
+        dataset_name = resolve_dataset_name(args.dataset_name, args.dataset_config_name)
+        raw = load_raw_datasets(dataset_name=dataset_name, dataset_config_name=args.dataset_config_name,
+                                text_column=args.text_column, file_option="--validation_file")
         if args.split not in raw:
             raise DataError(f"The dataset {args.dataset_name!r} has no split {args.split!r} (it has {list(raw)}).")
-        dataset = raw[args.split]
+        dataset, name = raw[args.split], f"{dataset_name}:{args.split}"
     else:
         raise DataError("Nothing to evaluate on: pass --validation_file or --dataset_name (with --split).")
-    return args.document_separator.join(iter_texts(dataset, args.text_column))
+    return args.document_separator.join(iter_texts(dataset, args.text_column)), name
 
 
 def run(args: EvaluateArguments) -> dict:
@@ -135,7 +138,7 @@ def run(args: EvaluateArguments) -> dict:
     unknown_modes = set(modes) - set(MODES)
     if unknown_modes:
         raise DataError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
-    text = load_text(args)
+    text, data = load_text(args)
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, device=pick_device(args.device), dtype=resolve_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code,
@@ -148,7 +151,7 @@ def run(args: EvaluateArguments) -> dict:
     ids = tokenizer.encode_corpus(text)
     results = {
         "model": args.model_name_or_path,
-        "data": args.validation_file or f"{args.dataset_name}:{args.split}",
+        "data": data,
         "characters": len(text),
         "unknown_characters": unknown,
         "block_size": args.block_size,

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from functools import lru_cache, partial
 
@@ -44,6 +44,7 @@ from .data import (
     encode_streams,
     iter_texts,
     load_raw_datasets,
+    resolve_dataset_name,
     split_validation_tail,
 )
 from .hub import RUN_INFO_NAME, check_vocab_match, results_from_training, write_model_card
@@ -667,6 +668,10 @@ def train(
         training_args.label_names = ["shift_labels"]
     resume = _prepare_output_dir(training_args)
     set_seed(training_args.seed)
+    if data_args.train_file is None:  # karpathy/tiny_shakespeare without Hub access: the bundled copy
+        data_args = replace(
+            data_args, dataset_name=resolve_dataset_name(data_args.dataset_name, data_args.dataset_config_name)
+        )
 
     with training_args.main_process_first(desc="loading the data"):
         raw = load_raw_datasets(

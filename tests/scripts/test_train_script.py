@@ -75,9 +75,11 @@ def test_cli_data_errors(tmp_path, make, message):
 
 
 def test_cli_offline_hub_dataset_names_train_file(tmp_path):
-    result = launch(["--output_dir", str(tmp_path / "o"), *TINY], tmp_path)  # default: karpathy/tiny_shakespeare
+    # an explicit dataset id that cannot be loaded stays an error (only the default has a bundled copy)
+    result = launch(["--dataset_name", "no-such-user/no-such-dataset", "--output_dir", str(tmp_path / "o"), *TINY],
+                    tmp_path)
     assert result.returncode == 2
-    assert "Could not load the dataset 'karpathy/tiny_shakespeare'" in result.stderr
+    assert "Could not load the dataset 'no-such-user/no-such-dataset'" in result.stderr
     assert "--train_file" in result.stderr
 
 
