@@ -42,7 +42,7 @@ def test_greedy_with_cache_equals_recomputing_the_prefix(tokenizer, cell_type):
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(tokenizer, cell_type):
     model = make_model(tokenizer, cell_type)
     prompts = ["ROMEO:\nBut, soft", "All:", "First Citizen:\n"]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     out = model.generate(
         **batch, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True
     )
@@ -81,7 +81,7 @@ def test_top_k_1_sampling_is_greedy(tokenizer, model):
 
 
 def test_num_return_sequences(tokenizer, model):
-    batch = tokenizer(["All:", "ROMEO:"], return_tensors="pt", padding=True)
+    batch = tokenizer(["All:", "ROMEO:"], return_tensors="pt", padding=True, padding_side="left")
     torch.manual_seed(0)
     out = model.generate(**batch, max_new_tokens=8, do_sample=True, num_return_sequences=3)
     assert out.shape == (6, batch["input_ids"].shape[1] + 8)
@@ -92,7 +92,7 @@ def test_num_return_sequences(tokenizer, model):
 
 def test_beam_search_reorders_the_state(tokenizer, cell_type):
     model = make_model(tokenizer, cell_type, hidden_size=32)
-    batch = tokenizer(["ROMEO:\nBut", "All:"], return_tensors="pt", padding=True)
+    batch = tokenizer(["ROMEO:\nBut", "All:"], return_tensors="pt", padding=True, padding_side="left")
     kwargs = dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, do_sample=False)
     with_cache = model.generate(**batch, **kwargs, return_dict_in_generate=True, output_scores=True)
     without_cache = model.generate(**batch, **kwargs, use_cache=False, return_dict_in_generate=True, output_scores=True)
@@ -135,7 +135,7 @@ def test_streamer_prints_the_generated_text_in_order(tokenizer, model, capsys):
 
 def test_returned_cache_continues_the_sequence_exactly(tokenizer, cell_type):
     model = make_model(tokenizer, cell_type)
-    batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True)
+    batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True, padding_side="left")
     reference = model.generate(**batch, max_new_tokens=16, do_sample=False)
 
     first = model.generate(**batch, max_new_tokens=7, do_sample=False, return_dict_in_generate=True)

@@ -49,10 +49,13 @@ def test_save_writes_safetensors_auto_map_and_code(saved):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_char_lstm.CharLSTMConfig",
+        "AutoModel": "modeling_char_lstm.CharLSTMModel",
         "AutoModelForCausalLM": "modeling_char_lstm.CharLSTMForCausalLM",
+        "AutoTokenizer": ["tokenization_char_lstm.CharLSTMTokenizer", None],
     }
+    # no auto_map here: with one, transformers would refuse the tokenizer without trust_remote_code
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-    assert tok_config["auto_map"]["AutoTokenizer"][0] == "tokenization_char_lstm.CharLSTMTokenizer"
+    assert "auto_map" not in tok_config and "tokenizer.json" in files
 
 
 def test_shipped_modeling_file_imports_only_torch_transformers_and_config(saved):
@@ -104,11 +107,15 @@ def test_trust_remote_code_load_in_a_clean_process(saved, tokenizer, tmp_path):
             raise SystemExit("char_lstm should not be importable here")
 
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         folder = {str(folder)!r}
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "CharLSTMConfig"
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        assert type(base).__name__ == "CharLSTMModel", type(base)
+        assert torch.equal(base.embeddings.weight, model.model.embeddings.weight)
         assert "char_lstm" not in sys.modules
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         torch.manual_seed(1234)

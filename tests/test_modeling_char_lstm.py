@@ -102,8 +102,7 @@ def test_wrong_cache_is_refused(tokenizer):
 def test_left_padding_is_exact(tokenizer, cell_type):
     model = make_model(tokenizer, cell_type)
     texts = ["ROMEO:\nBut, soft", "All:", "hear me speak."]
-    batch = encode(tokenizer, texts, padding=True)
-    assert tokenizer.padding_side == "left"
+    batch = encode(tokenizer, texts, padding=True, padding_side="left")
     out = model(**batch).logits
     for row, text in enumerate(texts):
         alone = model(**encode(tokenizer, [text])).logits[0]
@@ -144,7 +143,7 @@ def test_padding_does_not_touch_the_state(tokenizer):
 def test_mask_longer_than_inputs_uses_last_columns(tokenizer):
     """generate() passes the mask of the whole sequence; only the columns of the new tokens matter."""
     model = make_model(tokenizer)
-    batch = encode(tokenizer, ["All:", "ROMEO:"], padding=True)
+    batch = encode(tokenizer, ["All:", "ROMEO:"], padding=True, padding_side="left")
     cache = DynamicCache(config=model.config)
     model(**batch, cache=cache)
     nxt = torch.tensor([[7], [7]])

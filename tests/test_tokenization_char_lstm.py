@@ -1,7 +1,11 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from char_lstm import CharLSTMTokenizer
@@ -22,15 +26,29 @@ def test_from_corpus_is_deterministic_and_sorted():
     assert len(a) == a.vocab_size == len(set("hello world\n")) + 2
 
 
-@pytest.mark.parametrize(
-    "text", [CORPUS, UNICODE_TEXT, "", " ", "\n", "  leading and trailing  ", "<pad> and <unk> typed as text"]
-)
+@pytest.mark.parametrize("text", [CORPUS, UNICODE_TEXT, "", " ", "\n", "\n\n\r\n", "  leading and trailing  "])
 def test_decode_encode_round_trip_is_exact(text):
-    tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT, "<pad> and <unk> typed as text"])
+    tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT], document_boundary=True)
     ids = tokenizer(text)["input_ids"]
     assert len(ids) == len(text)  # one token per code point
     assert tokenizer.decode(ids) == text
     assert tokenizer.convert_tokens_to_string(tokenizer.tokenize(text)) == text
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    assert offsets == [(i, i + 1) for i in range(len(text))]
+
+
+def test_special_token_strings_typed_in_text_are_the_special_tokens():
+    """The one rule: a special token's string in a text is that token (as in every transformers tokenizer); the
+    round trip stays exact; split_special_tokens=True reads it as characters, as encode_corpus always does."""
+    text = "<pad> and <eos> typed as text"
+    tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, text], document_boundary=True)
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.pad_token_id and ids[6] == tokenizer.eos_token_id and len(ids) == len(text) - 8
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids, skip_special_tokens=True) == " and  typed as text"
+    as_characters = tokenizer(text, split_special_tokens=True)["input_ids"]
+    assert len(as_characters) == len(text) and tokenizer.decode(as_characters) == text
+    assert tokenizer.encode_corpus(text).tolist() == as_characters
 
 
 def test_combining_marks_and_emoji_are_separate_code_points():
@@ -49,13 +67,21 @@ def test_unknown_characters_map_to_unk_and_are_reported():
     assert tokenizer.decode(ids, skip_special_tokens=True) == "ab "
 
 
-def test_padding_is_left_by_default_and_pads_skip_on_decode():
+def test_padding_is_right_by_default_and_pads_skip_on_decode():
     tokenizer = CharLSTMTokenizer.from_corpus("abc")
     batch = tokenizer(["a", "abc"], padding=True)
-    assert batch["input_ids"][0][:2] == [0, 0]
-    assert batch["attention_mask"] == [[0, 0, 1], [1, 1, 1]]
+    assert batch["input_ids"][0][1:] == [0, 0]
+    assert batch["attention_mask"] == [[1, 0, 0], [1, 1, 1]]
     assert tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True) == ["a", "abc"]
     assert "token_type_ids" not in batch
+    assert tokenizer(["a", "abc"], padding=True, padding_side="left")["attention_mask"] == [[0, 0, 1], [1, 1, 1]]
+
+
+def test_document_boundary_is_one_token_for_bos_and_eos_never_added():
+    tokenizer = CharLSTMTokenizer.from_corpus("ab", document_boundary=True)
+    assert tokenizer.get_vocab()["<eos>"] == 2 == tokenizer.bos_token_id == tokenizer.eos_token_id
+    assert tokenizer("ab")["input_ids"] == [3, 4]
+    assert len(tokenizer) == 5
 
 
 def test_bos_eos_are_optional():
@@ -74,13 +100,126 @@ def test_save_and_auto_tokenizer_round_trip(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
     assert vocab == tokenizer.get_vocab()
+    assert "auto_map" not in json.loads((tmp_path / "tokenizer_config.json").read_text())  # loads with no code
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert isinstance(loaded, CharLSTMTokenizer)
     assert loaded.get_vocab() == tokenizer.get_vocab()
-    assert loaded.padding_side == "left"
+    assert loaded.padding_side == "right"
     assert loaded.add_eos_token and loaded.eos_token == "<eos>"
     assert loaded(UNICODE_TEXT)["input_ids"] == tokenizer(UNICODE_TEXT)["input_ids"]
     assert loaded.decode(loaded(UNICODE_TEXT)["input_ids"], skip_special_tokens=True) == UNICODE_TEXT
+    # The tokenizers library alone reads tokenizer.json with the same ids (template included).
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(UNICODE_TEXT).ids == tokenizer(UNICODE_TEXT)["input_ids"]
+
+
+CLEAN_PROCESS = """
+import json, sys
+sys.modules["char_lstm"] = None  # the package cannot be imported
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+text = sys.argv[2]
+encoding = tokenizer([text], return_offsets_mapping=True)
+explicit = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)
+assert explicit([text])["input_ids"] == encoding["input_ids"]
+print("RESULT", json.dumps({"class": type(tokenizer).__name__, "ids": encoding["input_ids"][0],
+                  "offsets": encoding["offset_mapping"][0], "decoded": tokenizer.decode(encoding["input_ids"][0]),
+                  "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "padding_side": tokenizer.padding_side}))
+"""
+
+
+def test_auto_tokenizer_without_remote_code_in_a_process_without_the_package(tmp_path):
+    """A saved model folder (config.json with auto_map included) loads its tokenizer from tokenizer.json with no
+    trust_remote_code and without char_lstm."""
+    from helpers import make_model
+
+    tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT], document_boundary=True)
+    make_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    text = UNICODE_TEXT + "<eos>" + CORPUS
+    out = subprocess.run(
+        [sys.executable, "-c", CLEAN_PROCESS, str(tmp_path), text],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    # (transformers asks once whether to run the config's code; with no terminal it goes on without it)
+    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert result["class"] == "TokenizersBackend"
+    assert result["ids"] == tokenizer(text)["input_ids"]
+    assert result["decoded"] == text
+    assert [tuple(o) for o in result["offsets"]] == tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    assert (result["bos"], result["eos"], result["padding_side"]) == ("<eos>", "<eos>", "right")
+
+
+# What the version before tokenizer.json wrote (vocab.json + tokenizer_config.json, copied from a real save).
+LEGACY_TOKENIZER_CONFIG = {
+    "added_tokens_decoder": {
+        str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": True}
+        for i, token in enumerate(["<pad>", "<unk>", "<bos>", "<eos>"])
+    },
+    "auto_map": {"AutoTokenizer": ["tokenization_char_lstm.CharLSTMTokenizer", None]},
+    "backend": "custom",
+    "bos_token": "<bos>",
+    "clean_up_tokenization_spaces": False,
+    "eos_token": "<eos>",
+    "model_max_length": 1000000000000000019884624838656,
+    "pad_token": "<pad>",
+    "padding_side": "left",
+    "split_special_tokens": True,
+    "tokenizer_class": "CharLSTMTokenizer",
+    "unk_token": "<unk>",
+}
+LEGACY_VOCAB = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, " ": 4, "a": 5, "b": 6, "c": 7}
+
+
+def test_folders_saved_before_tokenizer_json_still_load(tmp_path):
+    (tmp_path / "vocab.json").write_text(json.dumps(LEGACY_VOCAB, indent=0), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(LEGACY_TOKENIZER_CONFIG, indent=2), encoding="utf-8")
+    for loaded in (CharLSTMTokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+        assert isinstance(loaded, CharLSTMTokenizer)
+        assert loaded.get_vocab() == LEGACY_VOCAB and len(loaded) == 8
+        # as that version did: bos/eos added, left padding, special strings typed in text read as characters
+        assert loaded("ab c")["input_ids"] == [2, 5, 6, 4, 7, 3]
+        assert loaded.padding_side == "left"
+        assert len(loaded("<eos>", add_special_tokens=False)["input_ids"]) == 5
+        assert loaded.decode(loaded("ab c")["input_ids"], skip_special_tokens=True) == "ab c"
+        assert loaded.encode_corpus("ab cz").tolist() == [5, 6, 4, 7, 1]
+    # saved again, it gains tokenizer.json and keeps its behaviour
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoTokenizer.from_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "tokenizer.json").is_file()
+    assert again("ab c")["input_ids"] == [2, 5, 6, 4, 7, 3] and again.padding_side == "left"
+
+
+def test_special_tokens_given_at_init_or_load_are_added(tmp_path):
+    tokenizer = CharLSTMTokenizer.from_corpus("abc", pad_token="[PAD]", eos_token="</s>")
+    vocab = tokenizer.get_vocab()
+    assert {tokenizer.pad_token_id, tokenizer.eos_token_id} == {vocab["[PAD]"], vocab["</s>"]} == {5, 6}
+    assert len(tokenizer) == 7
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, bos_token="<s>", add_bos_token=True)
+    assert loaded.bos_token_id == 7 and len(loaded) == 8
+    assert loaded("ab")["input_ids"] == [7, 2, 3]
+    assert loaded.decode(loaded("ab")["input_ids"], skip_special_tokens=True) == "ab"
+
+
+def test_added_tokens_are_in_the_vocabulary_matched_in_text_and_resize_the_model():
+    from helpers import make_model
+
+    tokenizer = CharLSTMTokenizer.from_corpus("abc []ST")
+    before = len(tokenizer)
+    assert tokenizer.add_tokens(["[ST]", "<new>"]) == 2
+    assert len(tokenizer) == before + 2
+    vocab = tokenizer.get_vocab()
+    assert vocab["[ST]"] == before and vocab["<new>"] == before + 1
+    assert tokenizer.tokenize("a[ST]b") == ["a", "[ST]", "b"]
+    assert tokenizer.decode(tokenizer("a[ST]b<new>")["input_ids"]) == "a[ST]b<new>"
+    model = make_model(CharLSTMTokenizer.from_corpus("abc []ST"))
+    model.resize_token_embeddings(len(tokenizer))
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == model.config.vocab_size
+    assert model.lm_head.weight.shape[0] == len(tokenizer)
+    with torch.no_grad():
+        assert model(**tokenizer(["a[ST]b<new>"], return_tensors="pt")).logits.shape == (1, 4, len(tokenizer))
 
 
 def test_encode_corpus_equals_tokenizer():
@@ -106,8 +245,6 @@ def test_bad_vocabularies_are_refused(tmp_path):
         CharLSTMTokenizer()
     with pytest.raises(ValueError, match="no '<unk>' token"):
         CharLSTMTokenizer(vocab={"<pad>": 0, "a": 1})
-    with pytest.raises(ValueError, match="single characters"):
-        CharLSTMTokenizer(vocab={"<pad>": 0, "<unk>": 1, "ab": 2})
 
 
 def test_encode_corpus_with_a_large_vocabulary():

@@ -17,11 +17,11 @@ AutoModelForCausalLM.register(CharLSTMConfig, CharLSTMForCausalLM, exist_ok=True
 AutoTokenizer.register(CharLSTMConfig, tokenizer_class=CharLSTMTokenizer, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the code files, so a saved folder loads with
-# `trust_remote_code=True` where this package is not installed (e.g. from the Hub).
+# `trust_remote_code=True` where this package is not installed (e.g. from the Hub). The tokenizer needs no code there:
+# its tokenizer.json loads with `AutoTokenizer` alone (see `CharLSTMTokenizer._save_pretrained`).
 CharLSTMConfig.register_for_auto_class()
 CharLSTMModel.register_for_auto_class("AutoModel")
 CharLSTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-CharLSTMTokenizer.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
     "CharLSTMConfig",

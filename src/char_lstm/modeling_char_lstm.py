@@ -47,6 +47,16 @@ _SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
 # that `copy.deepcopy(model)` and pickling never meet oneDNN's packed (storage-less) tensors.
 _STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
+# Every Auto class a saved folder can be loaded with (`trust_remote_code=True` where the package is not installed).
+# transformers writes only the saved class's own entry; AutoTokenizer names the tokenizer file that travels with
+# the tokenizer (whose tokenizer.json also loads with no code at all).
+AUTO_MAP = {
+    "AutoConfig": "configuration_char_lstm.CharLSTMConfig",
+    "AutoModel": "modeling_char_lstm.CharLSTMModel",
+    "AutoModelForCausalLM": "modeling_char_lstm.CharLSTMForCausalLM",
+    "AutoTokenizer": ["tokenization_char_lstm.CharLSTMTokenizer", None],
+}
+
 # The first layer's input projection of every character, ``embedding @ W_ih.T + b``, is precomputed for decoding when
 # the table ``(V, gates * H)`` stays at most this many elements (16 MB in float32; a char vocabulary is far below).
 _INPUT_TABLE_MAX_ELEMENTS = 1 << 22
@@ -361,6 +371,12 @@ class CharLSTMPreTrainedModel(PreTrainedModel):
             raise OSError(
                 f"The weights of {path} are corrupted or truncated ({error}); save or download the model again."
             ) from error
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; config.json's `auto_map` lists every Auto class (`AUTO_MAP`)."""
+        if getattr(self, "_auto_class", None) is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialization, chosen by measurement (2x256 LSTM, 300 Adam steps on tiny_shakespeare, 2 seeds, validation

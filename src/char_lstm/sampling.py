@@ -94,7 +94,7 @@ def check_prompts(tokenizer, prompts: list[str], unknown_to_unk: bool) -> None:
 def generate_texts(model, tokenizer, prompts: list[str], streamer=None, **generate_kwargs) -> list[str]:
     """prompt + generated text for every prompt (and every returned sequence), in order, from one batched
     `model.generate()` call (left padding; each row generates what its prompt generates alone)."""
-    batch = tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
+    batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(model.device)
     out = model.generate(**batch, streamer=streamer, **generate_kwargs)
     width = batch["input_ids"].shape[1]
     repeats = generate_kwargs.get("num_return_sequences", 1)
