@@ -21,6 +21,7 @@ from char_lstm.training import (
     parse_arguments,
     prepare_launch_environment,
     train,
+    training_console,
 )
 
 
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # a quarter faster CPU steps: no page faults for every step's fresh tensors
         model_args, data_args, training_args = parse_arguments(argv)
         logging.getLogger().setLevel(training_args.get_process_log_level())
-        train(model_args, data_args, training_args)
+        if training_args.should_log and training_args.log_level == "passive":  # char_lstm's few info lines: once
+            logging.getLogger("char_lstm").setLevel(logging.INFO)
+        with training_console():
+            train(model_args, data_args, training_args)
     except (DataError, TrainingDiverged, ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,7 +56,15 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert len(evals) >= 3 and evals[-1] < evals[0] - 0.3
     assert math.isclose(metrics["eval_bits_per_char"], metrics["eval_loss"] / math.log(2), rel_tol=1e-3)
     assert math.isclose(metrics["eval_perplexity"], math.exp(metrics["eval_loss"]), rel_tol=1e-3)
-    assert "----- sample at step 20 -----\nROMEO:" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "----- sample at step 20 -----\nROMEO:" in out_text
+    # the last step's sample once (the final evaluation does not print another), then the summary
+    assert out_text.count("----- sample at step 60 -----") == 1
+    assert out_text.rstrip().splitlines()[-3:] == [
+        "Training finished: 60 steps in " + out_text.split("Training finished: 60 steps in ")[1].split()[0] + " s.",
+        f"Model: {out} (eval loss {metrics['eval_loss']:#.4g} nats/char, {metrics['eval_bits_per_char']:#.4g} bits/char).",
+        f"Sample from it: python scripts/generate.py --model_name_or_path {out} --prompt ROMEO: --max_new_tokens 300",
+    ]
     for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "README.md"):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
@@ -108,7 +117,12 @@ def test_divergence_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     message = str(error.value)
     assert "Training diverged at step 6: the weights became NaN/inf" in message  # found before saving step 6
     assert "--learning_rate 1e-4" in message and "--max_grad_norm" in message and "--fp16/--bf16" in message
-    assert message.endswith("checkpoint-4.")
+    # the summary: the last good checkpoint with its evaluation, and what to do with it
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    eval_loss = [e for e in log_history(checkpoint) if "eval_loss" in e][-1]["eval_loss"]
+    assert f"Last checkpoint: {checkpoint} (eval loss {eval_loss:#.4g} nats/char, " in message
+    assert message.splitlines()[-1].startswith(f"Sample from it: python scripts/generate.py --model_name_or_path {checkpoint}")
+    assert "Resume" not in message  # the same run would diverge again
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
     weights = load_file(out / "checkpoint-4" / "model.safetensors")
@@ -355,7 +369,43 @@ def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog):
         run(tmp_path, "--max_steps", "500", "--eval_steps", "250", "--save_steps", "250", "--sample_every_evals", "0",
             "--max_train_seconds", "0.001", callbacks=[PoisonWeights(step=1)], out="nan")
     assert not (tmp_path / "nan" / "checkpoint-1").exists()
-    assert "--max_train_seconds 0.001 reached at step 1: stopping." in caplog.text
+    assert "--max_train_seconds 0.001 reached at step 1 of 500: stopping (the learning-rate schedule" not in caplog.text
+    assert "--max_train_seconds 0.001 reached at step 1 of 500: stopping." in caplog.text  # the plateau scheduler
+
+
+def test_a_time_budget_ends_the_learning_rate_schedule(tmp_path, capsys, monkeypatch):
+    """A slow machine still gets a finished cosine schedule: with a budget of 10 s for 1000 steps that take 1 s each
+    (a clock that advances one second per step), training stops at step 10 with the schedule at its end; a fast
+    machine (a budget it never reaches) gets exactly the schedule over steps."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr("char_lstm.training.time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    common = ("--eval_steps", "100000", "--save_steps", "100000", "--logging_steps", "1", "--sample_every_evals", "0",
+              "--lr_scheduler_type", "cosine", "--learning_rate", "1e-2")
+    metrics, out = run(tmp_path, "--max_steps", "1000", "--max_train_seconds", "10", *common)
+    assert metrics["global_step"] == 10
+    lrs = [entry["learning_rate"] for entry in log_history(out) if "learning_rate" in entry]
+    # the rate used at step k follows the clock read at step k - 1: (k - 1) / 10 of the budget, of the schedule
+    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * (k - 1) / 10)) for k in range(1, 11)]
+    assert lrs == pytest.approx(expected)
+    printed = capsys.readouterr().out
+    assert "Stopped by --max_train_seconds 10 at step 10 of 1000, its learning-rate schedule ended." in printed
+    assert f"Model: {out} (eval loss" in printed  # the final model is saved and evaluated
+
+    _, fast = run(tmp_path, "--max_steps", "8", "--max_train_seconds", "10000", *common, out="fast")
+    _, plain = run(tmp_path, "--max_steps", "8", *common, out="plain")
+    assert [e["learning_rate"] for e in log_history(fast) if "learning_rate" in e] == pytest.approx(
+        [e["learning_rate"] for e in log_history(plain) if "learning_rate" in e]
+    )
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search(cell, tokenizer):
+    """Why `ddp_find_unused_parameters` defaults to False (DDP warns when it searches and finds nothing)."""
+    model = make_model(tokenizer, cell_type=cell, dropout=0.1).train()
+    ids = torch.tensor([tokenizer.encode("ROMEO: But soft")])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    assert CharLSTMTrainingArguments(output_dir="x").ddp_find_unused_parameters is False
 
 
 def test_preset_bf16_follows_the_hardware():

@@ -13,12 +13,14 @@ import lzma
 import math
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+import transformers
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Sequence, Value
 from datasets.table import InMemoryTable
 from huggingface_hub import HfApi, is_offline_mode
@@ -43,6 +45,23 @@ DEFAULT_DATASET = "karpathy/tiny_shakespeare"
 BUNDLED_DATASET = "tiny_shakespeare (bundled)"
 BUNDLED_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyshakespeare.txt.xz")
 BUNDLED_SPLITS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}
+
+
+@contextmanager
+def quiet_progress_bars():
+    """No `datasets` or `transformers` progress bars inside the block (each is restored as it was after): for the
+    quick steps whose bars would only add lines (splitting, one-row datasets, writing one weights file)."""
+    datasets_on = datasets.is_progress_bar_enabled()
+    transformers_on = transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers.utils.logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .data import DataError, iter_texts, load_raw_datasets, resolve_dataset_name
+from .data import DataError, iter_texts, load_raw_datasets, quiet_progress_bars, resolve_dataset_name
 from .hub import load_model_and_tokenizer
 from .metrics import load_bits_per_character
 from .sampling import pick_device, resolve_dtype
@@ -138,7 +138,8 @@ def run(args: EvaluateArguments) -> dict:
     unknown_modes = set(modes) - set(MODES)
     if unknown_modes:
         raise DataError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
-    text, data = load_text(args)
+    with quiet_progress_bars():
+        text, data = load_text(args)
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, device=pick_device(args.device), dtype=resolve_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code,

@@ -12,9 +12,11 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from functools import lru_cache, partial
@@ -22,10 +24,13 @@ from functools import lru_cache, partial
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import (
     AutoTokenizer,
     DynamicCache,
     HfArgumentParser,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -44,6 +49,7 @@ from .data import (
     encode_streams,
     iter_texts,
     load_raw_datasets,
+    quiet_progress_bars,
     resolve_dataset_name,
     split_validation_tail,
 )
@@ -157,13 +163,22 @@ class CharLSTMTrainingArguments(TrainingArguments):
     sample_temperature: float = field(default=0.8, metadata={"help": "Temperature of the samples."})
     max_train_seconds: float | None = field(
         default=None,
-        metadata={"help": "Stop training (evaluating and saving that step) once this many seconds of training have "
-                  "passed, whatever --max_steps says: a guard for a time budget. 0: no limit."},
+        metadata={"help": "A time budget: training stops (evaluating and saving that step) once this many seconds of "
+                  "training have passed, whatever --max_steps says, and a decaying learning-rate schedule (cosine, "
+                  "linear...) runs over whichever of the two ends first, so a slow machine still ends its schedule. "
+                  "0: no limit."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP's search for parameters without gradient: every CharLSTM parameter gets one in every "
+                  "step (tested), so the search is off."},
     )
 
     def __post_init__(self):
         if self.lr_scheduler_type != "reduce_lr_on_plateau" and self.lr_scheduler_kwargs == _plateau_defaults():
             self.lr_scheduler_kwargs = {}
+        if not torch.cuda.is_available():  # pinned memory only speeds up copies to a GPU (torch warns otherwise)
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
 
@@ -190,7 +205,7 @@ PRESETS = {
         "bf16": "auto",
         "eval_steps": 1000,
         "save_steps": 1000,
-        "logging_steps": 100,
+        "logging_steps": 250,  # 12 loss lines: the run's output fits in one screen
         "max_eval_samples": 256,
     },
     "seed": {
@@ -224,6 +239,15 @@ def prepare_launch_environment() -> None:
             "`accelerate launch --multi_gpu --num_processes N scripts/train.py ...` (char_lstm uses gloo when there "
             "is no GPU)."
         )
+
+
+@contextmanager
+def training_console():
+    """The console of `scripts/train.py`: log lines go through tqdm (each on its own line, never glued to a progress
+    bar), and the quick steps (loading one-row datasets, splitting, writing one weights file) draw no bar of their
+    own, so a run shows one bar for training and one for each evaluation."""
+    with logging_redirect_tqdm(), quiet_progress_bars():
+        yield
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -334,20 +358,26 @@ def _bits_per_character():
 
 
 class SampleCallback(TrainerCallback):
-    """Every `every` evaluations, print a sample (main process only) and log it to TensorBoard as text."""
+    """Every `every` evaluations, print a sample (main process only) and log it to TensorBoard as text; once per
+    step (the evaluation of the final model after training does not print the last step's sample again)."""
 
     def __init__(self, tokenizer, prompt: str, every: int, length: int, temperature: float):
         self.tokenizer, self.prompt, self.every = tokenizer, prompt, every
         self.length, self.temperature = length, temperature
         self.evaluations = 0
+        self.sampled_step = None
         self.trainer = None  # set by train(), to find the TensorBoard writer
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         self.evaluations += 1
         if not self.every or self.evaluations % self.every or not state.is_world_process_zero:
             return
+        if state.global_step == self.sampled_step:
+            return
+        self.sampled_step = state.global_step
         text = sample(model, self.tokenizer, self.prompt, self.length, self.temperature)
-        print(f"\n----- sample at step {state.global_step} -----\n{text}\n-----", flush=True)
+        # through tqdm, so that the progress bars are cleared first and drawn again after the sample
+        tqdm.write(f"----- sample at step {state.global_step} -----\n{text}\n-----")
         for callback in self.trainer.callback_handler.callbacks if self.trainer else ():
             writer = getattr(callback, "tb_writer", None)
             if writer is not None:
@@ -400,37 +430,80 @@ class DivergenceGuard(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             self._trip(state, control, f"the training loss became {loss}")
 
-    def message(self, output_dir: str) -> str:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        kept = f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been saved yet"
-        return f"Training diverged at step {self.diverged_at}: {self.what}. {DIVERGENCE_HELP} Nothing was overwritten; {kept}."
+    def message(self, output_dir: str, prompt: str) -> str:
+        return run_summary(
+            output_dir,
+            f"Training diverged at step {self.diverged_at}: {self.what}. {DIVERGENCE_HELP} Nothing was overwritten.",
+            prompt=prompt,
+            resume=False,
+        )
 
 
 class TimeLimitCallback(TrainerCallback):
-    """Stop training once `seconds` of training have passed (`--max_train_seconds`), evaluating and saving that last
-    step; the run then ends as usual."""
+    """A time budget (`--max_train_seconds`): stop training once `seconds` of training have passed, evaluating and
+    saving that last step (the run then ends as usual), and run a decaying learning-rate schedule over the budget.
+
+    The schedule (any `LambdaLR` Trainer builds: cosine, linear, polynomial, with warm-up) is read at
+    `max(step, elapsed / seconds * max_steps)`: on a machine fast enough for `max_steps` in time nothing changes, on a
+    slower one the schedule reaches its end when the time does, so the model it leaves is a finished one, not the
+    middle of a schedule. Under several processes the elapsed time is the slowest process's (one all_reduce per
+    step), so every process uses the same learning rate and stops at the same step. A resumed run counts its time
+    from the resume."""
 
     def __init__(self, seconds: float):
         self.seconds, self.start, self.stopped_at = seconds, None, None
+        self.fraction = 0.0  # of the time budget used, as of the last step
+        self.schedule_over_time = False
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.start, self.fraction = time.perf_counter(), 0.0
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and state.max_steps > 0:
+            scheduler.lr_lambdas = [self._over_time(schedule, state.max_steps) for schedule in scheduler.lr_lambdas]
+            self.schedule_over_time = True
+
+    def _over_time(self, schedule, max_steps: int):
+        def scheduled(step: int) -> float:  # a plain function, so LambdaLR.state_dict() leaves it out of checkpoints
+            return schedule(max(step, min(max_steps, round(self.fraction * max_steps))))
+
+        return scheduled
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # after the optimizer step and before the scheduler's, so the next learning rate sees this step's time
+        elapsed = time.perf_counter() - self.start
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the slowest process's clock for all (one process alone needs no tensor and no device sync per step)
+            clock = torch.tensor([elapsed], dtype=torch.float64, device=args.device)
+            torch.distributed.all_reduce(clock, op=torch.distributed.ReduceOp.MAX)
+            elapsed = float(clock.item())
+        self.fraction = elapsed / self.seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        over = time.perf_counter() - self.start >= self.seconds
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every process stops at the same step (one process alone needs no tensor and no device sync per step)
-            flag = torch.tensor([over], dtype=torch.int32, device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            over = bool(flag.item())
-        if self.stopped_at is None and over:
+        if self.stopped_at is None and self.fraction >= 1:
             self.stopped_at = state.global_step
             control.should_training_stop = True
             # Evaluate and save this last step too, so the best model kept at the end can be the latest one.
             control.should_evaluate = args.eval_strategy != "no"
             control.should_save = args.save_strategy != "no"
             if state.is_world_process_zero:
-                logger.warning(f"--max_train_seconds {self.seconds:g} reached at step {state.global_step}: stopping.")
+                logger.warning(f"--max_train_seconds {self.seconds:g} reached at step {state.global_step} of "
+                               f"{state.max_steps}: stopping"
+                               + (" (the learning-rate schedule, run over the time budget, has ended)."
+                                  if self.schedule_over_time else "."))
+
+
+class MetricsProgressCallback(ProgressCallback):
+    """Trainer's progress bars and log lines, with every number at 4 significant digits (`2.000`, not `2`) and
+    without the timings (`*_runtime`, `*_per_second`: they stay in trainer_state.json and all_results.json), so that
+    a line holds what the run learned."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {
+            key: f"{value:#.4g}" if isinstance(value, float) else value
+            for key, value in (logs or {}).items()
+            if not key.endswith(("_runtime", "_per_second"))
+        }
+        super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class LearningRateLogCallback(TrainerCallback):
@@ -530,6 +603,48 @@ class StatefulTrainer(Trainer):
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def _checkpoint_metrics(checkpoint: str) -> dict:
+    """The last evaluation saved in a checkpoint's trainer_state.json ({} without one)."""
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        history = json.load(f).get("log_history", [])
+    return next((entry for entry in reversed(history) if "eval_loss" in entry), {})
+
+
+def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prompt: str = "ROMEO:",
+                resume: bool = True) -> str:
+    """The lines every run ends with, however it stopped (`stopped` says how and why): where the model is, its eval
+    loss and bits per character, and the command to run next.
+
+    With `metrics` (the final model's evaluation), the model is in `output_dir` and the next command samples from it.
+    Without, the run stopped before saving a final model: the last checkpoint is named with the evaluation saved in
+    it, and the next command resumes from it (`resume=True`) or samples from it."""
+    def measured(values: dict) -> str:
+        if "eval_loss" not in values:
+            return "not evaluated"
+        bits = values.get("eval_bits_per_char", values["eval_loss"] / math.log(2))
+        return f"eval loss {values['eval_loss']:#.4g} nats/char, {bits:#.4g} bits/char"
+
+    def generate(folder: str) -> str:
+        return (f"python scripts/generate.py --model_name_or_path {shlex.quote(folder)} --prompt {shlex.quote(prompt)} "
+                "--max_new_tokens 300")
+
+    if metrics is not None:
+        lines = [f"Model: {output_dir} ({measured(metrics)}).", f"Sample from it: {generate(output_dir)}"]
+    else:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            lines = ["No checkpoint had been saved yet."]
+        else:
+            lines = [f"Last checkpoint: {last} ({measured(_checkpoint_metrics(last))})."]
+            if resume:
+                lines.append("Resume: the same command with --resume_from_checkpoint True.")
+            lines.append(f"Sample from it: {generate(last)}")
+    return "\n".join([stopped, *lines])
 
 
 def _prepare_output_dir(args: CharLSTMTrainingArguments) -> str | bool | None:
@@ -762,6 +877,7 @@ def train(
         tokenizer, prompt, training_args.sample_every_evals, training_args.sample_length, training_args.sample_temperature
     )
     guard = DivergenceGuard()
+    time_limit = TimeLimitCallback(training_args.max_train_seconds) if training_args.max_train_seconds else None
     trainer_class = StatefulTrainer if data_args.stateful else Trainer
     trainer = trainer_class(
         model=model,
@@ -775,7 +891,7 @@ def train(
         callbacks=[
             sampler,
             # before the guard: the guard checks the weights whenever a save or evaluation is due, this one included
-            *([TimeLimitCallback(training_args.max_train_seconds)] if training_args.max_train_seconds else []),
+            *([time_limit] if time_limit else []),
             guard,
             # only the plateau scheduler's cuts are news; a cosine or linear schedule lowers the LR every step
             *([LearningRateLogCallback()] if _scheduler_name(training_args) == "reduce_lr_on_plateau" else []),
@@ -783,20 +899,21 @@ def train(
         ],
     )
     sampler.trainer = trainer
+    if trainer.pop_callback(ProgressCallback) is not None:  # the same bars, with numbers at 4 significant digits
+        trainer.add_callback(MetricsProgressCallback)
 
     if resume is None and training_args.overwrite_output_dir:
         _delete_old_checkpoints(training_args)
     trainer.accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)
     if guard.diverged_at is not None:
-        raise TrainingDiverged(guard.message(training_args.output_dir))
+        raise TrainingDiverged(guard.message(training_args.output_dir, prompt))
 
     trainer.save_model()  # the best model when load_best_model_at_end, with tokenizer and generation config
     metrics = {**result.metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
     if not data_args.streaming:
         metrics["train_blocks"] = len(train_blocks)
-    trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)  # all_results.json; the console gets the summary below
     trainer.save_state()
     if trainer.is_world_process_zero():
         run = training_run_info(model_args, data_args, training_args, metrics, prompt, trainer.state.global_step)
@@ -809,4 +926,13 @@ def train(
         trainer.create_model_card = lambda *args, **kwargs: None
         trainer.push_to_hub(commit_message="char_lstm training run")
     trainer.accelerator.wait_for_everyone()  # no process leaves while the main one still writes
+    if trainer.is_world_process_zero():
+        state = trainer.state
+        if time_limit is not None and time_limit.stopped_at is not None:
+            stopped = (f"Stopped by --max_train_seconds {time_limit.seconds:g} at step {time_limit.stopped_at} of "
+                       f"{state.max_steps}" + (", its learning-rate schedule ended." if time_limit.schedule_over_time
+                                               else "."))
+        else:
+            stopped = f"Training finished: {state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s."
+        print(run_summary(training_args.output_dir, stopped, metrics, prompt), flush=True)
     return metrics

@@ -48,6 +48,9 @@ def test_cli_run_and_error_exit(tmp_path, corpus):
     assert evals[-1] < evals[0]
     assert "----- sample at step 10 -----" in result.stdout
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    # metrics at 4 significant digits, on lines of their own; no warning, no traceback
+    assert re.search(r"^\{'eval_loss': '\d\.\d{3}', 'eval_bits_per_char': '\d\.\d{3}'", result.stdout, re.M)
+    assert "Warning" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
     # the same run again refuses to touch the checkpoints, in one line
     again = launch(["--train_file", corpus, "--output_dir", str(out), *TINY, "--max_steps", "30"], tmp_path)
