@@ -142,12 +142,16 @@ def test_pipeline_text_generation(saved, tokenizer):
     assert result[0]["generated_text"] == expected
 
 
-def test_load_model_and_tokenizer(saved):
+def test_load_model_and_tokenizer_gives_the_saved_weights_in_eval_mode_with_dtype_and_device(saved, tokenizer):
     folder, model = saved
-    loaded, tokenizer = load_model_and_tokenizer(str(folder), dtype=torch.bfloat16)
-    assert not loaded.training
-    assert loaded.dtype == torch.bfloat16
-    assert isinstance(tokenizer, CharLSTMTokenizer)
+    loaded, loaded_tokenizer = load_model_and_tokenizer(str(folder), dtype=torch.bfloat16)
+    assert not loaded.training and loaded.dtype == torch.bfloat16
+    state = model.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[k], state[k].bfloat16()) for k in state)  # the saved weights, not new ones
+    assert isinstance(loaded_tokenizer, CharLSTMTokenizer) and loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    on_meta, _ = load_model_and_tokenizer(str(folder), device="meta")  # the one device other than the CPU here
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"} and on_meta.dtype == torch.float32
 
 
 def test_vocab_mismatch_is_a_clear_error(saved, tmp_path):

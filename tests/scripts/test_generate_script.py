@@ -37,14 +37,19 @@ def test_streamed_characters_arrive_one_by_one_in_order(trained_model):
     assert "".join(pieces[:-1]) == text
 
 
-def test_batched_prompts_equal_single_prompts(trained_model, tmp_path):
+def test_every_prompt_of_a_batch_is_generated_in_order_and_equals_its_prompt_alone(trained_model, tmp_path):
     base = ["--model_name_or_path", str(trained_model), "--max_new_tokens", "40", "--greedy"]
-    both = run_script("generate.py", [*base, "--prompt", "ROMEO:", "All:\n"], tmp_path)
+    prompts = ["ROMEO:", "All:\n"]
+    both = run_script("generate.py", [*base, "--prompt", *prompts], tmp_path)
     assert both.returncode == 0, both.stderr[-2000:]
     blocks = [b for b in both.stdout.split("===== sample ") if b]
+    assert [b.split("=====\n", 1)[0] for b in blocks] == ["1 of 2 ", "2 of 2 "]  # one sample per prompt, none dropped
     texts = [b.split("=====\n", 1)[1].rstrip("\n") for b in blocks]
-    for prompt, text in zip(["ROMEO:", "All:\n"], texts):
+    assert len(texts) == len(prompts)
+    for prompt, text in zip(prompts, texts, strict=True):
         alone = run_script("generate.py", [*base, "--prompt", prompt], tmp_path)
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        assert text.startswith(prompt) and len(text) == len(prompt) + 40
         assert alone.stdout.rstrip("\n") == text
 
 
