@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel
-from char_lstm.modeling_char_lstm import _STEP_WEIGHTS
+from char_lstm.modeling_char_lstm import _STEP_WEIGHTS, cache_from_states
 from helpers import CORPUS, make_model
 
 
@@ -496,3 +496,70 @@ def test_model_with_decoding_weights_still_deep_copies(tokenizer):
     assert model.model.layers[0] in _STEP_WEIGHTS
     clone = copy.deepcopy(model)  # oneDNN's packed weights have no storage: they must not live on the module
     assert clone.model.layers[0] not in _STEP_WEIGHTS
+
+
+@pytest.mark.parametrize("old_name", ["past_key_values", "cache_params"])
+def test_old_cache_names_are_mapped_with_a_deprecation_warning(tokenizer, old_name):
+    model = make_model(tokenizer)
+    ids = encode(tokenizer, ["ROMEO:"])["input_ids"]
+    reference = DynamicCache(config=model.config)
+    expected = model(input_ids=ids[:, 3:], cache=model(input_ids=ids[:, :3], cache=reference).cache).logits
+    for module in (model, model.model):
+        old = DynamicCache(config=model.config)
+        module(input_ids=ids[:, :3], cache=old)
+        with pytest.warns(FutureWarning, match=f"`{old_name}` is deprecated"):
+            out = module(input_ids=ids[:, 3:], **{old_name: old})
+        if module is model:
+            torch.testing.assert_close(out.logits, expected)  # the state was used, not ignored
+        with pytest.raises(ValueError, match="both `cache` and"):
+            module(input_ids=ids, cache=DynamicCache(config=model.config), **{old_name: old})
+
+
+def test_unknown_keyword_arguments_are_errors(tokenizer):
+    model = make_model(tokenizer)
+    ids = encode(tokenizer, ["ROMEO:"])["input_ids"]
+    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['position_ids'\]"):
+        model(input_ids=ids, position_ids=ids)
+    with pytest.raises(TypeError, match="no attention weights"):
+        model.model(input_ids=ids, output_attentions=True)
+    with pytest.raises(TypeError, match="num_items_in_batch"):
+        model.model(input_ids=ids, num_items_in_batch=4)  # the base model computes no loss
+    model(input_ids=ids, output_attentions=False)
+    loss = model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(5)).loss
+    torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)  # 5 targets: the same mean
+
+
+def test_from_pretrained_with_a_state_dict_and_no_folder(tokenizer):
+    model = make_model(tokenizer)
+    loaded = CharLSTMForCausalLM.from_pretrained(None, config=model.config, state_dict=model.state_dict()).eval()
+    ids = encode(tokenizer, ["ROMEO:"])["input_ids"]
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_default_config_sets_no_unk_id_so_any_prompt_generates():
+    config = CharLSTMConfig(vocab_size=8, hidden_size=8, embedding_size=4)
+    assert config.unk_token_id is None
+    model = CharLSTMForCausalLM(config).eval()
+    out = model.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 7)
+
+
+def test_gradient_checkpointing_gives_the_plain_gradients(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type, dropout=0.0).train()
+    batch = encode(tokenizer, ["ROMEO:\nBut, soft", "All:"], padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def gradients(start=None):
+        model.zero_grad()
+        cache = cache_from_states(model.config, start) if start is not None else None
+        model(**batch, labels=labels, cache=cache).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    start = [tuple(torch.randn(2, model.config.hidden_size) for _ in range(model.config.number_of_conv_states))] * 2
+    plain, plain_from_state = gradients(), gradients(start)
+    model.gradient_checkpointing_enable()
+    assert model.model.gradient_checkpointing
+    checkpointed, checkpointed_from_state = gradients(), gradients(start)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(checkpointed_from_state[name], plain_from_state[name], rtol=1e-5, atol=1e-6)

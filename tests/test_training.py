@@ -75,6 +75,11 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert model.generation_config.top_k == 0  # sampling from every character, not transformers' top 50
     text = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=20)[0])
     assert text.startswith("ROMEO:") and len(text) == 26
+    # the saved default length never overrides the caller's (a saved max_new_tokens would win over max_length)
+    assert "max_new_tokens" not in json.loads((out / "generation_config.json").read_text())
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    assert model.generate(**prompt, max_length=16).shape == (1, 16)
+    assert model.generate(**prompt).shape[1] <= 200  # the saved default (--sample_length) still applies
 
 
 def test_plateau_halves_the_learning_rate_after_patience_evaluations(tmp_path, caplog):

@@ -38,7 +38,8 @@ class CharLSTMConfig(PretrainedConfig):
             Initial bias of the LSTM forget gate (ignored by GRU/RNN). 1.0 is a classic choice for long dependencies;
             it trained slower in our short CPU runs, hence 0.
         pad_token_id / unk_token_id / bos_token_id / eos_token_id (`int`, *optional*):
-            Ids of the special tokens, normally taken from the tokenizer.
+            Ids of the special tokens, normally taken from the tokenizer (`unk_token_id` defaults to None: with it
+            set, `generate()` refuses prompts made only of that id).
         use_cache (`bool`, defaults to `True`):
             Whether the model returns its recurrent state (as a `Cache`) so that generation feeds one token per step.
 
@@ -65,7 +66,7 @@ class CharLSTMConfig(PretrainedConfig):
         initializer_range: float = 1.0,
         forget_bias: float = 0.0,
         pad_token_id: int | None = 0,
-        unk_token_id: int | None = 1,
+        unk_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         use_cache: bool = True,

@@ -17,8 +17,10 @@ left-padded batch gives exactly what each prompt gives alone, and a right-padded
 real token.
 """
 
+import functools
 import math
 import os
+import warnings
 import weakref
 
 import torch
@@ -238,6 +240,54 @@ def _single_step(
     return h.unsqueeze(1), (h,)
 
 
+# Keyword arguments `CharLSTMForCausalLM.forward` hands to transformers' causal-LM loss (Trainer passes
+# `num_items_in_batch`; stateful training passes `shift_labels`). Any other unknown keyword is an error.
+_LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
+
+
+# The names transformers used for a recurrent state before `cache=` (Mamba's `cache_params`, attention models'
+# `past_key_values`): mapped to `cache` with a deprecation warning, as transformers' own models do.
+_OLD_CACHE_NAMES = ("past_key_values", "cache_params")
+
+
+def _check_kwargs(kwargs: dict, allowed: frozenset, where: str, cache: Cache | None) -> Cache | None:
+    """Map the old cache names to `cache` (FutureWarning) and refuse keyword arguments this model would otherwise
+    ignore silently; returns the cache to use. `output_attentions` is accepted when not True (transformers passes it
+    around; a recurrent model has no attention weights). Called only when there are extra keywords (no cost on the
+    decoding step)."""
+    for name in _OLD_CACHE_NAMES:
+        if name in kwargs:
+            old = kwargs.pop(name)
+            if cache is not None and old is not None and old is not cache:
+                raise ValueError(f"{where}.forward() got both `cache` and `{name}`; pass the state once, as `cache=`.")
+            warnings.warn(
+                f"`{name}` is deprecated for `{where}.forward`: the recurrent state is passed as `cache=`.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            cache = cache if cache is not None else old
+    unknown = sorted(k for k in kwargs if k not in allowed and not (k == "output_attentions" and not kwargs[k]))
+    if unknown:
+        hint = (
+            "a recurrent model has no attention weights" if "output_attentions" in unknown
+            else "the recurrent state is passed as `cache=`; the other inputs are input_ids/inputs_embeds, "
+            "attention_mask, labels, use_cache, output_hidden_states, return_dict, logits_to_keep"
+        )
+        raise TypeError(f"{where}.forward() got unsupported keyword argument(s) {unknown}: {hint}.")
+    return cache
+
+
+def _layer_outputs(rnn: nn.RNNBase, lstm: bool, packed_meta: tuple | None, x: torch.Tensor, *hx: torch.Tensor):
+    """One recurrent layer over a sequence, tensors in and out (what activation checkpointing needs): `x` is the
+    input ``(B, T, in)``, or the data of a `PackedSequence` whose other fields are `packed_meta`; `hx` the initial
+    state tensors ``(1, B, H)`` (none: zeros). Returns (output, or the packed output's data, *final states)."""
+    inputs = PackedSequence(x, *packed_meta) if packed_meta is not None else x
+    initial = None if not hx else (hx if lstm else hx[0])
+    out, final = rnn(inputs, initial)
+    final = final if isinstance(final, tuple) else (final,)
+    return (out.data if packed_meta is not None else out, *final)
+
+
 def detach_cache(cache: Cache) -> Cache:
     """Cut the autograd history of the states in `cache`, in place, and return it.
 
@@ -338,7 +388,8 @@ class CharLSTMPreTrainedModel(PreTrainedModel):
     config: CharLSTMConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    # Activation checkpointing recomputes each recurrent layer's sequence kernel in the backward pass.
+    supports_gradient_checkpointing = True
     # The recurrent state cannot be rolled back to an earlier token (no assisted generation).
     _is_stateful = True
     _no_split_modules = ["CharLSTMModel"]
@@ -347,8 +398,8 @@ class CharLSTMPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, with one-line errors for a local folder that is not a saved model and
         for a corrupted weights file."""
-        path = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(path):
+        path = os.fspath(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
+        if path is not None and os.path.isdir(path):
             subfolder = kwargs.get("subfolder")
             folder = os.path.join(path, subfolder) if subfolder else path
             if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) and kwargs.get("config") is None:
@@ -436,6 +487,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
             for idx in range(config.num_hidden_layers)
         )
         self.dropout = CharLSTMDropout(config.dropout)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -485,9 +537,12 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         input_ids (`torch.LongTensor` of shape `(B, T)`): character ids (the new ones only when a cache is passed).
         attention_mask (`torch.Tensor` of shape `(B, T)` or `(B, past + T)`): 1 for real tokens, 0 for padding; only
             its last `T` columns are used (the cached state already absorbed the past).
-        cache (`Cache`, *optional*): recurrent state to start from, updated in place with the final state.
+        cache (`Cache`, *optional*): recurrent state to start from, updated in place with the final state. The old
+            names `past_key_values=` and `cache_params=` are mapped to it with a deprecation warning.
         inputs_embeds (`torch.Tensor` of shape `(B, T, E)`): instead of `input_ids`.
         """
+        if kwargs:
+            cache = _check_kwargs(kwargs, frozenset(), type(self).__name__, cache)
         config = self.config
         cell_type = config.cell_type
         num_states = config.number_of_conv_states
@@ -553,13 +608,17 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                     embeddings=embeddings if first else None,
                 )
             else:
-                hx = None
+                hx = ()
                 if initial is not None:
                     # (1, B, H) each. With autograd on, read a copy: the cache buffer is overwritten in place below.
                     hx = tuple((s.clone() if torch.is_grad_enabled() else s).unsqueeze(0) for s in initial)
-                    hx = hx if cell_type == "lstm" else hx[0]
-                x, final = rnn(x, hx)
-                final = final if isinstance(final, tuple) else (final,)
+                packed_meta = tuple(x)[1:] if packing is not None else None
+                run_layer = functools.partial(_layer_outputs, rnn, cell_type == "lstm", packed_meta)
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    out, *final = self._gradient_checkpointing_func(run_layer, x.data if packed_meta else x, *hx)
+                else:
+                    out, *final = run_layer(x.data if packed_meta else x, *hx)
+                x = PackedSequence(out, *packed_meta) if packed_meta is not None else out
                 final = tuple(s.squeeze(0) for s in final)  # (B, H) each
             if packing is not None and bool(packing.empty_rows.any()):
                 start = initial if initial is not None else tuple(torch.zeros_like(s) for s in final)
@@ -693,7 +752,11 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (0: all).
 
         Returns `CausalLMOutputWithPast` with `logits` of shape `(B, T, V)` and `cache` holding the final state.
+        Keyword arguments of transformers' loss (`num_items_in_batch`, `shift_labels`, `ignore_index`) are passed to
+        it; any other is an error.
         """
+        if kwargs:
+            cache = _check_kwargs(kwargs, _LOSS_KWARGS, type(self).__name__, cache)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,

@@ -865,7 +865,10 @@ def train(
     model.generation_config.do_sample = True
     model.generation_config.temperature = training_args.sample_temperature
     model.generation_config.top_k = 0  # the whole distribution, as char-rnn samples (transformers' default keeps 50)
-    model.generation_config.max_new_tokens = training_args.sample_length
+    # A default length as max_length, never max_new_tokens: transformers lets a saved max_new_tokens win over a
+    # caller's max_length (generate(max_length=16) would give 200 characters), while a caller's max_length or
+    # max_new_tokens always wins over a saved max_length.
+    model.generation_config.max_length = training_args.sample_length
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, train_raw, data_args.text_column)
