@@ -1,8 +1,10 @@
 """char_lstm.training with a real Trainer: end-to-end, plateau LR, divergence guard, arguments, output safety."""
 
 import json
+import logging
 import math
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -170,6 +172,76 @@ def test_default_sample_prompt_uses_known_characters(tmp_path):
 def test_resume_true_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(DataError, match="holds no checkpoint to resume from"):
         run(tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "True")
+
+
+class Evil:
+    """Unpickling this runs a command: a hostile checkpoint file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+RESUMABLE = ("--max_steps", "6", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2", "--seed", "5",
+             "--sample_every_evals", "0", "--save_total_limit", "5", "--load_best_model_at_end", "false",
+             "--dropout", "0.1")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run of 6 steps with checkpoints 2, 4, 6 (and the final model, = checkpoint-6)."""
+    _, out = run(tmp_path_factory.mktemp("finished"), *RESUMABLE)
+    return out
+
+
+def damage(checkpoint, how, marker):
+    if how == "truncated weights":
+        data = (checkpoint / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "no trainer state":
+        (checkpoint / "trainer_state.json").unlink()
+    else:  # a hostile pickle as rng_state.pth / optimizer.pt / scheduler.pt / stream_state_0.pt (--stateful)
+        (checkpoint / how).write_bytes(pickle.dumps(Evil(marker)))
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated weights", "no trainer state", "rng_state.pth", "optimizer.pt", "scheduler.pt", "stream_state_0.pt"]
+)
+def test_resume_skips_an_incomplete_or_hostile_checkpoint(tmp_path, finished_run, how, caplog):
+    """The newest checkpoint is damaged: the resume says so in one line, sets it aside, continues from the one before
+    and ends with the weights of the uninterrupted run. Nothing in a hostile file runs."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    for name in ("model.safetensors", "trainer_state.json"):  # killed before the final model was written
+        (out / name).unlink()
+    marker = tmp_path / "pwned"
+    damage(out / "checkpoint-6", how, marker)
+
+    with pytest.raises(DataError, match=r"checkpoint-6 cannot be resumed from: .*another checkpoint"):
+        run(tmp_path, *RESUMABLE, "--resume_from_checkpoint", str(out / "checkpoint-6"))
+    with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
+        run(tmp_path, *RESUMABLE, "--resume_from_checkpoint", "True")
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped")]
+    assert len(skipped) == 1 and "\n" not in skipped[0]
+    assert skipped[0].startswith("Skipped checkpoint-6 (") and skipped[0].endswith("resuming from checkpoint-4.")
+    assert not marker.exists()
+    assert (out / "_incomplete-checkpoint-6").is_dir()
+    expected, got = load_file(finished_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    (out / "model.safetensors").unlink()  # killed while writing the final model
+    with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
+        metrics, _ = run(tmp_path, *RESUMABLE, "--resume_from_checkpoint", "True")
+    assert "checkpoint-6 is at step 6, where the run ends: no more training" in caplog.text
+    assert metrics["global_step"] == 6 and not (out / "checkpoint-7").exists()
+    expected, got = load_file(finished_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
 @pytest.mark.parametrize(

@@ -7,19 +7,28 @@ bits-per-character / perplexity from the evaluation loss.
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
+import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from functools import lru_cache, partial
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -36,7 +45,12 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from safetensors import safe_open
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 from .configuration_char_lstm import CharLSTMConfig
 from .data import (
@@ -522,13 +536,172 @@ class LearningRateLogCallback(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints that are complete or absent
+
+
+STAGING_DIR = "_tmp-checkpoints"  # Trainer writes checkpoint-N in here; it moves to output_dir/ once complete
+FINAL_STAGING_DIR = "_tmp-final"  # the final model, written here, then moved into output_dir/
+SET_ASIDE_PREFIX = "_incomplete-"  # a checkpoint a resume could not use, kept under this name (not a checkpoint-*)
+LOCK_NAME = "_train.lock"
+# "_*" names are what Trainer.push_to_hub leaves out, like checkpoint-*
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _fsync(path: str) -> None:
+    """Flush a file, or a folder's entries, to the disk (folders: POSIX only)."""
+    if os.path.isdir(path) and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: str) -> None:
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            _fsync(path)
+    _fsync(folder)
+
+
+def publish_folder(staged: str, final: str) -> None:
+    """Make the complete folder `staged` appear as `final` in one rename, once its files are on the disk: a kill at
+    any instant leaves `final` as it was (absent) or complete."""
+    _fsync_folder(staged)
+    old = None
+    if os.path.exists(final):  # the same step written before (a resume from an earlier checkpoint)
+        old = os.path.join(os.path.dirname(final), SET_ASIDE_PREFIX + os.path.basename(final))
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync(os.path.dirname(final))
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def publish_files(staged: str, folder: str, last: str = SAFE_WEIGHTS_NAME) -> None:
+    """Move the files of the complete folder `staged` into `folder`, which holds other things too (the checkpoints):
+    the old `last` file (the weights) goes first and the new one comes last, so at any instant `folder` holds the old
+    model, a model without weights (not loadable), or the new complete one. `staged` is removed."""
+    _fsync_folder(staged)
+    names = sorted(os.listdir(staged), key=lambda name: name == last)
+    if os.path.exists(os.path.join(folder, last)):
+        os.remove(os.path.join(folder, last))
+        _fsync(folder)
+    for name in names:
+        target = os.path.join(folder, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staged, name), target)
+    _fsync(folder)
+    os.rmdir(staged)
+
+
+def checkpoint_step(folder: str) -> int | None:
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(folder)))
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` cannot be resumed from (a missing, truncated or unreadable file), or None when it is complete.
+    Every pickle in it is loaded the way Trainer loads it (weights_only, nothing from the file is run)."""
+    if not os.path.isdir(folder):
+        return "not a folder"
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            int(json.load(f)["global_step"])
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_NAME} is not a trainer state"
+    for name in (CONFIG_NAME, SAFE_WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME):
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"no {name}"
+    try:
+        with safe_open(os.path.join(folder, SAFE_WEIGHTS_NAME), "pt") as f:
+            f.keys()
+    except Exception as error:  # SafetensorError (truncated, not safetensors), OSError
+        return f"{SAFE_WEIGHTS_NAME} is damaged ({str(error).splitlines()[0][:120]})"
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".pt", ".pth")):
+            try:
+                with safe_globals(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's note on the pickle protocol of a foreign file
+                    torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            except Exception as error:  # UnpicklingError (a hostile or foreign pickle), truncated zip, ...
+                reason = str(error).splitlines()[0][:120] if str(error) else ""
+                return f"{name} cannot be loaded safely ({type(error).__name__}: {reason})"
+    return None
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of `output_dir` that is complete. Newer ones that are not (written by a version that
+    saved in place, damaged, tampered with) are renamed `_incomplete-checkpoint-N`, with one warning line."""
+    names = [name for name in os.listdir(output_dir) if _CHECKPOINT_NAME.match(name)]
+    skipped = []
+    for name in sorted(names, key=checkpoint_step, reverse=True):
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            break
+        skipped.append(f"{name} ({problem})")
+        aside = os.path.join(output_dir, SET_ASIDE_PREFIX + name)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+    else:
+        path = None
+    if skipped:
+        logger.warning(
+            f"Skipped {'; '.join(skipped)}: kept as {SET_ASIDE_PREFIX}checkpoint-N; "
+            + (f"resuming from {os.path.basename(path)}." if path else "no complete checkpoint is left.")
+        )
+    return path
+
+
+class CharLSTMTrainer(Trainer):
+    """`Trainer` whose checkpoints are complete or absent: Trainer writes `checkpoint-N/` inside
+    `output_dir/_tmp-checkpoints/`, and once every process has written its files they are flushed to the disk and
+    the folder is renamed to `output_dir/checkpoint-N` (one atomic rename). A kill at any instant leaves the previous
+    checkpoints as they were, plus the new one only when it is complete; a leftover staging folder is removed when the
+    next run starts."""
+
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        # `_save_checkpoint` writes where this says; during a save that is the staging folder
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(self._staging_root, name), os.path.join(run_dir, name)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if self.state.best_model_checkpoint == staged:  # this step is the best: its final place goes in the state
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, stream state)
+        if self.args.should_save:
+            publish_folder(staged, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(run_dir, STAGING_DIR))
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Stateful truncated BPTT
 
 
 STREAM_STATE_NAME = "stream_state_{}.pt"
 
 
-class StatefulTrainer(Trainer):
+class StatefulTrainer(CharLSTMTrainer):
     """`Trainer` for stateful truncated BPTT (char-rnn style, `--stateful`): each batch row continues its own
     contiguous stream of text, starting from the state the previous batch left (detached, so gradients stop at the
     window boundary), and a stream that starts over (`window == 0`: a new epoch, a new evaluation) starts from zero.
@@ -647,23 +820,140 @@ def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prom
     return "\n".join([stopped, *lines])
 
 
-def _prepare_output_dir(args: CharLSTMTrainingArguments) -> str | bool | None:
-    """Refuse to clobber a previous run (nothing is deleted here); return the checkpoint to resume from (or None)."""
+class OutputDirInUse(DataError):
+    """Another run holds the output folder's lock."""
+
+
+class OutputDirLock:
+    """One run per output folder: `output_dir/_train.lock` holds the process id of the run that uses the folder and
+    is locked (flock) while it runs. The kernel drops the lock when the process ends, however it ends, so the file a
+    killed run leaves behind is a stale lock: the next run takes it over. Without fcntl (Windows) there is no lock."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir, self.path = output_dir, os.path.join(output_dir, LOCK_NAME)
+        self.fd: int | None = None
+        self.created_dir = False
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        self.created_dir = not os.path.isdir(self.output_dir)
+        os.makedirs(self.output_dir, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputDirInUse(
+                    f"{self.output_dir} is in use by another training run (process {holder}, lock {self.path}): wait "
+                    "for it to end or stop it, or choose another --output_dir."
+                ) from None
+            try:
+                same_file = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # the previous holder removed it between our open and our lock
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)
+        stale = os.read(fd, 32).decode("ascii", "replace").strip()
+        if stale:
+            logger.warning(f"Took over the lock of {self.output_dir} left by process {stale}, which is no longer running.")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        os.close(self.fd)  # drops the flock
+        self.fd = None
+        if self.created_dir:  # a run that stopped before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(self.output_dir)
+
+
+def _on_main_process(args: CharLSTMTrainingArguments, function):
+    """`function()` run by the main process only; its result, or its DataError, reaches every process. The other
+    processes raise `ReportedByMainProcess` (the main process prints the error)."""
+    result, error = None, None
+    if args.process_index == 0:
+        try:
+            result = function()
+        except DataError as exc:
+            error = exc
+    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [(result, None if error is None else str(error))]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, message = box[0]
+        if args.process_index != 0 and message is not None:
+            raise ReportedByMainProcess(message)
+    if error is not None:
+        raise error
+    return result
+
+
+class ReportedByMainProcess(DataError):
+    """An error of the main process, seen by another process (which exits without printing it again)."""
+
+
+def _prepare_output_dir(args: CharLSTMTrainingArguments) -> str | None:
+    """With the folder's lock held (main process): remove what interrupted saves left, refuse to clobber a previous
+    run (nothing else is deleted here), and return the checkpoint to resume from (or None): with
+    `--resume_from_checkpoint True` the newest complete one, incomplete or damaged ones being skipped."""
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true" or None
+    if os.path.isdir(args.output_dir):
+        for name in (STAGING_DIR, FINAL_STAGING_DIR):  # what a killed run was writing: never complete, never used
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-    if resume is True and last is None:
-        raise DataError(f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from.")
-    if isinstance(resume, str) and not os.path.isdir(resume):
-        raise DataError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
-    if last is not None and resume is None:
-        if not args.overwrite_output_dir:
+    if resume is True:
+        if last is None:
+            raise DataError(f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from.")
+        resume = latest_complete_checkpoint(args.output_dir)
+        if resume is None:
             raise DataError(
-                f"{args.output_dir} already holds checkpoints ({os.path.basename(last)}): resume with "
-                "--resume_from_checkpoint True, start over with --overwrite_output_dir, or choose another --output_dir."
+                f"--resume_from_checkpoint True, but no checkpoint in {args.output_dir} is complete: start over with "
+                "--overwrite_output_dir, or choose another --output_dir."
             )
+    elif isinstance(resume, str):
+        if not os.path.isdir(resume):
+            raise DataError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            raise DataError(
+                f"--resume_from_checkpoint {resume} cannot be resumed from: {problem}; give another checkpoint, or "
+                "--resume_from_checkpoint True for the newest complete one."
+            )
+    elif last is not None and not args.overwrite_output_dir:
+        raise DataError(
+            f"{args.output_dir} already holds checkpoints ({os.path.basename(last)}): resume with "
+            "--resume_from_checkpoint True, start over with --overwrite_output_dir, or choose another --output_dir."
+        )
     return resume
+
+
+def _restore_finished_run(trainer: Trainer, checkpoint: str) -> dict:
+    """Leave `trainer` as `trainer.train()` leaves it at the end of the run that `checkpoint` ends (its state, its
+    weights, or the best checkpoint's with --load_best_model_at_end), without training; returns the train metrics."""
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    trainer._load_from_checkpoint(checkpoint)
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best is not None and os.path.isdir(best):
+        trainer._load_best_model()
+    return {"epoch": trainer.state.epoch}
+
+
+def _finished_at(checkpoint: str, args: CharLSTMTrainingArguments) -> int | None:
+    """The step of `checkpoint` when it already ends the run (--max_steps, or the run's own length), else None."""
+    with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
+        state = json.load(f)
+    target = args.max_steps if args.max_steps > 0 else state.get("max_steps") or 0
+    return state["global_step"] if target and state["global_step"] >= target else None
 
 
 def _delete_old_checkpoints(args: CharLSTMTrainingArguments) -> None:
@@ -763,7 +1053,10 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
 ) -> dict:
     """Train a CharLSTM model with Trainer; returns the final metrics. Raises DataError for bad input and
-    TrainingDiverged when the loss stops being finite. `callbacks` are added to the run's own."""
+    TrainingDiverged when the loss stops being finite. `callbacks` are added to the run's own.
+
+    The output folder is locked for the run (`OutputDirLock`); a resume that finds the run already finished writes the
+    final model from its last checkpoint without training."""
     if data_args.streaming and training_args.max_steps <= 0:
         raise DataError("--streaming needs --max_steps (the length of a stream is not known in advance).")
     if data_args.stateful:
@@ -781,7 +1074,16 @@ def train(
         # Streams are read in order, and the loss and metrics use the targets that `collate_stream_blocks` gives.
         training_args.train_sampling_strategy = "sequential"
         training_args.label_names = ["shift_labels"]
-    resume = _prepare_output_dir(training_args)
+    lock = OutputDirLock(training_args.output_dir)
+    try:
+        resume = _on_main_process(training_args, lambda: (lock.acquire(), _prepare_output_dir(training_args))[1])
+        return _train(model_args, data_args, training_args, callbacks, resume)
+    finally:
+        lock.release()
+
+
+def _train(model_args, data_args, training_args, callbacks, resume: str | None) -> dict:
+    """`train()` once the output folder is locked and the checkpoint to resume from (if any) is known."""
     set_seed(training_args.seed)
     if data_args.train_file is None:  # karpathy/tiny_shakespeare without Hub access: the bundled copy
         data_args = replace(
@@ -881,7 +1183,7 @@ def train(
     )
     guard = DivergenceGuard()
     time_limit = TimeLimitCallback(training_args.max_train_seconds) if training_args.max_train_seconds else None
-    trainer_class = StatefulTrainer if data_args.stateful else Trainer
+    trainer_class = StatefulTrainer if data_args.stateful else CharLSTMTrainer
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -905,25 +1207,36 @@ def train(
     if trainer.pop_callback(ProgressCallback) is not None:  # the same bars, with numbers at 4 significant digits
         trainer.add_callback(MetricsProgressCallback)
 
-    if resume is None and training_args.overwrite_output_dir:
-        _delete_old_checkpoints(training_args)
-    trainer.accelerator.wait_for_everyone()
-    result = trainer.train(resume_from_checkpoint=resume)
+    finished_at = _finished_at(resume, training_args) if resume is not None else None
+    if finished_at is not None:  # killed while writing the final model: write it again, do not train a step more
+        if trainer.is_world_process_zero():
+            logger.warning(f"{resume} is at step {finished_at}, where the run ends: no more training; writing the "
+                           "final model from it.")
+        train_metrics = _restore_finished_run(trainer, resume)
+    else:
+        if resume is None and training_args.overwrite_output_dir:
+            _delete_old_checkpoints(training_args)
+        trainer.accelerator.wait_for_everyone()
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     if guard.diverged_at is not None:
         raise TrainingDiverged(guard.message(training_args.output_dir, prompt))
 
-    trainer.save_model()  # the best model when load_best_model_at_end, with tokenizer and generation config
-    metrics = {**result.metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
+    # The final model goes to a staging folder first and then into output_dir (`publish_files`): complete or absent.
+    staged = os.path.join(training_args.output_dir, FINAL_STAGING_DIR)
+    trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with the tokenizer
+    metrics = {**train_metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
     if not data_args.streaming:
         metrics["train_blocks"] = len(train_blocks)
-    trainer.save_metrics("all", metrics)  # all_results.json; the console gets the summary below
-    trainer.save_state()
     if trainer.is_world_process_zero():
+        with open(os.path.join(staged, "all_results.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=4, sort_keys=True)
+        trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         run = training_run_info(model_args, data_args, training_args, metrics, prompt, trainer.state.global_step)
-        with open(os.path.join(training_args.output_dir, RUN_INFO_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as f:
             json.dump(run, f, indent=2)
-        write_model_card(training_args.output_dir, trainer.model, run, results_from_training(metrics),
+        write_model_card(staged, trainer.model, run, results_from_training(metrics),
                          repo_id=training_args.hub_model_id or training_args.output_dir)
+        publish_files(staged, training_args.output_dir)
     if training_args.push_to_hub:
         # Trainer.push_to_hub writes its generic card over README.md first; the run's own card stays instead
         trainer.create_model_card = lambda *args, **kwargs: None

@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+
+from char_lstm.training import FINAL_STAGING_DIR, STAGING_DIR, checkpoint_problem, parse_arguments, train
 
 from helpers import shakespeare_like, write_text
 
@@ -86,30 +89,65 @@ def test_cli_offline_hub_dataset_names_train_file(tmp_path):
     assert "--train_file" in result.stderr
 
 
-def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, corpus):
-    common = ["--train_file", corpus, *TINY, "--max_steps", "120", "--eval_steps", "20", "--save_steps", "20",
-              "--logging_steps", "20", "--sample_every_evals", "0", "--save_total_limit", "10", "--seed", "3"]
-    reference = launch([*common, "--output_dir", str(tmp_path / "ref")], tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+KILL_RUN = [*TINY, "--max_steps", "12", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "4",
+            "--max_eval_samples", "16", "--sample_every_evals", "0", "--save_total_limit", "10", "--seed", "3"]
 
-    out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, TRAIN, *common, "--output_dir", str(out)], cwd=tmp_path, env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-40" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+
+def start(args, cwd, log):
+    return subprocess.Popen([sys.executable, TRAIN, *args], cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+
+
+def kill_when(process, path):
+    """SIGKILL `process` the instant `path` exists (polled every millisecond): on an event of the run, never after
+    some time, so a loaded machine changes nothing."""
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared"
+        time.sleep(0.001)
+    process.kill()
     assert process.wait() == -signal.SIGKILL
-    assert not (out / "model.safetensors").exists()  # it really died mid-run
 
-    resumed = launch([*common, "--output_dir", str(out), "--resume_from_checkpoint", "True"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = load_file(tmp_path / "ref" / "checkpoint-120" / "model.safetensors")
-    got = load_file(out / "checkpoint-120" / "model.safetensors")
+
+def assert_same_weights(expected_file, got_file):
+    expected, got = load_file(expected_file), load_file(got_file)
     assert expected.keys() == got.keys()
     for name in expected:
-        assert (expected[name] - got[name]).abs().max() <= 1e-6, name
+        assert torch.equal(expected[name], got[name]), name
+
+
+def reference_run(args, out):
+    """The uninterrupted run, in this process (one thread, as the scripts run here: the same arithmetic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(*parse_arguments([*args, "--output_dir", str(out)]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sigkill_at_any_moment_then_resume_ends_with_the_same_weights(tmp_path, corpus):
+    """One run killed three times (each resumed with --resume_from_checkpoint True): while checkpoint-8 is being
+    written, the instant it is complete (training goes on), and while the final model is being written. Every kill
+    leaves only complete checkpoints, and the run ends with exactly the weights of an uninterrupted one."""
+    common = ["--train_file", corpus, *KILL_RUN]
+    reference_run(common, tmp_path / "ref")
+
+    out = tmp_path / "killed"
+    resume = []
+    for moment in (Path(STAGING_DIR) / "checkpoint-8", Path("checkpoint-8"), Path(FINAL_STAGING_DIR)):
+        kill_when(start([*common, "--output_dir", str(out), *resume], tmp_path, tmp_path / "log"), out / moment)
+        assert not (out / "model.safetensors").exists()
+        for checkpoint in out.glob("checkpoint-*"):
+            assert checkpoint_problem(str(checkpoint)) is None, checkpoint
+        resume = ["--resume_from_checkpoint", "True"]
+
+    resumed = launch([*common, "--output_dir", str(out), *resume], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-12 is at step 12, where the run ends: no more training" in resumed.stderr
+    assert not (out / "checkpoint-13").exists()
+    assert_same_weights(tmp_path / "ref" / "checkpoint-12" / "model.safetensors", out / "checkpoint-12" / "model.safetensors")
+    assert_same_weights(tmp_path / "ref" / "model.safetensors", out / "model.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
 
 
 def test_accelerate_launch_two_processes(tmp_path, corpus):
