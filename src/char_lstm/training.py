@@ -948,6 +948,47 @@ def _restore_finished_run(trainer: Trainer, checkpoint: str) -> dict:
     return {"epoch": trainer.state.epoch}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM
+
+
+STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C (SIGINT)", 130), signal.SIGTERM: ("SIGTERM", 143)}  # name, exit code
+_stop_signal: int | None = None
+
+
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM reached the run (a BaseException, like KeyboardInterrupt: no `except Exception` keeps it)."""
+
+
+def stop_on_signals() -> None:
+    """Make SIGINT (Ctrl-C) and SIGTERM stop the run at once with `RunInterrupted`, wherever it is: checkpoints and
+    the final model are written complete or not at all, so stopping anywhere leaves them consistent. Signals that come
+    while it stops are ignored. For the training script (it changes the whole process)."""
+
+    def handler(signum, frame):
+        global _stop_signal
+        if _stop_signal is None:
+            _stop_signal = signum
+            raise RunInterrupted(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def received_stop_signal() -> int | None:
+    """The signal that stopped the run, if one did (what was raised after it is a consequence: a collective whose
+    peer left, an interrupted write...)."""
+    return _stop_signal
+
+
+def interrupted_message(signum: int, output_dir: str | None, prompt: str | None = None) -> str:
+    """The line printed when a signal stops the run: `run_summary` (what is kept, how to go on) on one line."""
+    stopped = f"Stopped by {STOP_SIGNALS[signum][0]}; checkpoints are complete (a save cut short is discarded)."
+    if not output_dir:
+        return stopped
+    return " ".join(run_summary(output_dir, stopped, prompt=prompt or "ROMEO:").splitlines())
+
+
 def _finished_at(checkpoint: str, args: CharLSTMTrainingArguments) -> int | None:
     """The step of `checkpoint` when it already ends the run (--max_steps, or the run's own length), else None."""
     with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
