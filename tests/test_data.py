@@ -20,6 +20,7 @@ from char_lstm.data import (
     count_oov,
     encode_blocks,
     encode_streams,
+    encode_text,
     load_raw_datasets,
     read_text_file,
     resolve_dataset_name,
@@ -158,8 +159,14 @@ def test_documents_are_joined_with_the_separator(tmp_path):
     raw = load_raw_datasets(train_file=str(folder))
     tokenizer = build_tokenizer(raw["train"], "text", "|")
     assert "|" in tokenizer.get_vocab()
-    blocks = encode_blocks(raw["train"], tokenizer, "text", block_size=16, separator="|")
-    assert tokenizer.decode(blocks[0]["input_ids"]) == "abcdefgh|ijklmnop"
+    blocks = encode_blocks(raw["train"], tokenizer, "text", block_size=17, separator="|")
+    # the tokenizers train.py builds have a boundary token: every document starts with it
+    assert tokenizer.decode(blocks[0]["input_ids"]) == "<eos>abcdefgh<eos>ijklmnop"
+    assert encode_text(raw["train"], tokenizer, "text", "|").tolist() == blocks[0]["input_ids"]
+    # a tokenizer without one (saved by an earlier version) joins them with the separator
+    plain = CharLSTMTokenizer.from_corpus("abcdefghijklmnop|")
+    blocks = encode_blocks(raw["train"], plain, "text", block_size=16, separator="|")
+    assert plain.decode(blocks[0]["input_ids"]) == "abcdefgh|ijklmnop"
 
 
 def test_bad_block_size_and_stride(tmp_path):
@@ -205,8 +212,8 @@ def test_empty_cells_read_as_empty_text(tmp_path):
     pd.DataFrame({"text": ["first row", None, "third"]}).to_csv(tmp_path / "d.csv", index=False)
     raw = load_raw_datasets(train_file=str(tmp_path / "d.csv"))
     tokenizer = build_tokenizer(raw["train"], "text", "|")
-    blocks = encode_blocks(raw["train"], tokenizer, "text", block_size=8, separator="|")
-    assert tokenizer.decode(blocks[0]["input_ids"]) == "first row"
+    blocks = encode_blocks(raw["train"], tokenizer, "text", block_size=10, separator="|")
+    assert tokenizer.decode(blocks[0]["input_ids"]) == "<eos>first row<eos>"
     head, tail = split_validation_tail(raw["train"], "text", 20)
     assert "".join(t or "" for t in list(head["text"]) + list(tail["text"])) == "first rowthird"
 

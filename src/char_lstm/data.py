@@ -12,7 +12,7 @@ import logging
 import lzma
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -290,8 +290,28 @@ def iter_texts(dataset: Dataset | IterableDataset, column: str) -> Iterator[str]
 
 
 def build_tokenizer(train: Dataset | IterableDataset, column: str, separator: str) -> CharLSTMTokenizer:
-    """The vocabulary of the training text (plus the document separator's characters)."""
-    return CharLSTMTokenizer.from_corpus(itertools.chain(iter_texts(train, column), [separator]))
+    """The vocabulary of the training text (plus the document separator's characters), with the document boundary
+    token `<eos>` (see `join_documents`)."""
+    return CharLSTMTokenizer.from_corpus(itertools.chain(iter_texts(train, column), [separator]), document_boundary=True)
+
+
+def boundary_id(tokenizer: CharLSTMTokenizer) -> int | None:
+    """The id of the tokenizer's document boundary token: one token that is both its bos and its eos token (every
+    tokenizer `scripts/train.py` builds has `<eos>`), else None."""
+    eos = tokenizer.eos_token_id
+    return eos if eos is not None and eos == tokenizer.bos_token_id else None
+
+
+def join_documents(tokenizer: CharLSTMTokenizer, texts: Iterable[str], separator: str, boundary: int | None) -> np.ndarray:
+    """Documents as one array of ids. With a boundary token every document starts with it (``<eos> doc1 <eos> doc2``):
+    the model learns to end a document with it and to start one after it, which is how clients use a causal LM's
+    eos token (lm-evaluation-harness conditions on it and stops at it). Without one (tokenizers saved by earlier
+    versions) documents are joined with `separator`."""
+    if boundary is None:
+        return tokenizer.encode_corpus(separator.join(text or "" for text in texts))
+    mark = np.array([boundary], dtype=tokenizer.corpus_dtype)
+    parts = [piece for text in texts for piece in (mark, tokenizer.encode_corpus(text or ""))]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=tokenizer.corpus_dtype)
 
 
 def count_oov(dataset: Dataset | IterableDataset, column: str, tokenizer: CharLSTMTokenizer) -> dict[str, int]:
@@ -312,12 +332,14 @@ def _tokenizer_for(vocab_items: tuple) -> CharLSTMTokenizer:
     return CharLSTMTokenizer(vocab=dict(vocab_items))
 
 
-def _encode_blocks(batch: dict, column: str, vocab_items: tuple, separator: str, block_size: int, stride: int) -> dict:
-    """Join the batch's documents, encode them with the vectorized encoder, and cut windows of `block_size + 1` ids
-    starting every `stride` characters (the model shifts the labels inside, so each window trains `block_size`
-    predictions, and with `stride == block_size` every character is predicted once)."""
+def _encode_blocks(
+    batch: dict, column: str, vocab_items: tuple, separator: str, boundary: int | None, block_size: int, stride: int
+) -> dict:
+    """Join the batch's documents (`join_documents`), encode them with the vectorized encoder, and cut windows of
+    `block_size + 1` ids starting every `stride` characters (the model shifts the labels inside, so each window trains
+    `block_size` predictions, and with `stride == block_size` every character is predicted once)."""
     tokenizer = _tokenizer_for(vocab_items)
-    ids = tokenizer.encode_corpus(separator.join(text or "" for text in batch[column]))
+    ids = join_documents(tokenizer, batch[column], separator, boundary)
     window = block_size + 1
     if len(ids) < window:
         return {"input_ids": np.empty((0, window), dtype=ids.dtype)}
@@ -352,6 +374,7 @@ def encode_blocks(
             "column": column,
             "vocab_items": tuple(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])),
             "separator": separator,
+            "boundary": boundary_id(tokenizer),
             "block_size": block_size,
             "stride": stride,
         },
@@ -374,14 +397,8 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def encode_text(dataset: Dataset, tokenizer: CharLSTMTokenizer, column: str, separator: str = "\n\n") -> np.ndarray:
-    """The whole text of `dataset` (documents joined with `separator`) as one array of ids."""
-    separator_ids = tokenizer.encode_corpus(separator)
-    parts = []
-    for text in iter_texts(dataset, column):
-        if parts:
-            parts.append(separator_ids)
-        parts.append(tokenizer.encode_corpus(text))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=tokenizer.corpus_dtype)
+    """The whole text of `dataset` (documents joined by `join_documents`) as one array of ids."""
+    return join_documents(tokenizer, iter_texts(dataset, column), separator, boundary_id(tokenizer))
 
 
 def stream_layout(num_ids: int, num_streams: int, block_size: int, name: str = "training") -> np.ndarray:

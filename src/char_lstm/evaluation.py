@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .data import DataError, iter_texts, load_raw_datasets, quiet_progress_bars, resolve_dataset_name
+from .data import (
+    DataError,
+    boundary_id,
+    iter_texts,
+    join_documents,
+    load_raw_datasets,
+    quiet_progress_bars,
+    resolve_dataset_name,
+)
 from .hub import load_model_and_tokenizer
 from .metrics import load_bits_per_character
 from .sampling import pick_device, resolve_dtype
@@ -114,8 +122,8 @@ class EvaluateArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
 
 
-def load_text(args: EvaluateArguments) -> tuple[str, str]:
-    """(the text to measure, documents joined with the separator; what it is, for the results)."""
+def load_text(args: EvaluateArguments) -> tuple[list[str], str]:
+    """(the documents to measure; what they are, for the results)."""
     if args.validation_file is not None:
         dataset = load_raw_datasets(train_file=args.validation_file, text_column=args.text_column,
                                     encoding=args.encoding, file_option="--validation_file")["train"]
@@ -129,7 +137,7 @@ def load_text(args: EvaluateArguments) -> tuple[str, str]:
         dataset, name = raw[args.split], f"{dataset_name}:{args.split}"
     else:
         raise DataError("Nothing to evaluate on: pass --validation_file or --dataset_name (with --split).")
-    return args.document_separator.join(iter_texts(dataset, args.text_column)), name
+    return list(iter_texts(dataset, args.text_column)), name
 
 
 def run(args: EvaluateArguments) -> dict:
@@ -139,7 +147,8 @@ def run(args: EvaluateArguments) -> dict:
     if unknown_modes:
         raise DataError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
     with quiet_progress_bars():
-        text, data = load_text(args)
+        documents, data = load_text(args)
+    text = args.document_separator.join(documents)
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, device=pick_device(args.device), dtype=resolve_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code,
@@ -149,7 +158,9 @@ def run(args: EvaluateArguments) -> dict:
     if unknown:
         print(f"warning: {unknown} characters of the text are not in the vocabulary and count as <unk>: "
               f"{''.join(oov)!r}", file=sys.stderr)
-    ids = tokenizer.encode_corpus(text)
+    # As in training: every document starts with the boundary token when the tokenizer has one (so the first
+    # character is predicted too, given "a document starts"), else documents joined with the separator.
+    ids = join_documents(tokenizer, documents, args.document_separator, boundary_id(tokenizer))
     results = {
         "model": args.model_name_or_path,
         "data": data,

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from char_lstm import load_model_and_tokenizer
+from char_lstm.data import boundary_id, join_documents
 from char_lstm.evaluation import evaluate_ids
 from helpers import run_script, shakespeare_like, write_text
 
@@ -21,12 +22,13 @@ def test_evaluate_a_text_file(trained_model, tmp_path):
     assert data["characters"] == len(text) and data["unknown_characters"] == 1
     # the numbers are those of the library function (checked against hand-computed cross-entropy in its tests)
     model, tokenizer = load_model_and_tokenizer(str(trained_model))
-    expected = evaluate_ids(model, tokenizer.encode_corpus(text), 32)
+    assert boundary_id(tokenizer) is not None  # the document starts with <eos>, as in training
+    expected = evaluate_ids(model, join_documents(tokenizer, [text], "\n\n", boundary_id(tokenizer)), 32)
     for mode in ("fixed", "streaming"):
         assert data[mode]["loss"] == pytest.approx(expected[mode]["loss"], rel=1e-6)
         assert data[mode]["bits_per_character"] == pytest.approx(data[mode]["loss"] / math.log(2))
         assert f"{data[mode]['loss']:.4f}" in result.stdout
-    assert data["fixed"]["characters"] == data["streaming"]["characters"] == len(text) - 1
+    assert data["fixed"]["characters"] == data["streaming"]["characters"] == len(text)  # the first one too
 
 
 def test_evaluate_a_dataset_split(trained_model, tmp_path):
