@@ -22,6 +22,7 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
+from char_lstm.cli import console_logging  # noqa: E402
 from char_lstm.data import DataError  # noqa: E402
 from char_lstm.training import (  # noqa: E402
     STOP_SIGNALS,
@@ -39,7 +40,7 @@ from char_lstm.training import (  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    console_logging()
     stop_on_signals()
     output_dir = prompt = None
     try:
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()  # a quarter faster CPU steps: no page faults for every step's fresh tensors
         model_args, data_args, training_args = parse_arguments(argv)
         output_dir, prompt = training_args.output_dir, training_args.sample_prompt
-        logging.getLogger().setLevel(training_args.get_process_log_level())
-        if training_args.should_log and training_args.log_level == "passive":  # char_lstm's few info lines: once
-            logging.getLogger("char_lstm").setLevel(logging.INFO)
+        # char_lstm's few info lines on the main process only (other processes: --log_level_replica, warning)
+        console_logging(logging.INFO if training_args.should_log and training_args.log_level == "passive"
+                        else training_args.get_process_log_level())
         with training_console():
             train(model_args, data_args, training_args)
     except BaseException as error:

@@ -82,6 +82,26 @@ def test_directory_glob_jsonl_csv_parquet(tmp_path):
         load_raw_datasets(train_file=str(jsonl))
 
 
+def test_directory_of_mixed_files_uses_the_txt_files_and_says_which(tmp_path, caplog):
+    books = tmp_path / "books"
+    (books / "drafts").mkdir(parents=True)
+    write_text(books / "b.txt", "second\n")
+    write_text(books / "a.txt", "first\n")
+    write_text(books / "README.md", "# not a book\n")
+    write_text(books / "index.csv", "title\nfirst\n")
+    (books / "cover.png").write_bytes(b"\x89PNG")
+    with caplog.at_level(logging.INFO, logger="char_lstm.data"):
+        raw = load_raw_datasets(train_file=str(books))
+    assert raw["train"]["text"] == ["first\n", "second\n"]
+    assert f"--train_file {books}: using 2 .txt file(s): a.txt, b.txt; skipped 4 other entries: README.md, cover.png, " \
+           "drafts/, index.csv" in caplog.text
+    for name in ("a.txt", "b.txt"):
+        (books / name).unlink()
+    with pytest.raises(DataError, match=r"books is a directory without .txt files \(it holds README.md, .*\); give "
+                                        r"a file or a glob"):
+        load_raw_datasets(train_file=str(books))
+
+
 def test_local_folder_laid_out_like_the_hub_dataset(tmp_path):
     """Same layout as karpathy/tiny_shakespeare: data/{split}-00000-of-00001.parquet, one row each."""
     data = tmp_path / "tiny" / "data"

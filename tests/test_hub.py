@@ -181,3 +181,26 @@ def test_folder_without_config_or_weights_and_corrupted_weights(saved, tmp_path)
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match="corrupted or truncated"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_mistyped_folder_and_checkpoint_only_folder_are_named(saved, tmp_path, monkeypatch):
+    """Before anything is loaded, and without asking the Hub: the closest existing folder, or the latest checkpoint."""
+    import shutil
+
+    folder, _ = saved
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    shutil.copytree(folder, tmp_path / "outputs" / "shakespeare")
+    with pytest.raises(OSError, match=r"^--model_name_or_path outputs/shakespear does not exist; did you mean "
+                                      r"outputs/shakespeare\?$"):
+        load_model_and_tokenizer("outputs/shakespear")
+    with pytest.raises(OSError, match=r"^--model_name_or_path ./nothing/here does not exist \(nor does the folder "):
+        load_model_and_tokenizer("./nothing/here")
+    run = tmp_path / "outputs" / "stopped"
+    for step in (2, 10):
+        shutil.copytree(folder, run / f"checkpoint-{step}")
+    with pytest.raises(OSError, match=r"outputs/stopped holds checkpoints but no final model .* use the latest "
+                                      r"checkpoint, --model_name_or_path outputs/stopped/checkpoint-10, or resume"):
+        load_model_and_tokenizer("outputs/stopped")
+    model, tokenizer = load_model_and_tokenizer("outputs/stopped/checkpoint-10")  # what the message says works
+    assert model.config.vocab_size == len(tokenizer)

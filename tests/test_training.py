@@ -169,6 +169,15 @@ def test_default_sample_prompt_uses_known_characters(tmp_path):
     assert default_sample_prompt(CharLSTMTokenizer.from_corpus("ROMEO: x"), raw["train"], "text") == "ROMEO:"
 
 
+def test_mistyped_model_folder_is_reported_before_the_data_are_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "shakespeare").mkdir(parents=True)
+    with pytest.raises(OSError, match="outputs/shakespear does not exist; did you mean outputs/shakespeare"):
+        # the training file does not exist either: the model path is checked first
+        train(*parse_arguments(["--model_name_or_path", "outputs/shakespear", "--train_file", "missing.txt",
+                                "--output_dir", "out", *TINY]))
+
+
 def test_resume_true_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(DataError, match="holds no checkpoint to resume from"):
         run(tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "True")

@@ -30,7 +30,8 @@ from .tokenization_char_lstm import CharLSTMTokenizer
 
 logger = logging.getLogger(__name__)
 
-TEXT_EXTENSIONS = (".txt", ".text", ".md")
+TEXT_EXTENSIONS = (".txt", ".text", ".md")  # read as plain text when named one by one or by a glob
+DIRECTORY_EXTENSIONS = (".txt",)  # what a directory given as --train_file contributes (README: "a directory of .txt")
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -92,15 +93,30 @@ def _text_file_rows(files: list[str], encoding: str, fingerprint: list) -> Itera
         yield {"text": read_text_file(path, encoding)}
 
 
+def _some(names: list[str], most: int = 8) -> str:
+    """`a, b, c` or `a, b, ... (12 more)`."""
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
 def expand_files(spec: str, option: str) -> list[str]:
-    """A file, a directory (its text files, sorted) or a glob pattern -> a sorted list of files."""
+    """A file, a directory (its .txt files, sorted; what is used and what is skipped is logged) or a glob pattern ->
+    a sorted list of files."""
     if os.path.isdir(spec):
-        files = sorted(
-            os.path.join(spec, name) for name in os.listdir(spec) if name.lower().endswith(TEXT_EXTENSIONS)
+        names = sorted(os.listdir(spec))
+        used = [n for n in names if n.lower().endswith(DIRECTORY_EXTENSIONS) and os.path.isfile(os.path.join(spec, n))]
+        skipped = [n + ("/" if os.path.isdir(os.path.join(spec, n)) else "") for n in names if n not in used]
+        if not used:
+            raise DataError(
+                f"{option} {spec} is a directory without {'/'.join(DIRECTORY_EXTENSIONS)} files"
+                + (f" (it holds {_some(skipped)})" if skipped else "")
+                + "; give a file or a glob (e.g. 'books/*.md') for other text files."
+            )
+        logger.info(
+            f"{option} {spec}: using {len(used)} {'/'.join(DIRECTORY_EXTENSIONS)} file(s): {_some(used)}"
+            + (f"; skipped {len(skipped)} other entr{'y' if len(skipped) == 1 else 'ies'}: {_some(skipped)}"
+               if skipped else "")
         )
-        if not files:
-            raise DataError(f"{option} {spec} is a directory without text files ({', '.join(TEXT_EXTENSIONS)}).")
-        return files
+        return [os.path.join(spec, name) for name in used]
     if any(char in spec for char in "*?["):
         files = sorted(path for path in glob.glob(spec, recursive=True) if os.path.isfile(path))
         if not files:
@@ -136,6 +152,14 @@ def load_files(files: list[str], text_column: str, encoding: str, streaming: boo
         builders.pop(), data_files=[os.path.abspath(p) for p in files], split="train", streaming=streaming
     )
     return dataset
+
+
+def dataset_label(name_or_path: str) -> str:
+    """How model cards and results name a dataset: a Hub id or the bundled copy as it is; a local file, folder or glob
+    by its last part only (never a path of this machine)."""
+    if name_or_path == BUNDLED_DATASET or not (os.path.exists(name_or_path) or any(c in name_or_path for c in "*?[")):
+        return name_or_path
+    return os.path.basename(os.path.normpath(name_or_path))
 
 
 def hub_unreachable_reason(repo_id: str, timeout: float = 5.0) -> str | None:

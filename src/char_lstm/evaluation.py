@@ -21,13 +21,14 @@ from transformers import DynamicCache
 from .data import (
     DataError,
     boundary_id,
+    dataset_label,
     iter_texts,
     join_documents,
     load_raw_datasets,
     quiet_progress_bars,
     resolve_dataset_name,
 )
-from .hub import load_model_and_tokenizer
+from .hub import check_model_path, load_model_and_tokenizer
 from .metrics import load_bits_per_character
 from .sampling import pick_device, resolve_dtype
 
@@ -127,14 +128,14 @@ def load_text(args: EvaluateArguments) -> tuple[list[str], str]:
     if args.validation_file is not None:
         dataset = load_raw_datasets(train_file=args.validation_file, text_column=args.text_column,
                                     encoding=args.encoding, file_option="--validation_file")["train"]
-        name = args.validation_file
+        name = dataset_label(args.validation_file)
     elif args.dataset_name is not None:
         dataset_name = resolve_dataset_name(args.dataset_name, args.dataset_config_name)
         raw = load_raw_datasets(dataset_name=dataset_name, dataset_config_name=args.dataset_config_name,
                                 text_column=args.text_column, file_option="--validation_file")
         if args.split not in raw:
             raise DataError(f"The dataset {args.dataset_name!r} has no split {args.split!r} (it has {list(raw)}).")
-        dataset, name = raw[args.split], f"{dataset_name}:{args.split}"
+        dataset, name = raw[args.split], f"{dataset_label(dataset_name)}:{args.split}"
     else:
         raise DataError("Nothing to evaluate on: pass --validation_file or --dataset_name (with --split).")
     return list(iter_texts(dataset, args.text_column)), name
@@ -146,6 +147,7 @@ def run(args: EvaluateArguments) -> dict:
     unknown_modes = set(modes) - set(MODES)
     if unknown_modes:
         raise DataError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
+    check_model_path(args.model_name_or_path)  # before the data are loaded
     with quiet_progress_bars():
         documents, data = load_text(args)
     text = args.document_separator.join(documents)

@@ -1,5 +1,6 @@
 """Loading and sharing CharLSTM models: model + tokenizer checks, the model card, the Hub folder and the upload."""
 
+import difflib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import yaml
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.trainer_utils import get_last_checkpoint
 
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
@@ -35,6 +37,51 @@ def check_vocab_match(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
             )
 
 
+def _is_local_path(name_or_path: str) -> bool:
+    """Whether `name_or_path` can only mean a folder: an absolute or ./ path, a name that is no valid Hub id, or
+    `parent/name` where `parent` is a folder here (outputs/shakespear)."""
+    if os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")):
+        return True
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    parent = os.path.dirname(name_or_path)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def missing_folder_message(path: str, option: str) -> str:
+    """`OPTION PATH does not exist`, with the closest existing folder next to it when there is one."""
+    parent = os.path.dirname(os.path.normpath(path)) or "."
+    if not os.path.isdir(parent):
+        return f"{option} {path} does not exist (nor does the folder {parent})."
+    folders = [name for name in os.listdir(parent) if os.path.isdir(os.path.join(parent, name))]
+    close = difflib.get_close_matches(os.path.basename(os.path.normpath(path)), folders, n=1, cutoff=0.6)
+    hint = f" did you mean {os.path.join(parent, close[0]) if parent != '.' else close[0]}?" if close else ""
+    return f"{option} {path} does not exist;{hint or ' give the --output_dir of a training run.'}"
+
+
+def check_model_path(name_or_path: str, option: str = "--model_name_or_path") -> None:
+    """One-line errors, before anything is loaded (and without asking the Hub), for a model path that cannot work: a
+    local folder that does not exist (with the closest existing one), a folder of checkpoints without a final model
+    (with the latest checkpoint), a folder that is no saved model. A Hub id is left to `from_pretrained`."""
+    path = os.fspath(name_or_path)
+    if not os.path.isdir(path):
+        if _is_local_path(path):
+            raise OSError(missing_folder_message(path, option))
+        return
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    last = get_last_checkpoint(path)
+    if last is not None:
+        raise OSError(
+            f"{option} {path} holds checkpoints but no final model (its training run stopped before the end): use the "
+            f"latest checkpoint, {option} {last}, or resume the run with --resume_from_checkpoint True."
+        )
+    raise OSError(f"{option} {path} has no config.json: it is not a saved model; give the --output_dir of a "
+                  "training run.")
+
+
 def load_model_and_tokenizer(
     name_or_path: str,
     device: str | torch.device | None = None,
@@ -43,6 +90,7 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
 ):
     """Load a saved CharLSTM model (local folder or Hub id) with its tokenizer, checked to match, in eval mode."""
+    check_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
@@ -80,7 +128,7 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
     """
     config = model.config
     dataset = run.get("dataset") or "unknown"
-    hub_dataset = run.get("dataset_is_hub", False)
+    hub_dataset = run.get("hub_dataset")  # the Hub id of the data (the bundled copy's too), None for local files
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
@@ -88,14 +136,14 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
         "tags": ["char_lstm", "character-level", config.cell_type, "text-generation", "custom_code"],
     }
     if hub_dataset:
-        metadata["datasets"] = [dataset]
+        metadata["datasets"] = [hub_dataset]
     metadata["model-index"] = [
         {
             "name": repo_id,
             "results": [
                 {
                     "task": {"type": "text-generation", "name": "Character-level language modeling"},
-                    "dataset": {"name": dataset, "type": dataset},
+                    "dataset": {"name": dataset, "type": hub_dataset or dataset},
                     "metrics": _metric_rows(results),
                 }
             ],
@@ -104,7 +152,7 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
     evaluation_lines = []
     for mode, values in results.items():
         what = {
-            "eval": "validation text, during training (windows of the training block size, zero state)",
+            "eval": f"{run.get('evaluation_data', 'the validation text')}, the final model",
             "fixed": f"{values.get('data', 'held-out text')}, fixed windows of {values.get('block_size', '?')} "
             "characters from a zero state",
             "streaming": f"{values.get('data', 'held-out text')}, the whole text in one pass with the state carried",
@@ -138,10 +186,26 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
         num_parameters=f"{model.num_parameters():,}",
         dataset=dataset,
         training_data=run.get("training_data") or f"`{dataset}`",
+        procedure=run.get("procedure") or "Trained with `transformers.Trainer` (no record of the run was found).",
+        training_results=_training_results_table(run.get("training_results")),
         prompt=run.get("sample_prompt") or "\n",
         hyperparameters="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items() if v is not None),
         evaluation="\n".join(evaluation_lines) or "| (no evaluation recorded) | | | |",
     )
+
+
+def _training_results_table(rows: list[dict] | None) -> str:
+    """Markdown table of the evaluations during training (Trainer's cards have the same), or a line saying none."""
+    if not rows:
+        return "No evaluation was recorded during training."
+
+    def number(value) -> str:
+        return "no log" if value is None else f"{value:.4f}"
+
+    lines = ["| step | training loss | validation loss | bits/char |", "|---|---|---|---|"]
+    lines += [f"| {row['step']} | {number(row['training_loss'])} | {number(row['validation_loss'])} | "
+              f"{number(row['bits_per_char'])} |" for row in rows]
+    return "\n".join(lines)
 
 
 def write_model_card(
@@ -185,7 +249,7 @@ def check_repo_id(repo_id: str) -> None:
 
 def check_model_dir(model_dir: str) -> None:
     if not os.path.isdir(model_dir):
-        raise HubError(f"--model_dir {model_dir} does not exist; give the --output_dir of a training run.")
+        raise HubError(missing_folder_message(model_dir, "--model_dir"))
     missing = [name for name in ("config.json", *TOKENIZER_FILES) if not os.path.isfile(os.path.join(model_dir, name))]
     if not any(os.path.isfile(os.path.join(model_dir, name)) for name in ("model.safetensors", "model.safetensors.index.json")):
         missing.append("model.safetensors")

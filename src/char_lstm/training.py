@@ -54,11 +54,14 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 from .configuration_char_lstm import CharLSTMConfig
 from .data import (
+    BUNDLED_DATASET,
+    DEFAULT_DATASET,
     DataError,
     build_tokenizer,
     collate_blocks,
     collate_stream_blocks,
     count_oov,
+    dataset_label,
     encode_blocks,
     encode_streams,
     iter_texts,
@@ -67,7 +70,7 @@ from .data import (
     resolve_dataset_name,
     split_validation_tail,
 )
-from .hub import RUN_INFO_NAME, check_vocab_match, results_from_training, write_model_card
+from .hub import RUN_INFO_NAME, check_model_path, check_vocab_match, results_from_training, write_model_card
 from .metrics import load_bits_per_character
 from .modeling_char_lstm import (
     CharLSTMForCausalLM,
@@ -260,7 +263,7 @@ def training_console():
     """The console of `scripts/train.py`: log lines go through tqdm (each on its own line, never glued to a progress
     bar), and the quick steps (loading one-row datasets, splitting, writing one weights file) draw no bar of their
     own, so a run shows one bar for training and one for each evaluation."""
-    with logging_redirect_tqdm(), quiet_progress_bars():
+    with logging_redirect_tqdm(loggers=[logging.getLogger("char_lstm")]), quiet_progress_bars():
         yield
 
 
@@ -1047,38 +1050,88 @@ def _scheduler_name(training_args) -> str:
     return getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
 
 
-def training_run_info(model_args, data_args, training_args, metrics: dict, prompt: str, global_step: int) -> dict:
-    """What the model card says about the run (saved as training_run.json next to the model)."""
-    dataset = data_args.train_file or data_args.dataset_name
-    is_hub = data_args.train_file is None and not os.path.isdir(str(dataset))
+def _describe_optimizer(training_args) -> str:
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if not optim.startswith("adamw"):
+        return f"`{optim}`"
+    name = ("Adam (AdamW with weight decay 0)" if training_args.weight_decay == 0
+            else f"AdamW with weight decay {training_args.weight_decay:g}")
+    return (f"{name}, betas ({training_args.adam_beta1:g}, {training_args.adam_beta2:g}), eps "
+            f"{training_args.adam_epsilon:g} (`{optim}`)")
+
+
+def _describe_schedule(training_args, max_steps: int, stopped_at: int | None) -> str:
     scheduler = _scheduler_name(training_args)
     if scheduler == "reduce_lr_on_plateau":
         kwargs = training_args.lr_scheduler_kwargs or {}
-        scheduler = (f"x{kwargs.get('factor', 0.1)} after {kwargs.get('patience', 10)} evaluations without "
-                     "improvement of the validation loss")
+        return (f"constant, multiplied by {kwargs.get('factor', 0.1)} after {kwargs.get('patience', 10)} evaluations "
+                "without improvement of the validation loss")
+    warmup = training_args.get_warmup_steps(max_steps)
+    text = (f"{warmup} warm-up step{'s' if warmup > 1 else ''}, then " if warmup else "") + scheduler
+    text += f", over {max_steps} steps"
+    if training_args.max_train_seconds:
+        text += (f" or {training_args.max_train_seconds:g} s of training, whichever ends first (here "
+                 + (f"the time, at step {stopped_at})" if stopped_at is not None else "the steps)"))
+    return text
+
+
+def training_results(log_history: list[dict]) -> list[dict]:
+    """The card's training-results table, as Trainer's own cards have it: one row per evaluation during training
+    (step, the last training loss logged by then, validation loss, bits per character)."""
+    rows, train_loss, steps = [], None, set()
+    for entry in log_history:
+        train_loss = entry.get("loss", train_loss)
+        if "eval_loss" in entry and entry.get("step") not in steps:  # the final model's evaluation is not a new row
+            steps.add(entry.get("step"))
+            rows.append({"step": entry.get("step"), "training_loss": train_loss, "validation_loss": entry["eval_loss"],
+                         "bits_per_char": entry.get("eval_bits_per_char", entry["eval_loss"] / math.log(2))})
+    return rows
+
+
+def training_run_info(model_args, data_args, training_args, metrics: dict, prompt: str, state,
+                      stopped_at: int | None = None) -> dict:
+    """What the model card says about the run, from the run itself (saved as training_run.json next to the model):
+    the data by name (a Hub id, the bundled copy, or a local file's name: never a path of this machine), the
+    optimizer, the schedule, the steps, and the evaluations."""
+    source = data_args.train_file or data_args.dataset_name
+    dataset = dataset_label(source)
+    hub_dataset = (DEFAULT_DATASET if source == BUNDLED_DATASET
+                   else source if data_args.train_file is None and not os.path.exists(source) else None)
     validation = (
-        f"`{data_args.validation_file}`" if data_args.validation_file
-        else "its validation split" if is_hub or data_args.train_file is None
-        else f"the last {data_args.validation_split_percentage}% of the text, held out"
+        f"`{dataset_label(data_args.validation_file)}`" if data_args.validation_file
+        else "its validation split" if data_args.train_file is None
+        else f"the last {data_args.validation_split_percentage:g}% of the text, held out"
     )
-    blocks = metrics.get("train_blocks")
+    blocks, eval_blocks = metrics.get("train_blocks"), metrics.get("eval_blocks")
+    world = training_args.world_size
+    batch = training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps
+    steps = state.global_step
     return {
-        "dataset": dataset if is_hub else os.path.basename(os.path.normpath(str(dataset))),
-        "dataset_is_hub": is_hub,
-        "training_data": (f"`{dataset if is_hub else os.path.basename(os.path.normpath(str(dataset)))}`: "
-                          f"{blocks if blocks is not None else 'streamed'} training blocks of {data_args.block_size} "
-                          f"characters; validation: {validation}."
+        "dataset": dataset,
+        "hub_dataset": hub_dataset,
+        "training_data": (f"`{dataset}`: {blocks if blocks is not None else 'streamed'} training blocks of "
+                          f"{data_args.block_size} characters; validation: {validation}."
                           + (" Stateful truncated BPTT: each batch row reads one contiguous stream, starting from the "
                              "previous step's state." if data_args.stateful else "")),
+        "procedure": (f"Trained with `transformers.Trainer` for {steps} steps ({float(metrics.get('epoch', 0.0)):.3g} "
+                      f"epochs) of {batch} blocks of {data_args.block_size} characters"
+                      + (", each batch row continuing its stream from the previous step's state"
+                         if data_args.stateful else ", each block from a zero state")
+                      + f": {_describe_optimizer(training_args)}, learning rate {training_args.learning_rate:g}, "
+                      f"schedule {_describe_schedule(training_args, state.max_steps, stopped_at)}, gradient clipping "
+                      f"at norm {training_args.max_grad_norm:g}."),
+        "evaluation_data": (f"{eval_blocks} blocks of {data_args.block_size} characters of the validation text"
+                            if eval_blocks is not None else "the validation text") + ", each from a zero state",
+        "training_results": training_results(state.log_history),
         "stateful": data_args.stateful,
         "block_size": data_args.block_size,
-        "batch_size": f"{training_args.per_device_train_batch_size} x {training_args.world_size} x "
+        "batch_size": f"{training_args.per_device_train_batch_size} x {world} x "
                       f"{training_args.gradient_accumulation_steps}",
-        "optimizer": getattr(training_args.optim, "value", training_args.optim),
+        "optimizer": _describe_optimizer(training_args),
         "learning_rate": training_args.learning_rate,
-        "lr_scheduler": scheduler,
+        "lr_scheduler": _describe_schedule(training_args, state.max_steps, stopped_at),
         "max_grad_norm": training_args.max_grad_norm,
-        "global_step": global_step,
+        "global_step": steps,
         "epochs": round(float(metrics.get("epoch", 0.0)), 3),
         "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
         "seed": training_args.seed,
@@ -1115,6 +1168,8 @@ def train(
         # Streams are read in order, and the loss and metrics use the targets that `collate_stream_blocks` gives.
         training_args.train_sampling_strategy = "sequential"
         training_args.label_names = ["shift_labels"]
+    if model_args.model_name_or_path is not None:  # a mistyped folder is said now, not after loading the data
+        check_model_path(model_args.model_name_or_path)
     lock = OutputDirLock(training_args.output_dir)
     try:
         resume = _on_main_process(training_args, lambda: (lock.acquire(), _prepare_output_dir(training_args))[1])
@@ -1267,16 +1322,17 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with the tokenizer
     metrics = {**train_metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
     if not data_args.streaming:
-        metrics["train_blocks"] = len(train_blocks)
+        metrics["train_blocks"], metrics["eval_blocks"] = len(train_blocks), len(eval_blocks)
     if trainer.is_world_process_zero():
         with open(os.path.join(staged, "all_results.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=4, sort_keys=True)
         trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        run = training_run_info(model_args, data_args, training_args, metrics, prompt, trainer.state.global_step)
+        run = training_run_info(model_args, data_args, training_args, metrics, prompt, trainer.state,
+                                time_limit.stopped_at if time_limit else None)
         with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as f:
             json.dump(run, f, indent=2)
         write_model_card(staged, trainer.model, run, results_from_training(metrics),
-                         repo_id=training_args.hub_model_id or training_args.output_dir)
+                         repo_id=training_args.hub_model_id)  # default: the folder's name, as Trainer's cards
         publish_files(staged, training_args.output_dir)
     if training_args.push_to_hub:
         # Trainer.push_to_hub writes its generic card over README.md first; the run's own card stays instead

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from char_lstm import load_model_and_tokenizer
-from char_lstm.data import boundary_id, join_documents
-from char_lstm.evaluation import evaluate_ids
+from char_lstm.data import DataError, boundary_id, join_documents
+from char_lstm.evaluation import EvaluateArguments, evaluate_ids, run
 from helpers import run_script, shakespeare_like, write_text
 
 
@@ -54,3 +54,19 @@ def test_evaluate_errors(trained_model, tmp_path):
     no_model = run_script("evaluate.py", ["--model_name_or_path", str(tmp_path / "nope"), "--validation_file",
                                           str(write_text(tmp_path / "t.txt", "abc"))], tmp_path)
     assert no_model.returncode == 2 and "error:" in no_model.stderr
+
+
+
+def test_evaluate_messages_name_the_folder_and_its_own_flags(trained_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "shakespeare").symlink_to(trained_model, target_is_directory=True)
+    write_text(tmp_path / "t.txt", "abc")
+    # a mistyped folder: the closest existing one, before the data are read (the text file is not even needed)
+    with pytest.raises(OSError, match=r"^--model_name_or_path outputs/shakespear does not exist; did you mean "
+                                      r"outputs/shakespeare\?$"):
+        run(EvaluateArguments(model_name_or_path="outputs/shakespear", validation_file="missing.txt"))
+    # a dataset that cannot be loaded: the way out is evaluate.py's own --validation_file
+    with pytest.raises(DataError, match="Could not load the dataset 'no-one/no-data'.*--validation_file") as error:
+        run(EvaluateArguments(model_name_or_path="outputs/shakespeare", dataset_name="no-one/no-data"))
+    assert "--train_file" not in str(error.value)
