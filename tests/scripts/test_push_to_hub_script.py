@@ -32,7 +32,7 @@ def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
     files = set(os.listdir(folder))
     assert files == {"model.safetensors", "config.json", "generation_config.json", "configuration_char_lstm.py",
                      "modeling_char_lstm.py", "tokenization_char_lstm.py", "vocab.json", "tokenizer_config.json",
-                     "README.md"}
+                     "tokenizer.json", "README.md"}
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
         "modeling_char_lstm.CharLSTMForCausalLM"
     )
