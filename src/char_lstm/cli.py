@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from transformers import HfArgumentParser
 
+from .data import quiet_progress_bars
+
 
 def console_logging(level: int = logging.INFO) -> None:
     """char_lstm's log lines (its few info lines: bundled data, files used; its warnings) on stderr as
@@ -25,7 +27,8 @@ def run_command(arguments_class: type, run: Callable, argv: list[str] | None = N
     console_logging()
     (args,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(args=argv)
     try:
-        run(args)
+        with quiet_progress_bars():  # no bars for loading a small model or a one-row dataset
+            run(args)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

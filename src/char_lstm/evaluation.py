@@ -25,7 +25,6 @@ from .data import (
     iter_texts,
     join_documents,
     load_raw_datasets,
-    quiet_progress_bars,
     resolve_dataset_name,
 )
 from .hub import check_model_path, load_model_and_tokenizer
@@ -148,8 +147,7 @@ def run(args: EvaluateArguments) -> dict:
     if unknown_modes:
         raise DataError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
     check_model_path(args.model_name_or_path)  # before the data are loaded
-    with quiet_progress_bars():
-        documents, data = load_text(args)
+    documents, data = load_text(args)
     text = args.document_separator.join(documents)
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, device=pick_device(args.device), dtype=resolve_dtype(args.dtype),

@@ -407,7 +407,8 @@ def sample(model, tokenizer, prompt: str, length: int, temperature: float) -> st
     was_training = model.training
     model.eval()
     inputs = tokenizer([prompt], return_tensors="pt").to(model.device)
-    out = model.generate(**inputs, max_new_tokens=length, do_sample=True, temperature=temperature, top_k=0)
+    out = model.generate(**inputs, max_new_tokens=length, max_length=None, do_sample=True, temperature=temperature,
+                         top_k=0)  # max_length=None: no warning that the saved default length gives way
     model.train(was_training)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 

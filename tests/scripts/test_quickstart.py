@@ -1,0 +1,54 @@
+"""The README's Quickstart as a new user runs it, without Hub access: its training and sampling commands, read from
+the README itself, scaled down by a few flags so that they take seconds."""
+
+import json
+import re
+import subprocess
+import sys
+
+from helpers import ROOT, script_env
+
+
+SMALL = ["--hidden_size", "32", "--embedding_size", "16", "--max_steps", "20", "--eval_steps", "10", "--save_steps",
+         "10", "--logging_steps", "10", "--max_eval_samples", "16", "--sample_length", "40"]
+
+
+def quickstart_commands() -> list[str]:
+    """The commands of the Quickstart block that installs, trains and samples (continuation lines joined)."""
+    section = (ROOT / "README.md").read_text().split("## Quickstart")[1].split("\n## ")[0]
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "scripts/train.py" in b)
+    return [command.strip() for command in block.replace("\\\n", " ").split("&&") if command.strip()]
+
+
+def test_quickstart_runs_offline_to_a_sample(tmp_path):
+    commands = quickstart_commands()
+    assert commands[0] == 'pip install -e ".[dev]"'  # the install: done already (the package runs from this tree)
+    train, sample = commands[1:]
+    assert train.startswith("accelerate launch ") and sample.startswith("python scripts/generate.py ")
+    out = str(tmp_path / "shakespeare")
+    env = script_env(HF_HUB_OFFLINE="1")
+
+    argv = train.replace("outputs/shakespeare", out).split()[2:]  # after `accelerate launch`
+    trained = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *argv, *SMALL], cwd=ROOT,
+                             capture_output=True, text=True, env=env, timeout=600)
+    console = trained.stdout + trained.stderr
+    assert trained.returncode == 0, console[-3000:]
+    assert "Traceback" not in console and not re.search("warn", console, re.I), console[-3000:]
+    # the bundled copy of the data, said once; the summary at the end, with the command to run next
+    assert console.count("karpathy/tiny_shakespeare cannot be reached") == 1
+    summary = trained.stdout.rstrip().splitlines()[-3:]
+    assert summary[0] == "Training finished: 20 steps in " + summary[0].split(" in ")[1]
+    assert summary[1].startswith(f"Model: {out} (eval loss ")
+    assert summary[2] == (f"Sample from it: python scripts/generate.py --model_name_or_path {out} --prompt ROMEO: "
+                          "--max_new_tokens 300")
+    assert trained.stdout.count("----- sample at step 20 -----") == 1
+    card = (tmp_path / "shakespeare" / "README.md").read_text()
+    assert "name: tiny_shakespeare (bundled)" in card and "- karpathy/tiny_shakespeare" in card
+
+    sampled = subprocess.run([sys.executable, *sample.replace("outputs/shakespeare", out).replace('"', "").split()[1:]],
+                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert sampled.returncode == 0 and not sampled.stderr, sampled.stderr[-3000:]
+    assert sampled.stdout.startswith("ROMEO:") and len(sampled.stdout.strip()) > 100
+    assert json.loads((tmp_path / "shakespeare" / "training_run.json").read_text())["dataset"] == (
+        "tiny_shakespeare (bundled)"
+    )
