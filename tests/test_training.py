@@ -97,11 +97,11 @@ def test_plateau_halves_the_learning_rate_after_patience_evaluations(tmp_path, c
     assert "learning rate reduced 1e-07 -> 5e-08" in caplog.text
 
 
-def test_a_decaying_schedule_is_not_reported_as_plateau_cuts(tmp_path, caplog):
+def test_a_cosine_schedule_lowers_the_lr_every_step_and_no_plateau_cut_is_reported(tmp_path, caplog):
     _, out = run(tmp_path, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "100", "--logging_steps", "1",
                  "--lr_scheduler_type", "cosine", "--sample_every_evals", "0")
     lrs = [entry["learning_rate"] for entry in log_history(out) if "learning_rate" in entry]
-    assert lrs[-1] < lrs[0]  # the LR did go down, every step
+    assert len(lrs) == 4 and all(later < earlier for earlier, later in zip(lrs, lrs[1:])), lrs
     assert "learning rate reduced" not in caplog.text
 
 
@@ -137,16 +137,46 @@ def test_divergence_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
-def test_output_dir_with_checkpoints_is_protected(tmp_path):
+def checkpoints(out):
+    return sorted((p.name for p in out.iterdir() if p.name.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_output_dir_with_checkpoints_is_refused_and_overwrite_deletes_the_old_checkpoints(tmp_path):
     args = ("--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0")
     run(tmp_path, *args)
     out = tmp_path / "out"
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     before = (out / "checkpoint-4" / "model.safetensors").read_bytes()
     with pytest.raises(DataError, match="already holds checkpoints \\(checkpoint-4\\).*--resume_from_checkpoint True"):
         run(tmp_path, *args)
     assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == before
-    run(tmp_path, *args, "--overwrite_output_dir", "true", "--seed", "7")
-    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() != before
+    # a run that saves at other steps: only its own checkpoints are left, the old ones are gone (not overwritten)
+    run(tmp_path, "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3", "--sample_every_evals", "0",
+        "--overwrite_output_dir", "true")
+    assert checkpoints(out) == ["checkpoint-3"]
+
+
+def test_default_run_keeps_three_checkpoints_with_the_best_and_ends_with_the_best_model(tmp_path):
+    """The defaults (save_total_limit=3, load_best_model_at_end by eval loss): the model saved at the end is the
+    best checkpoint's, and only 3 checkpoints stay, the best one among them. The weights are spoiled at step 5, so
+    that the best checkpoint (step 4) is neither the last one nor among the latest ones."""
+
+    class SpoilHeadAtStep5(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step + 1 == 5:
+                with torch.no_grad():
+                    model.lm_head.bias.add_(torch.randn(model.lm_head.bias.shape, generator=torch.Generator().manual_seed(0)) * 10)
+
+    _, out = run(tmp_path, "--max_steps", "12", "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "1e-2",
+                 "--sample_every_evals", "0", callbacks=[SpoilHeadAtStep5()])
+    evals = {entry["step"]: entry["eval_loss"] for entry in log_history(out) if "eval_loss" in entry}
+    assert min(evals, key=evals.get) == 4, evals
+    # rotation deletes the oldest checkpoints but never the best one or the latest
+    assert checkpoints(out) == ["checkpoint-4", "checkpoint-10", "checkpoint-12"]
+    final, best = load_file(out / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
+    last = load_file(out / "checkpoint-12" / "model.safetensors")
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in best)
+    assert not torch.equal(final["lm_head.bias"], last["lm_head.bias"])
 
 
 def test_overwrite_deletes_nothing_when_the_run_cannot_start(tmp_path):
@@ -280,15 +310,17 @@ def test_tokenizer_that_does_not_match_the_model(tmp_path):
             "--output_dir", str(tmp_path / "out2"))
 
 
-def test_continue_from_a_saved_model_reuses_its_tokenizer(tmp_path):
-    _, out = run(tmp_path, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0")
+def test_model_name_or_path_continues_from_the_saved_weights_architecture_and_tokenizer(tmp_path):
+    _, out = run(tmp_path, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0",
+                 "--learning_rate", "1e-2")
     first = load_file(out / "model.safetensors")
+    # learning rate 0 (and no weight decay): the continued run's weights are exactly those it started from
     argv = ["--train_file", str(tmp_path / "train.txt"), "--output_dir", str(tmp_path / "more"), *TINY,
             "--model_name_or_path", str(out), "--max_steps", "2", "--eval_steps", "2", "--sample_every_evals", "0",
-            "--hidden_size", "64"]  # ignored: the saved model's architecture is used
+            "--learning_rate", "0", "--hidden_size", "64"]  # ignored: the saved model's architecture is used
     train(*parse_arguments(argv))
     second = load_file(tmp_path / "more" / "model.safetensors")
-    assert first.keys() == second.keys() and all(first[k].shape == second[k].shape for k in first)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert json.loads((tmp_path / "more" / "vocab.json").read_text()) == json.loads((out / "vocab.json").read_text())
 
 
@@ -332,19 +364,40 @@ def test_tensorboard_gets_metrics_and_samples(tmp_path):
     assert "eval/bits_per_char" in tags["scalars"] and "eval/loss" in tags["scalars"]
 
 
-def test_bf16_and_gradient_accumulation(tmp_path):
-    metrics, out = run(tmp_path, "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--bf16", "true", "--use_cpu", "true",
-                       "--gradient_accumulation_steps", "2", "--sample_every_evals", "1", "--sample_length", "20")
+class RecordTrainingForwards(TrainerCallback):
+    """Records, for every forward of the model in training mode, the batch size and the dtype of the logits."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def hook(module, inputs, output):
+            if module.training:
+                self.calls.append((output.logits.shape[0], output.logits.dtype))
+
+        model.register_forward_hook(hook)
+
+
+def test_bf16_autocast_computes_the_training_forward_in_bf16_and_accumulation_runs_two_batches_per_step(tmp_path):
+    recorder = RecordTrainingForwards()
+    metrics, out = run(tmp_path, "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--bf16", "true",
+                       "--use_cpu", "true", "--gradient_accumulation_steps", "2", "--sample_every_evals", "1",
+                       "--sample_length", "20", callbacks=[recorder])
     assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 6  # sampling under bf16 autocast too
+    # 6 optimizer steps x 2 accumulated batches of 8 blocks, each forward under bf16 autocast
+    assert recorder.calls == [(8, torch.bfloat16)] * 12
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
+    blocks = int(len(shakespeare_like(8000)) * 0.95 - 1) // 32  # blocks of 33 ids, one every 32 characters
+    assert state["global_step"] == 6 and state["epoch"] == pytest.approx(6 * 2 * 8 / blocks, rel=0.05)
 
 
-def test_streaming_with_a_validation_file_and_oov_report(tmp_path, caplog):
+def test_streaming_with_a_validation_file_trains_and_reports_its_characters_outside_the_vocabulary(tmp_path, caplog):
     write_text(tmp_path / "valid.txt", shakespeare_like(2000) + "\u00a7\u00a7 \u00b6")
     metrics, out = run(tmp_path, "--max_steps", "5", "--eval_steps", "5", "--save_steps", "5", "--streaming", "true",
                        "--validation_file", str(tmp_path / "valid.txt"), "--sample_every_evals", "0")
     assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 5
+    assert "3 characters of the validation text are not in the vocabulary" in caplog.text
+    assert "'\u00a7\u00b6'" in caplog.text
     with pytest.raises(DataError, match="--streaming needs --max_steps"):
         run(tmp_path, "--streaming", "true", "--output_dir", str(tmp_path / "o2"))
 
@@ -494,11 +547,16 @@ def test_every_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search
     assert CharLSTMTrainingArguments(output_dir="x").ddp_find_unused_parameters is False
 
 
-def test_preset_bf16_follows_the_hardware():
+@pytest.mark.skipif(torch.cuda.is_available() or not os.path.isfile("/proc/cpuinfo"), reason="reads the CPU's flags")
+def test_preset_bf16_is_on_exactly_where_the_cpu_flags_say_bf16_is_native():
     from char_lstm.training import native_bf16
 
+    # an oracle apart from torch's own checks: the kernel's list of the CPU's features
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    native = bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
+    assert native_bf16("cpu") == native
     model_args, data_args, training_args = parse_arguments(["--preset", "cpu-small", "--output_dir", "x"])
-    assert training_args.bf16 == native_bf16()
+    assert training_args.bf16 == native and training_args.use_cpu == native
     model_args, data_args, training_args = parse_arguments(["--preset", "cpu-small", "--output_dir", "x", "--bf16", "false"])
     assert not training_args.bf16
 

@@ -165,7 +165,7 @@ class CharLSTMTrainingArguments(TrainingArguments):
     eval_strategy: str = field(default="steps", metadata={"help": "Evaluate every --eval_steps."})
     eval_steps: float | None = field(default=250, metadata={"help": "Steps between evaluations."})
     save_steps: float = field(default=250, metadata={"help": "Steps between checkpoints."})
-    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (plus the best)."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept: the best (eval loss) and the latest ones."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the checkpoint with the best eval loss."})
     metric_for_best_model: str | None = field(default="loss", metadata={"help": "Metric for the best checkpoint."})
     logging_steps: float = field(default=50, metadata={"help": "Steps between training-loss logs."})
@@ -1206,10 +1206,12 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
             )
 
     tokenizer, model = _load_tokenizer_and_model(model_args, train_raw, data_args)
-    if training_args.process_index == 0 and not data_args.streaming:
+    if training_args.process_index == 0:
+        # Under --streaming the validation stream is read once more here (evaluation reads it anyway); a streamed
+        # training text is not: it may be far too large to read before training starts.
         texts = {"validation": eval_raw}
-        if model_args.model_name_or_path or model_args.tokenizer_name:  # a vocabulary not built from this text
-            texts = {"training": train_raw, **texts}
+        if (model_args.model_name_or_path or model_args.tokenizer_name) and not data_args.streaming:
+            texts = {"training": train_raw, **texts}  # a vocabulary not built from this text
         for name, dataset in texts.items():
             oov = count_oov(dataset, data_args.text_column, tokenizer)
             if oov:
