@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from char_lstm import load_model_and_tokenizer
-from helpers import run_script, script_env
+from helpers import run_script, script_env, shakespeare_like, write_text
 
 
 def front_matter(card: str) -> dict:
@@ -140,3 +140,41 @@ def test_output_dir_cannot_replace_the_model(trained_model, tmp_path):
                                                "--output_dir", str(target), "--overwrite_output_dir"], tmp_path)
         assert result.returncode == 2 and "would replace the model" in result.stderr
     assert (model_dir / "model.safetensors").exists()
+
+
+@pytest.fixture
+def hub():
+    from hub_standin import HubStandIn
+
+    with HubStandIn() as stand_in:
+        yield stand_in
+
+
+def test_push_uploads_the_built_folder_to_the_hub(trained_model, tmp_path, hub):
+    """push_to_hub.py against a local stand-in of the Hub API (HF_ENDPOINT): the repository is created and one
+    commit holds exactly the built folder, byte for byte, sent with the token."""
+    folder = tmp_path / "repo"
+    result = run_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
+                                           "--output_dir", str(folder)], tmp_path, **hub.env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("POST", "/api/repos/create", "Bearer hf_standin_token") in hub.requests
+    uploaded = hub.repos["someone/char-tiny"]
+    assert set(uploaded) == set(os.listdir(folder)) and "model.safetensors" in uploaded
+    assert all(uploaded[name] == (folder / name).read_bytes() for name in uploaded)
+    assert [repo for repo, _ in hub.commits] == ["someone/char-tiny"]
+
+
+def test_train_push_to_hub_uploads_the_final_model_and_the_runs_card(tmp_path, hub):
+    data = write_text(tmp_path / "train.txt", shakespeare_like(4000))
+    out = tmp_path / "out"
+    result = run_script("train.py", ["--train_file", str(data), "--output_dir", str(out), "--embedding_size", "8",
+                                     "--hidden_size", "16", "--block_size", "32", "--per_device_train_batch_size", "8",
+                                     "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
+                                     "--sample_every_evals", "0", "--report_to", "none", "--push_to_hub", "true",
+                                     "--hub_model_id", "someone/pushed"], tmp_path, **hub.env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    uploaded = hub.repos["someone/pushed"]
+    assert uploaded["model.safetensors"] == (out / "model.safetensors").read_bytes()  # the final (best) model
+    assert uploaded["README.md"] == (out / "README.md").read_bytes()  # the run's own card, not Trainer's
+    assert "config.json" in uploaded and "modeling_char_lstm.py" in uploaded
+    assert ("someone/pushed", "char_lstm training run") in hub.commits
