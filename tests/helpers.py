@@ -58,7 +58,11 @@ def script_env(**extra):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-def run_script(name, args, cwd, timeout=300, stdin=None, **env):
+# Below pytest's per-test limit (pyproject: 300 s), so that a stuck subprocess fails with its own output.
+SUBPROCESS_TIMEOUT = 240
+
+
+def run_script(name, args, cwd, timeout=SUBPROCESS_TIMEOUT, stdin=None, **env):
     """Run scripts/NAME as a user would, in a subprocess."""
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / name), *args],

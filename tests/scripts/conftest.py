@@ -3,6 +3,12 @@ import pytest
 from helpers import shakespeare_like, write_text
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:  # every test here runs a script in a subprocess (or several)
+        if "tests/scripts/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
     """A tiny model trained for a few seconds with the real training code (shared by the script tests)."""

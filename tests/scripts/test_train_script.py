@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from char_lstm.training import FINAL_STAGING_DIR, STAGING_DIR, checkpoint_problem, parse_arguments, train
 
-from helpers import shakespeare_like, write_text
+from helpers import SUBPROCESS_TIMEOUT, shakespeare_like, write_text
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def launch(args, cwd, timeout=300, accelerate=None):
+def launch(args, cwd, timeout=SUBPROCESS_TIMEOUT, accelerate=None):
     prefix = [sys.executable, "-m", "accelerate.commands.launch", *accelerate] if accelerate else [sys.executable]
     return subprocess.run(prefix + [TRAIN, *args], capture_output=True, text=True, cwd=cwd, env=env(), timeout=timeout)
 
@@ -150,13 +150,14 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_same_weights(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
 
 
+@pytest.mark.timeout(600)  # 60 s measured on 2 shared cores; two processes on 2 cores suffer most from load
 def test_accelerate_launch_two_processes(tmp_path, corpus):
     out = tmp_path / "ddp"
     result = launch(
         ["--train_file", corpus, "--output_dir", str(out), *TINY, "--num_train_epochs", "1", "--eval_steps", "10",
          "--save_steps", "10", "--logging_steps", "5", "--log_level", "info"],
         tmp_path,
-        timeout=400,
+        timeout=480,
         accelerate=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                     "--dynamo_backend", "no"],
     )
@@ -190,6 +191,7 @@ def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path, corpus)
     assert "accelerate launch --multi_gpu --num_processes N" in result.stderr
 
 
+@pytest.mark.timeout(900)  # two 2-process runs, 84 s together measured on 2 shared cores
 def test_stateful_two_processes_own_their_streams_and_resume_exactly(tmp_path, corpus):
     """--stateful under 2 real processes: each saves the state of its own streams with the checkpoint, and a run
     resumed from that checkpoint ends with the weights of the uninterrupted run."""
@@ -202,7 +204,7 @@ def test_stateful_two_processes_own_their_streams_and_resume_exactly(tmp_path, c
             "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--sample_every_evals", "0",
             "--load_best_model_at_end", "false"]
     full = tmp_path / "full"
-    result = launch(["--train_file", corpus, "--output_dir", str(full), *args], tmp_path, timeout=400, accelerate=two)
+    result = launch(["--train_file", corpus, "--output_dir", str(full), *args], tmp_path, timeout=420, accelerate=two)
     assert result.returncode == 0, result.stderr[-4000:]
     states = [torch.load(full / "checkpoint-3" / f"stream_state_{rank}.pt")["states"] for rank in (0, 1)]
     assert all(state[0][0].shape[0] == 4 for state in states)  # 4 streams per process
@@ -212,7 +214,7 @@ def test_stateful_two_processes_own_their_streams_and_resume_exactly(tmp_path, c
     part.mkdir()
     shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
     result = launch(["--train_file", corpus, "--output_dir", str(part), *args, "--resume_from_checkpoint", "True"],
-                    tmp_path, timeout=400, accelerate=two)
+                    tmp_path, timeout=420, accelerate=two)
     assert result.returncode == 0, result.stderr[-4000:]
     expected, got = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
