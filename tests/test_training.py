@@ -71,6 +71,17 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
     assert f"value: {round(metrics['eval_loss'], 4)}" in card and "| block (sequence) length | 32 |" in card
+    # the card tells what this run did: procedure, a training-results table, the data by name (no local path)
+    assert "Trained with `transformers.Trainer` for 60 steps" in card
+    assert "Adam (AdamW with weight decay 0)" in card and "multiplied by 0.5 after 3 evaluations without" in card
+    assert "halved" not in card and "cosine" not in card
+    history = log_history(out)
+    for step in (20, 40, 60):
+        evaluation = next(e for e in history if e.get("step") == step and "eval_loss" in e)
+        loss = next(e["loss"] for e in history if e.get("step") == step and "loss" in e)
+        assert (f"| {step} | {loss:.4f} | {evaluation['eval_loss']:.4f} | "
+                f"{evaluation['eval_bits_per_char']:.4f} |") in card
+    assert "`train.txt`" in card and str(tmp_path) not in card
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.generation_config.do_sample and model.generation_config.temperature == 0.8
