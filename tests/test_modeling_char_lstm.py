@@ -563,3 +563,23 @@ def test_gradient_checkpointing_gives_the_plain_gradients(tokenizer, cell_type):
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(checkpointed_from_state[name], plain_from_state[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch, hidden_size", [(2, 24), (64, 64)])
+def test_decoding_step_with_non_zero_biases_equals_the_sequence_kernel(tokenizer, cell_type, batch, hidden_size):
+    """Trained models have biases (initialization leaves them at zero, which hides how the step folds them): both
+    biases of every layer, through the looked-up first layer (input_ids) and the computed one (inputs_embeds)."""
+    model = make_model(tokenizer, cell_type, hidden_size=hidden_size)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "bias" in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(2, len(tokenizer), (batch, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache, cache_embeds = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(6)]
+        embeds = model.get_input_embeddings()(ids)
+        steps_embeds = [model(inputs_embeds=embeds[:, t : t + 1], cache=cache_embeds).logits for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps_embeds, dim=1), full, rtol=1e-5, atol=1e-5)
