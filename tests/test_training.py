@@ -148,6 +148,23 @@ def test_divergence_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
+def test_a_finite_explosion_stops_the_run_and_saves_no_checkpoint_after_it(tmp_path):
+    """--learning_rate 1e3: the loss goes from ~4 to thousands and stays finite; the guard stops the run after 3 logs
+    far above the start, with the advice, and writes no checkpoint once the loss has left."""
+    with pytest.raises(TrainingDiverged) as error:
+        run(tmp_path, "--max_steps", "40", "--eval_steps", "100", "--save_steps", "1", "--logging_steps", "1",
+            "--learning_rate", "1e3", "--sample_every_evals", "0", "--save_total_limit", "100",
+            "--load_best_model_at_end", "false")
+    message = str(error.value)
+    assert "stayed above 2x its start or best" in message and "for 3 logs in a row" in message
+    assert "--learning_rate 1e-4" in message and "--max_grad_norm" in message and "--fp16/--bf16" in message
+    out = tmp_path / "out"
+    assert not (out / "model.safetensors").exists()
+    for checkpoint in out.glob("checkpoint-*"):
+        losses = [e["loss"] for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+        assert losses[-1] < 2 * math.log(len(json.loads((checkpoint / "vocab.json").read_text()))), checkpoint
+
+
 def checkpoints(out):
     return sorted((p.name for p in out.iterdir() if p.name.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
 

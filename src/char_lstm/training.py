@@ -421,11 +421,19 @@ DIVERGENCE_HELP = (
 
 
 class DivergenceGuard(TrainerCallback):
-    """Stop when the loss or the weights stop being finite, before a NaN checkpoint or evaluation."""
+    """Stop when the loss or the weights stop being finite, before a NaN checkpoint or evaluation; and when the
+    training loss stays far above where it started or its best for several logs (a finite explosion, such as
+    `--learning_rate 1e3` taking the loss from 4 to thousands), saving no checkpoint while it is up there.
 
-    def __init__(self):
+    "Far above" is more than `factor` times the reference: the best logged loss, or ln(vocab_size) (the loss of a
+    uniform guess, where an untrained model starts) when that is lower. `patience` logs in a row trip the guard."""
+
+    def __init__(self, factor: float = 2.0, patience: int = 3):
+        self.factor, self.patience = factor, patience
         self.diverged_at: int | None = None
         self.what = ""
+        self.best = math.inf
+        self.logs_above = 0  # consecutive logs far above the reference
 
     def _trip(self, state, control, what: str):
         if self.diverged_at is None:
@@ -435,6 +443,8 @@ class DivergenceGuard(TrainerCallback):
         control.should_evaluate = False
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.logs_above:  # the last logged loss is far up: these weights are not worth a checkpoint
+            control.should_save = False
         # Checked before anything is saved, evaluated or logged (and at the end), not at every step: the check waits
         # for the device, and weights that are neither saved nor used cannot do harm in between.
         if not (control.should_save or control.should_evaluate or control.should_log or control.should_training_stop):
@@ -443,10 +453,24 @@ class DivergenceGuard(TrainerCallback):
         if not torch.isfinite(total):
             self._trip(state, control, "the weights became NaN/inf")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
+        if loss is None:
+            return
+        if not math.isfinite(loss):
             self._trip(state, control, f"the training loss became {loss}")
+            return
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        reference = min(self.best, math.log(vocab_size)) if vocab_size else self.best
+        if loss > self.factor * reference:
+            self.logs_above += 1
+            control.should_save = False  # logged before this step's save
+            if self.logs_above >= self.patience:
+                self._trip(state, control, f"the training loss ({loss:.4g}) stayed above {self.factor:g}x its start or "
+                           f"best ({reference:.4g}) for {self.logs_above} logs in a row")
+        else:
+            self.logs_above = 0
+            self.best = min(self.best, loss)
 
     def message(self, output_dir: str, prompt: str) -> str:
         return run_summary(
