@@ -13,7 +13,7 @@ from char_lstm.numpy_reference import gradient_flow_demo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=62)
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

@@ -21,12 +21,23 @@ def console_logging(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
+def parse_command_line(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
+    """The dataclasses of `parser` from `argv`; an argument that is not a flag (a typo, an abbreviation: prefix
+    matching is off, so --learning_rat is not --learning_rate) is a one-line ValueError."""
+    *dataclasses, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ValueError(f"Unknown argument(s) {' '.join(remaining)}: write flags in full, without abbreviation "
+                         f"({parser.prog} --help lists them).")
+    return tuple(dataclasses)
+
+
 def run_command(arguments_class: type, run: Callable, argv: list[str] | None = None) -> int:
-    """Parse `arguments_class` from `argv` (default: the command line), call `run(args)`; a ValueError or OSError
-    (bad input, missing files) prints `error: ...` on stderr and gives exit code 2."""
+    """Parse `arguments_class` from `argv` (default: the command line; flags spelled out, no prefix matching), call
+    `run(args)`; a ValueError or OSError (bad input, missing files) prints `error: ...` on stderr and gives exit
+    code 2."""
     console_logging()
-    (args,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(args=argv)
     try:
+        (args,) = parse_command_line(HfArgumentParser(arguments_class, allow_abbrev=False), argv)
         with quiet_progress_bars():  # no bars for loading a small model or a one-row dataset
             run(args)
     except (ValueError, OSError) as error:

@@ -10,6 +10,7 @@ predicts them; its logits over the characters are the original module's.
 import json
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,12 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint, loaded with `weights_only=True` (no arbitrary code from the file)."""
     if not os.path.isfile(path):
         raise ConversionError(f"--checkpoint {path} does not exist.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK\x03\x04); the legacy format (before torch 1.6) a pickle (protocol 2+: 0x80)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise ConversionError(f"--checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive); "
+                              "give the file written by torch.save(model.state_dict(), path).")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -66,7 +73,11 @@ def load_chars(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:  # default newline handling, as CharDataset's open(path, 'r') reads
         text = f.read()
     if path.endswith(".json"):
-        chars = json.loads(text)
+        try:
+            chars = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"--chars {path} is not valid JSON ({error}); give a JSON list of single characters "
+                                  'such as ["\\n", " ", "a"], or the training text as a .txt file.') from None
         if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
             raise ConversionError(f"{path} must hold a JSON list of single characters.")
         if len(set(chars)) != len(chars):

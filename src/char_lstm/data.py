@@ -76,7 +76,7 @@ def read_text_file(path: str, encoding: str = "utf-8") -> str:
     if not data:
         raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
     except UnicodeDecodeError as error:
         raise DataError(
             f"{path} is not valid {encoding}: the byte at offset {error.start} (0x{data[error.start]:02x}) cannot be "
@@ -84,6 +84,14 @@ def read_text_file(path: str, encoding: str = "utf-8") -> str:
         ) from None
     except LookupError:
         raise DataError(f"Unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1.") from None
+    if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL next to every ASCII character
+        raise DataError(
+            f"{path} has NUL characters (the first at character {text.index(chr(0))}): it looks like UTF-16 without a "
+            "byte-order mark; pass --encoding utf-16-le (or utf-16-be), or convert the file to UTF-8."
+        )
+    if not text.strip():
+        raise DataError(f"{path} holds only whitespace: the training text needs characters to learn from.")
+    return text
 
 
 def _text_file_rows(files: list[str], encoding: str, fingerprint: list) -> Iterator[dict]:
@@ -148,9 +156,24 @@ def load_files(files: list[str], text_column: str, encoding: str, streaming: boo
         raise DataError(
             f"Cannot mix or read files with extensions {sorted(extensions)}: use .txt, .jsonl, .json, .csv or .parquet."
         )
-    dataset = datasets.load_dataset(
-        builders.pop(), data_files=[os.path.abspath(p) for p in files], split="train", streaming=streaming
-    )
+    builder = builders.pop()
+    builder_log = logging.getLogger("datasets.packaged_modules")
+    level = builder_log.level
+    builder_log.setLevel(logging.CRITICAL)  # the builders log a parse error before raising it: one line below instead
+    try:
+        dataset = datasets.load_dataset(
+            builder, data_files=[os.path.abspath(p) for p in files], split="train", streaming=streaming
+        )
+    except Exception as error:  # pyarrow's / pandas' parse errors (a malformed CSV, a line that is not JSON), ...
+        while error.__cause__ is not None:  # datasets wraps them in DatasetGenerationError
+            error = error.__cause__
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise DataError(
+            f"Could not read {', '.join(files)} as {builder.upper()} ({type(error).__name__}: {reason}); fix the file "
+            f"or give the text as a .txt file."
+        ) from None
+    finally:
+        builder_log.setLevel(level)
     return dataset
 
 
@@ -263,6 +286,12 @@ def load_raw_datasets(
         if columns is not None and text_column not in columns:
             raise DataError(
                 f"The {split} data has no column {text_column!r} (columns: {columns}); choose one with --text_column."
+            )
+        feature = (dataset.features or {}).get(text_column)
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise DataError(
+                f"The {split} data's column {text_column!r} holds {getattr(feature, 'dtype', feature)} values, not text; "
+                "choose the text column with --text_column (or quote the values in the file)."
             )
     return raw
 

@@ -2,6 +2,7 @@
 
 import difflib
 import json
+import logging
 import math
 import os
 import shutil
@@ -14,6 +15,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
+
+logger = logging.getLogger(__name__)
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
 # Ships inside the package (package data), so installed copies can render cards too
@@ -92,9 +95,26 @@ def load_model_and_tokenizer(
     """Load a saved CharLSTM model (local folder or Hub id) with its tokenizer, checked to match, in eval mode."""
     check_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    loading_report = logging.getLogger("transformers.modeling_utils")
+    level = loading_report.level
+    loading_report.setLevel(logging.ERROR)  # its table of weights that do not fit: the one line below instead
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=True, output_loading_info=True,
+        )
+    finally:
+        loading_report.setLevel(level)
+    if info["mismatched_keys"]:
+        key, saved, expected = min(info["mismatched_keys"], key=lambda mismatch: mismatch[0])
+        raise ValueError(
+            f"The weights in {name_or_path} do not fit its config.json: {key} is saved with shape {tuple(saved)} but "
+            f"the config makes it {tuple(expected)} ({len(info['mismatched_keys'])} weights differ); the config was "
+            "edited or belongs to another model: save the model and its config together (model.save_pretrained)."
+        )
+    for kind in ("missing_keys", "unexpected_keys"):
+        if info[kind]:
+            logger.warning(f"{name_or_path}: {kind.replace('_', ' ')} in the weights: {sorted(info[kind])[:6]}")
     check_vocab_match(model.config, tokenizer)
     if device is not None:
         model.to(device)
@@ -346,8 +366,17 @@ class PushArguments:
 
 def load_eval_results(path: str) -> dict:
     """{mode: metrics} from a scripts/evaluate.py JSON file, with the data and block size kept for the card."""
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+    if not os.path.isfile(path):
+        raise HubError(f"--eval_results {path} does not exist; give the JSON written by scripts/evaluate.py.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise HubError(f"--eval_results {path} is not valid JSON ({error}); give the JSON written by "
+                       "scripts/evaluate.py.") from None
+    if not isinstance(raw, dict):
+        raise HubError(f"--eval_results {path} holds a {type(raw).__name__}, not the JSON object written by "
+                       "scripts/evaluate.py.")
     modes = {mode: raw[mode] for mode in ("fixed", "streaming") if mode in raw}
     if not modes:
         raise HubError(f"{path} holds no 'fixed' or 'streaming' results: give the JSON written by scripts/evaluate.py.")

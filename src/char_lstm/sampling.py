@@ -60,8 +60,20 @@ class CharacterStreamer(TextStreamer):
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device called `name` ("auto": cuda, then mps, then cpu), or a one-line ValueError when there is none."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu (or "
+                             "auto).")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s).")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu (or auto).")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -104,9 +116,27 @@ def generate_texts(model, tokenizer, prompts: list[str], streamer=None, **genera
     ]
 
 
+def check_generate_arguments(args: GenerateArguments) -> None:
+    """One-line ValueErrors for values generate() would reject late, divide by, or silently accept."""
+    if args.num_return_sequences < 1:
+        raise ValueError(f"--num_return_sequences must be at least 1, got {args.num_return_sequences}.")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max_new_tokens must be 0 or more, got {args.max_new_tokens}.")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1] (1 keeps every character), got {args.top_p}.")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k must be 0 (every character) or more, got {args.top_k}.")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be above 0, got {args.temperature}; for the most likely character "
+                         "use --greedy.")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition_penalty must be above 0 (1: none), got {args.repetition_penalty}.")
+
+
 def run(args: GenerateArguments, stdout=None) -> list[str]:
-    """Load the model, generate, print; returns the texts."""
+    """Check the arguments, load the model, generate, print; returns the texts."""
     stdout = stdout or sys.stdout
+    check_generate_arguments(args)
     prompts = args.prompt
     if not prompts:
         if sys.stdin is None or sys.stdin.isatty():

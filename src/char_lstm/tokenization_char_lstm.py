@@ -50,6 +50,19 @@ def _template_adds(post_processor) -> tuple[bool, bool]:
     return bool(kinds) and kinds[0] == "SpecialToken", bool(kinds) and kinds[-1] == "SpecialToken"
 
 
+def _read_vocab_file(path) -> dict[str, int]:
+    """{token: id} from a vocab.json, or a one-line ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON ({error}); save the tokenizer again (tokenizer.save_pretrained).") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{path} holds a {type(vocab).__name__}, not a mapping of tokens to ids (such as "
+                         '{"a": 0, "<unk>": 1}); save the tokenizer again (tokenizer.save_pretrained).')
+    return vocab
+
+
 class CharLSTMTokenizer(TokenizersBackend):
     r"""
     Character tokenizer: every Unicode code point of the text is one token. Nothing is normalized, stripped or
@@ -117,8 +130,7 @@ class CharLSTMTokenizer(TokenizersBackend):
                 "or build one with CharLSTMTokenizer.from_corpus(texts)."
             )
         if isinstance(vocab, (str, os.PathLike)):
-            with open(vocab, encoding="utf-8") as f:
-                vocab = json.load(f)
+            vocab = _read_vocab_file(vocab)
         if str(unk_token) not in vocab:
             raise ValueError(f"The vocabulary has no {str(unk_token)!r} token; build it with CharLSTMTokenizer.from_corpus.")
         # Whether encode adds bos/eos: as the tokenizer.json's template says; folders saved before tokenizer.json

@@ -46,12 +46,14 @@ from transformers import (
     set_seed,
 )
 from safetensors import safe_open
+from transformers.hf_argparser import string_to_bool
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
+from .cli import parse_command_line
 from .configuration_char_lstm import CharLSTMConfig
 from .data import (
     BUNDLED_DATASET,
@@ -192,6 +194,9 @@ class CharLSTMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:  # checked here, before any step (Trainer fails later, or divides by zero)
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.lr_scheduler_type != "reduce_lr_on_plateau" and self.lr_scheduler_kwargs == _plateau_defaults():
             self.lr_scheduler_kwargs = {}
         if not torch.cuda.is_available():  # pinned memory only speeds up copies to a GPU (torch warns otherwise)
@@ -291,28 +296,58 @@ def keep_freed_memory() -> bool:
 
 def parse_arguments(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, CharLSTMTrainingArguments) from the command line or from one .json/.yaml file,
-    with `--preset` values as defaults."""
+    with `--preset` values as defaults. Flags must be spelled out (no prefix matching: --learning_rat is an error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, CharLSTMTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, CharLSTMTrainingArguments), allow_abbrev=False)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(argv[0])
-        if not os.path.isfile(path):
-            raise DataError(f"Config file {argv[0]} does not exist.")
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-        else:
-            import yaml
-
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f)
+        values = read_config_file(argv[0], parser)
         preset = _preset_values(values.get("preset"))
         return parser.parse_dict({**preset, **values})
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
     parser.set_defaults(**_preset_values(known.preset))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_command_line(parser, argv)
+
+
+def read_config_file(name: str, parser: HfArgumentParser) -> dict:
+    """The arguments in a .json/.yaml config file, checked as the command line checks them: one-line errors naming
+    the file for a syntax error, a file that is not a mapping, an unknown name or a value of the wrong type."""
+    import yaml
+
+    path = os.path.abspath(name)
+    if not os.path.isfile(path):
+        raise DataError(f"Config file {name} does not exist.")
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+    except json.JSONDecodeError as error:
+        raise DataError(f"Config file {name} is not valid JSON: {error.msg} at line {error.lineno}, column "
+                        f"{error.colno}.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise DataError(f"Config file {name} is not valid YAML: {getattr(error, 'problem', None) or error}{where}.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"Config file {name} is not UTF-8 text.") from None
+    if not isinstance(values, dict):
+        raise DataError(f"Config file {name} holds a {type(values).__name__}, not a mapping of argument names to "
+                        "values (such as `learning_rate: 0.002`).")
+    expected = {int: "an integer", float: "a number", string_to_bool: "true or false"}
+    for key, value in values.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        if action is None:
+            raise DataError(f"Config file {name}: unknown argument {key!r} (python scripts/train.py --help lists them).")
+        if value is None or action.type not in expected:
+            continue
+        if action.type is string_to_bool:
+            valid = isinstance(value, bool)
+        else:
+            valid = isinstance(value, int if action.type is int else (int, float)) and not isinstance(value, bool)
+        if not valid:
+            raise DataError(f"Config file {name}: {key} must be {expected[action.type]}, got {value!r}.")
+    return values
 
 
 def native_bf16(device_type: str | None = None) -> bool:
@@ -1282,9 +1317,9 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
             and len(eval_blocks) > data_args.max_eval_samples
         ):
             eval_blocks = eval_blocks.select(range(data_args.max_eval_samples))
-    elif data_args.max_eval_samples is not None:
-        eval_blocks = eval_blocks.take(data_args.max_eval_samples)
         logger.info(f"{len(train_blocks)} training blocks, {len(eval_blocks)} validation blocks of {window} ids")
+    elif data_args.max_eval_samples is not None:  # streamed: the first blocks of the validation stream
+        eval_blocks = eval_blocks.take(data_args.max_eval_samples)
 
     # Sampling defaults saved with the model (generation_config.json)
     model.generation_config.do_sample = True
