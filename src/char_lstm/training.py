@@ -1045,7 +1045,10 @@ def received_stop_signal() -> int | None:
 
 
 def interrupted_message(signum: int, output_dir: str | None, prompt: str | None = None) -> str:
-    """The line printed when a signal stops the run: `run_summary` (what is kept, how to go on) on one line."""
+    """The line printed when a signal stops the run: `run_summary` (what is kept, how to go on) on one line. The
+    progress bars the signal cut short are closed first, so that the line is the last one and stands alone."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     stopped = f"Stopped by {STOP_SIGNALS[signum][0]}; checkpoints are complete (a save cut short is discarded)."
     if not output_dir:
         return stopped
