@@ -558,7 +558,7 @@ def test_gradient_checkpointing_gives_the_plain_gradients(tokenizer, cell_type):
     start = [tuple(torch.randn(2, model.config.hidden_size) for _ in range(model.config.number_of_conv_states))] * 2
     plain, plain_from_state = gradients(), gradients(start)
     model.gradient_checkpointing_enable()
-    assert model.model.gradient_checkpointing
+    assert model.is_activation_checkpointing and all(layer.gradient_checkpointing for layer in model.model.layers)
     checkpointed, checkpointed_from_state = gradients(), gradients(start)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)

@@ -17,7 +17,6 @@ left-padded batch gives exactly what each prompt gives alone, and a right-padded
 real token.
 """
 
-import functools
 import math
 import os
 import warnings
@@ -29,6 +28,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
@@ -36,7 +36,6 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from .configuration_char_lstm import CharLSTMConfig
 
 
-_RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 # Attribute on the cache that counts the input columns (tokens, padding included) its states have consumed. It lets
@@ -277,15 +276,36 @@ def _check_kwargs(kwargs: dict, allowed: frozenset, where: str, cache: Cache | N
     return cache
 
 
-def _layer_outputs(rnn: nn.RNNBase, lstm: bool, packed_meta: tuple | None, x: torch.Tensor, *hx: torch.Tensor):
-    """One recurrent layer over a sequence, tensors in and out (what activation checkpointing needs): `x` is the
-    input ``(B, T, in)``, or the data of a `PackedSequence` whose other fields are `packed_meta`; `hx` the initial
-    state tensors ``(1, B, H)`` (none: zeros). Returns (output, or the packed output's data, *final states)."""
-    inputs = PackedSequence(x, *packed_meta) if packed_meta is not None else x
-    initial = None if not hx else (hx if lstm else hx[0])
-    out, final = rnn(inputs, initial)
-    final = final if isinstance(final, tuple) else (final,)
-    return (out.data if packed_meta is not None else out, *final)
+class _RecurrentLayer(GradientCheckpointingLayer):
+    """A torch recurrent layer (`nn.LSTM`/`nn.GRU`/`nn.RNN`, same parameters and state-dict keys) whose forward takes
+    and returns tensors only, which is what activation checkpointing needs (transformers' `GradientCheckpointingLayer`
+    recomputes it in the backward pass when `model.gradient_checkpointing_enable()` was called).
+
+    forward(x, *hx, packed_meta=None): `x` is the input ``(B, T, in)``, or the data of a `PackedSequence` whose other
+    fields are `packed_meta`; `hx` the initial state tensors ``(1, B, H)`` (none: zeros). Returns (output, or the
+    packed output's data, *final states ``(1, B, H)``)."""
+
+    def forward(self, x: torch.Tensor, *hx: torch.Tensor, packed_meta: tuple | None = None):
+        inputs = PackedSequence(x, *packed_meta) if packed_meta is not None else x
+        initial = None if not hx else (hx if isinstance(self, nn.LSTM) else hx[0])
+        out, final = self._sequence_forward(inputs, initial)
+        final = final if isinstance(final, tuple) else (final,)
+        return (out.data if packed_meta is not None else out, *final)
+
+
+class CharLSTMLSTMLayer(_RecurrentLayer, nn.LSTM):
+    _sequence_forward = nn.LSTM.forward
+
+
+class CharLSTMGRULayer(_RecurrentLayer, nn.GRU):
+    _sequence_forward = nn.GRU.forward
+
+
+class CharLSTMRNNLayer(_RecurrentLayer, nn.RNN):
+    _sequence_forward = nn.RNN.forward
+
+
+_RNN_CLASSES = {"lstm": CharLSTMLSTMLayer, "gru": CharLSTMGRULayer, "rnn": CharLSTMRNNLayer}
 
 
 def detach_cache(cache: Cache) -> Cache:
@@ -487,7 +507,6 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
             for idx in range(config.num_hidden_layers)
         )
         self.dropout = CharLSTMDropout(config.dropout)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -613,11 +632,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                     # (1, B, H) each. With autograd on, read a copy: the cache buffer is overwritten in place below.
                     hx = tuple((s.clone() if torch.is_grad_enabled() else s).unsqueeze(0) for s in initial)
                 packed_meta = tuple(x)[1:] if packing is not None else None
-                run_layer = functools.partial(_layer_outputs, rnn, cell_type == "lstm", packed_meta)
-                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    out, *final = self._gradient_checkpointing_func(run_layer, x.data if packed_meta else x, *hx)
-                else:
-                    out, *final = run_layer(x.data if packed_meta else x, *hx)
+                out, *final = rnn(x.data if packed_meta else x, *hx, packed_meta=packed_meta)
                 x = PackedSequence(out, *packed_meta) if packed_meta is not None else out
                 final = tuple(s.squeeze(0) for s in final)  # (B, H) each
             if packing is not None and bool(packing.empty_rows.any()):
