@@ -113,6 +113,16 @@ def listed_like_a_transformers_model():
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread: with two on a busy 2-core machine a training step of the 2x16
+    LSTM took 99 ms instead of 9 ms. The setting is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class CharLSTMModelTester:
     """Tiny configs and inputs, as transformers' `*ModelTester` classes make them."""
 
@@ -146,8 +156,9 @@ class _CharLSTMCommonTests(common.ModelTesterMixin, generation_stand_in.Generati
     test_missing_keys = False  # as Mamba: every weight is needed
     test_torch_exportable = False  # the stand-in ExportTesterMixin has no export tests
     # a tiny recurrent model: fewer steps at a larger rate than transformers' default (300 at 1e-3), as models may set
+    # (measured: loss down 99/100/100%, grad norm down 96/98/99% for lstm/gru/rnn)
     training_overfit_steps = 100
-    training_overfit_learning_rate = 1e-2
+    training_overfit_learning_rate = 2e-2
     _model_tester = None
 
     @property
@@ -164,12 +175,6 @@ class _CharLSTMCommonTests(common.ModelTesterMixin, generation_stand_in.Generati
     def test_config(self):
         self.config_tester.run_common_tests()
 
-    @unittest.skip(
-        "Not a transformers skip, left open: 100 steps take 12-150 s per cell type on 2 shared cores (the mixin's "
-        "memory monitor) and the 2x16 LSTM misses the 90% grad-norm drop (80%); needs tuning of steps/rate"
-    )
-    def test_training_overfit(self):
-        pass
 
     def _check_caches_are_equal(self, cache1, cache2):
         """(GenerationTesterMixin's helper, which the stand-in lacks.) Recurrent-state caches: the same states."""
