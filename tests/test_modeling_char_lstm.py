@@ -583,3 +583,14 @@ def test_decoding_step_with_non_zero_biases_equals_the_sequence_kernel(tokenizer
         steps_embeds = [model(inputs_embeds=embeds[:, t : t + 1], cache=cache_embeds).logits for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps_embeds, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_weights_are_prepared_once_and_reused_while_no_weight_changes(tokenizer):
+    """The point of preparing them (prepacking for oneDNN, the input table) is to do it once, not at every token."""
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([[5]]), cache=cache)
+        prepared = [_STEP_WEIGHTS[layer][1] for layer in model.model.layers]
+        model(input_ids=torch.tensor([[6]]), cache=cache)
+    assert all(_STEP_WEIGHTS[layer][1] is p for layer, p in zip(model.model.layers, prepared))
