@@ -22,12 +22,11 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-
 from functools import lru_cache, partial
 
 try:
     import fcntl
-except ImportError:  # Windows
+except ImportError:  # Windows: no lock on the output folder
     fcntl = None
 
 import numpy as np
@@ -1234,8 +1233,13 @@ def train(
     if model_args.model_name_or_path is not None:  # a mistyped folder is said now, not after loading the data
         check_model_path(model_args.model_name_or_path)
     lock = OutputDirLock(training_args.output_dir)
+
+    def take_output_dir() -> str | None:  # main process: lock the folder, then look at what it holds
+        lock.acquire()
+        return _prepare_output_dir(training_args)
+
     try:
-        resume = _on_main_process(training_args, lambda: (lock.acquire(), _prepare_output_dir(training_args))[1])
+        resume = _on_main_process(training_args, take_output_dir)
         return _train(model_args, data_args, training_args, callbacks, resume)
     finally:
         lock.release()

@@ -138,6 +138,7 @@ def reference_run(args, out):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.timeout(600)  # 4 runs of the script: 90-140 s measured on 2 shared cores (load ~5)
 def test_sigkill_at_any_moment_then_resume_ends_with_the_same_weights(tmp_path, corpus):
     """One run killed three times (each resumed with --resume_from_checkpoint True): while checkpoint-8 is being
     written, the instant it is complete (training goes on), and while the final model is being written. Every kill
@@ -168,6 +169,7 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_same_weights(tmp_path, 
 
 
 @pytest.mark.skipif(not os.environ.get("CHAR_LSTM_KILL_LOOP"), reason="opt-in: CHAR_LSTM_KILL_LOOP=N (minutes)")
+@pytest.mark.timeout(3600)  # 2 runs of the script per kill, 40-60 s a kill on 2 shared cores
 def test_random_sigkills_then_resume_end_with_the_same_weights(tmp_path, corpus):
     """CHAR_LSTM_KILL_LOOP=N runs, each SIGKILLed at a random instant (while a checkpoint or the final model is being
     written, or while training, a random time after a random event), then resumed: every one ends with exactly the
@@ -214,6 +216,7 @@ def assert_checkpoints_complete(out):
     return checkpoints
 
 
+@pytest.mark.timeout(600)  # 2 runs of the script, ~40 s measured on 2 shared cores
 def test_one_run_per_output_dir_and_sigterm_mid_save(tmp_path, corpus):
     """A second run into the folder of a running one is refused in one line naming it; SIGTERM sent the instant a
     checkpoint is being written stops the run with one line, exit code 143, complete checkpoints, the lock released."""
@@ -255,6 +258,7 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, corpus):
 OUR_FRAME = re.compile(r'File "[^"]*(scripts/train\.py|char_lstm/)')  # a traceback through our code
 
 
+@pytest.mark.timeout(600)  # two 2-process runs, ~60 s measured on 2 shared cores
 def test_lock_and_sigterm_under_accelerate_two_processes(tmp_path, corpus):
     """Under `accelerate launch` with 2 processes the main one holds the lock, and a second 2-process run into the
     same folder is refused: one error line in all, both ranks leave without a traceback. SIGTERM to the launcher (as
