@@ -95,16 +95,20 @@ def load_model_and_tokenizer(
     """Load a saved CharLSTM model (local folder or Hub id) with its tokenizer, checked to match, in eval mode."""
     check_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    loading_report = logging.getLogger("transformers.modeling_utils")
-    level = loading_report.level
-    loading_report.setLevel(logging.ERROR)  # its table of weights that do not fit: the one line below instead
+    # modeling_utils' table of weights that do not fit: the one line below instead. With that logger above WARNING,
+    # transformers also checks the (empty) tensor-parallel plan and warns that no layer is sharded: silenced too.
+    quiet = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=True, output_loading_info=True,
         )
     finally:
-        loading_report.setLevel(level)
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     if info["mismatched_keys"]:
         key, saved, expected = min(info["mismatched_keys"], key=lambda mismatch: mismatch[0])
         raise ValueError(

