@@ -403,6 +403,21 @@ def test_fast_step_at_large_batches_and_from_embeddings(tokenizer, cell_type, ba
         assert _STEP_WEIGHTS[model.model.layers[1]][1][2].packed is not None
 
 
+def test_training_forward_and_backward_under_cpu_bf16_autocast_on_any_cpu(tokenizer, cell_type):
+    """`--bf16` on CPU is autocast: the logits come out in bf16 and the gradients are finite, on CPUs with native bf16
+    and on AVX2-only CPUs, where oneDNN has no bf16 LSTM kernel (the LSTM then runs in float32 there)."""
+    model = make_model(tokenizer, cell_type, hidden_size=32).train()
+    ids = torch.randint(2, len(tokenizer), (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    float32_loss = model(input_ids=ids, labels=ids).loss
+    # measured on an AVX2 CPU: 8e-6 (lstm, float32 kernel), 3e-4 (gru, rnn); a wrong model is off by ~0.1-1 nat
+    assert abs(out.loss.item() - float32_loss.item()) < 0.01
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_fast_step_under_cpu_autocast(tokenizer, cell_type):
     """A bf16 training run samples text under autocast: the float32 model's decoding step then runs in bf16 as
     `nn.Linear` would, close to the sequence kernels under the same autocast."""

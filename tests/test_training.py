@@ -393,7 +393,9 @@ def test_tensorboard_gets_metrics_and_samples(tmp_path):
 
 
 class RecordTrainingForwards(TrainerCallback):
-    """Records, for every forward of the model in training mode, the batch size and the dtype of the logits."""
+    """Records, for every forward of the model in training mode, the batch size and the dtype the output layer
+    computes the logits in (accelerate hands the model's outputs back in float32 on some CPUs, so the model's own
+    output dtype says nothing about autocast)."""
 
     def __init__(self):
         self.calls = []
@@ -401,9 +403,9 @@ class RecordTrainingForwards(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         def hook(module, inputs, output):
             if module.training:
-                self.calls.append((output.logits.shape[0], output.logits.dtype))
+                self.calls.append((output.shape[0], output.dtype))
 
-        model.register_forward_hook(hook)
+        model.lm_head.register_forward_hook(hook)
 
 
 def test_bf16_autocast_computes_the_training_forward_in_bf16_and_accumulation_runs_two_batches_per_step(tmp_path):

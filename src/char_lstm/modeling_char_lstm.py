@@ -293,8 +293,27 @@ class _RecurrentLayer(GradientCheckpointingLayer):
         return (out.data if packed_meta is not None else out, *final)
 
 
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
 class CharLSTMLSTMLayer(_RecurrentLayer, nn.LSTM):
-    _sequence_forward = nn.LSTM.forward
+    def _sequence_forward(self, inputs, initial):
+        # CPU autocast runs the LSTM in bf16, but oneDNN has no bf16 LSTM kernel on CPUs without AVX512-BF16 or AMX
+        # (an AVX2-only CPU raises "could not create a primitive descriptor"): there it runs in float32, as it
+        # would without autocast (bf16 would be emulated, and slower, anyway).
+        if (
+            torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and self.weight_ih_l0.device.type == "cpu"
+            and not _cpu_has_native_bf16()
+        ):
+            with torch.autocast("cpu", enabled=False):
+                initial = None if initial is None else tuple(state.float() for state in initial)
+                return nn.LSTM.forward(self, inputs.to(torch.float32), initial)
+        return nn.LSTM.forward(self, inputs, initial)
 
 
 class CharLSTMGRULayer(_RecurrentLayer, nn.GRU):
