@@ -74,6 +74,7 @@ from .data import (
 from .hub import RUN_INFO_NAME, check_model_path, check_vocab_match, results_from_training, write_model_card
 from .metrics import load_bits_per_character
 from .modeling_char_lstm import (
+    _cpu_has_native_bf16,
     CharLSTMForCausalLM,
     cache_from_states,
     cache_states,
@@ -355,8 +356,7 @@ def native_bf16(device_type: str | None = None) -> bool:
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    return _cpu_has_native_bf16()
 
 
 def _preset_values(name: str | None) -> dict:
