@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.generation.utils import logger as generation_logger
+from transformers.testing_utils import CaptureLogger
 
 from datasets import Dataset
 
@@ -88,11 +90,15 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert model.generation_config.top_k == 0  # sampling from every character, not transformers' top 50
     text = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=20)[0])
     assert text.startswith("ROMEO:") and len(text) == 26
-    # the saved default length never overrides the caller's (a saved max_new_tokens would win over max_length)
-    assert "max_new_tokens" not in json.loads((out / "generation_config.json").read_text())
+    # no saved length overrides the caller's (a saved max_new_tokens would win over max_length), and a caller's
+    # max_new_tokens draws no "Both max_new_tokens and max_length" warning (which a saved max_length causes)
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert "max_new_tokens" not in saved and "max_length" not in saved
     prompt = tokenizer(["ROMEO:"], return_tensors="pt")
     assert model.generate(**prompt, max_length=16).shape == (1, 16)
-    assert model.generate(**prompt).shape[1] <= 200  # the saved default (--sample_length) still applies
+    with CaptureLogger(generation_logger) as captured:
+        assert model.generate(**prompt, max_new_tokens=4).shape == (1, 10)
+    assert "max_length" not in captured.out
 
 
 def test_plateau_halves_the_learning_rate_after_patience_evaluations(tmp_path, caplog):

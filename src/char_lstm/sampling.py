@@ -150,8 +150,7 @@ def run(args: GenerateArguments, stdout=None) -> list[str]:
     if args.seed is not None:
         set_seed(args.seed)
     do_sample = args.do_sample and not args.greedy
-    # max_length=None: the saved default length gives way to --max_new_tokens without transformers' warning
-    kwargs = dict(max_new_tokens=args.max_new_tokens, max_length=None, do_sample=do_sample, num_return_sequences=args.num_return_sequences,
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, num_return_sequences=args.num_return_sequences,
                   repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id)
     if do_sample:
         kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

@@ -441,8 +441,7 @@ def sample(model, tokenizer, prompt: str, length: int, temperature: float) -> st
     was_training = model.training
     model.eval()
     inputs = tokenizer([prompt], return_tensors="pt").to(model.device)
-    out = model.generate(**inputs, max_new_tokens=length, max_length=None, do_sample=True, temperature=temperature,
-                         top_k=0)  # max_length=None: no warning that the saved default length gives way
+    out = model.generate(**inputs, max_new_tokens=length, do_sample=True, temperature=temperature, top_k=0)
     model.train(was_training)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
@@ -1332,10 +1331,9 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     model.generation_config.do_sample = True
     model.generation_config.temperature = training_args.sample_temperature
     model.generation_config.top_k = 0  # the whole distribution, as char-rnn samples (transformers' default keeps 50)
-    # A default length as max_length, never max_new_tokens: transformers lets a saved max_new_tokens win over a
-    # caller's max_length (generate(max_length=16) would give 200 characters), while a caller's max_length or
-    # max_new_tokens always wins over a saved max_length.
-    model.generation_config.max_length = training_args.sample_length
+    # No saved length: a saved max_new_tokens would win over a caller's max_length (generate(max_length=16) gave 200
+    # characters), and a saved max_length makes transformers warn at every call that passes max_new_tokens. The
+    # caller's length applies, or transformers' defaults (pipeline: 256 new characters).
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, train_raw, data_args.text_column)
