@@ -23,8 +23,6 @@ pytest_add_cli_args_test_selection = [
     "tests/test_training.py::test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start",
     "tests/test_training.py::test_stateful_resume_continues_the_streams_exactly",
     "tests/test_training.py::test_stateful_evaluation_leaves_the_training_streams_alone",
-    # fails on CPUs without native bf16, where oneDNN has no bf16 LSTM primitive; mutmut needs a green suite
-    "--deselect", "tests/test_modeling_char_lstm.py::test_fast_step_under_cpu_autocast[lstm]",
 ]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:timeout", "-W", "ignore"]
 process_isolation = "forkserver"
