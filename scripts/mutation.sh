@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut) of the code where a silent error costs users most: the one-token decoding step and the
 # cache plumbing of modeling_char_lstm.py, the tokenizer's character lookups, and the stateful streams saved with the
-# checkpoints in training.py. Not part of .ci/run: about 30 minutes on 2 idle cores. See docs/mutation.md.
+# checkpoints in training/stateful.py. Not part of .ci/run: about 30 minutes on 2 idle cores. See docs/mutation.md.
 #
 #   scripts/mutation.sh                 # the whole scope below; results in $MUTATION_DIR (default /tmp/char_lstm_mutation)
 #   scripts/mutation.sh 'char_lstm.modeling_char_lstm.x__single_step*'   # some mutants only (mutmut's name globs)
@@ -17,7 +17,7 @@ cp -r "$root/src" "$root/tests" "$work/"
 cat > "$work/pyproject.toml" <<'TOML'
 [tool.mutmut]
 source_paths = ["src"]
-only_mutate = ["src/char_lstm/modeling_char_lstm.py", "src/char_lstm/tokenization_char_lstm.py", "src/char_lstm/training.py"]
+only_mutate = ["src/char_lstm/modeling_char_lstm.py", "src/char_lstm/tokenization_char_lstm.py", "src/char_lstm/training/stateful.py"]
 pytest_add_cli_args_test_selection = [
     "tests/test_modeling_char_lstm.py", "tests/test_generation_char_lstm.py", "tests/test_tokenization_char_lstm.py",
     "tests/test_training.py::test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start",

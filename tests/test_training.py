@@ -553,7 +553,7 @@ def test_a_time_budget_ends_the_learning_rate_schedule(tmp_path, capsys, monkeyp
     (a clock that advances one second per step), training stops at step 10 with the schedule at its end; a fast
     machine (a budget it never reaches) gets exactly the schedule over steps."""
     ticks = iter(range(10**6))
-    monkeypatch.setattr("char_lstm.training.time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr("char_lstm.training.callbacks.time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     common = ("--eval_steps", "100000", "--save_steps", "100000", "--logging_steps", "1", "--sample_every_evals", "0",
               "--lr_scheduler_type", "cosine", "--learning_rate", "1e-2")
     metrics, out = run(tmp_path, "--max_steps", "1000", "--max_train_seconds", "10", *common)

@@ -1,0 +1,324 @@
+"""Training with `transformers.Trainer`: `train()`, in labelled stages as run_clm.py's `main()`.
+
+`scripts/train.py` parses the three argument dataclasses and calls `train()`. Hand-written, one concern per module, is
+only what Trainer does not do by itself:
+
+* `arguments`: the argument dataclasses (the reference char-rnn recipe's defaults), the presets, parsing and checks;
+* `preparation`: the stages before the Trainer: raw texts, tokenizer and model, blocks of ids;
+* `callbacks`: samples while training, the divergence guard (Trainer keeps going with NaN weights), the time budget,
+  the log line when the plateau scheduler lowers the learning rate;
+* `metrics`: bits per character and perplexity from the evaluation loss;
+* `checkpoints`: checkpoints and a final model that are complete or absent, and resuming from them;
+* `output_dir`: one run per output folder, and what a run may do with what the folder holds;
+* `stateful`: stateful truncated BPTT (the state carried from batch to batch);
+* `runtime`: the process (CPU DDP launch, console, allocator, bf16 detection, Ctrl-C / SIGTERM);
+* `summary`: the lines a run ends with, and the record of the run the model card is written from.
+"""
+
+import json
+import logging
+import os
+from functools import partial
+
+from transformers import ProgressCallback, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+
+from ..data import DataError, collate_blocks, collate_stream_blocks
+from ..hub import RUN_INFO_NAME, results_from_training, write_model_card
+from .arguments import (
+    PRESETS,
+    CharLSTMTrainingArguments,
+    DataArguments,
+    ModelArguments,
+    check_arguments,
+    parse_arguments,
+    read_config_file,
+)
+from .callbacks import (
+    DIVERGENCE_HELP,
+    DivergenceGuard,
+    LearningRateLogCallback,
+    MetricsProgressCallback,
+    SampleCallback,
+    TimeLimitCallback,
+    TrainingDiverged,
+    default_sample_prompt,
+    sample,
+)
+from .checkpoints import (
+    FINAL_STAGING_DIR,
+    SET_ASIDE_PREFIX,
+    STAGING_DIR,
+    CharLSTMTrainer,
+    checkpoint_problem,
+    checkpoint_step,
+    delete_old_checkpoints,
+    finished_at,
+    latest_complete_checkpoint,
+    publish_files,
+    publish_folder,
+    restore_finished_run,
+)
+from .metrics import compute_metrics, preprocess_logits_for_metrics
+from .output_dir import LOCK_NAME, OutputDirInUse, OutputDirLock, prepare_output_dir
+from .preparation import encode_datasets, load_datasets, load_tokenizer_and_model, warn_unknown_characters
+from .runtime import (
+    STOP_SIGNALS,
+    ReportedByMainProcess,
+    RunInterrupted,
+    keep_freed_memory,
+    native_bf16,
+    on_main_process,
+    prepare_launch_environment,
+    received_stop_signal,
+    stop_on_signals,
+    training_console,
+)
+from .stateful import STREAM_STATE_NAME, StatefulTrainer
+from .summary import interrupted_message, run_summary, scheduler_name, training_results, training_run_info
+
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: CharLSTMTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict:
+    """Train a CharLSTM model with Trainer; returns the final metrics. Raises DataError for bad input and
+    TrainingDiverged when the loss stops being finite. `callbacks` are added to the run's own.
+
+    The output folder is locked for the run (`OutputDirLock`); a resume that finds the run already finished writes the
+    final model from its last checkpoint without training."""
+    check_arguments(model_args, data_args, training_args)
+    if data_args.stateful:
+        # Streams are read in order, and the loss and metrics use the targets that `collate_stream_blocks` gives.
+        training_args.train_sampling_strategy = "sequential"
+        training_args.label_names = ["shift_labels"]
+    lock = OutputDirLock(training_args.output_dir)
+
+    def take_output_dir() -> str | None:  # main process: lock the folder, then look at what it holds
+        lock.acquire()
+        return prepare_output_dir(training_args)
+
+    try:
+        resume = on_main_process(training_args, take_output_dir)
+        return _train(model_args, data_args, training_args, callbacks, resume)
+    finally:
+        lock.release()
+
+
+def _train(model_args, data_args, training_args, callbacks, resume: str | None) -> dict:
+    """`train()` once the output folder is locked and the checkpoint to resume from (if any) is known."""
+    set_seed(training_args.seed)
+
+    # 1. Datasets: the raw text of the training and validation splits
+    data_args, train_raw, eval_raw = load_datasets(data_args, training_args)
+
+    # 2. Tokenizer and model: new ones built for the text, or a saved model to continue from
+    tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_raw)
+    if training_args.process_index == 0:
+        warn_unknown_characters(tokenizer, model_args, data_args, train_raw, eval_raw)
+
+    # 3. Blocks of ids
+    train_blocks, eval_blocks = encode_datasets(tokenizer, data_args, training_args, train_raw, eval_raw)
+
+    # 4. Trainer, with the run's callbacks
+    set_generation_defaults(model, tokenizer, training_args)
+    prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, train_raw, data_args.text_column)
+    if tokenizer.oov_characters(prompt):
+        raise DataError(
+            f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
+        )
+    guard, time_limit, run_callbacks = make_callbacks(training_args, callbacks)
+    trainer = build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args, training_args, prompt, run_callbacks)
+
+    # 5. Train (a resume of a run that had already ended trains no more)
+    train_metrics = run_training(trainer, resume)
+    if guard.diverged_at is not None:
+        raise TrainingDiverged(guard.message(training_args.output_dir, prompt))
+
+    # 6. Evaluate, and save the final model with its results and card (it appears in output_dir complete)
+    stopped_at = time_limit.stopped_at if time_limit else None
+    metrics = save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics, prompt,
+                               stopped_at)
+    if training_args.push_to_hub:
+        # Trainer.push_to_hub writes its generic card over README.md first; the run's own card stays instead
+        trainer.create_model_card = lambda *args, **kwargs: None
+        trainer.push_to_hub(commit_message="char_lstm training run")
+    trainer.accelerator.wait_for_everyone()  # no process leaves while the main one still writes
+
+    # 7. The lines the run ends with
+    if trainer.is_world_process_zero():
+        print(run_summary(training_args.output_dir, _how_it_stopped(trainer, metrics, time_limit), metrics, prompt),
+              flush=True)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Trainer
+
+
+def set_generation_defaults(model, tokenizer, training_args: CharLSTMTrainingArguments) -> None:
+    """The sampling defaults saved with the model (generation_config.json)."""
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = training_args.sample_temperature
+    model.generation_config.top_k = 0  # the whole distribution, as char-rnn samples (transformers' default keeps 50)
+    # No saved length: a saved max_new_tokens would win over a caller's max_length (generate(max_length=16) gave 200
+    # characters), and a saved max_length makes transformers warn at every call that passes max_new_tokens. The
+    # caller's length applies, or transformers' defaults (pipeline: 256 new characters).
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def make_callbacks(training_args: CharLSTMTrainingArguments, callbacks: list[TrainerCallback] | None):
+    """(the divergence guard, the time budget or None, the callbacks of the run in their order)."""
+    guard = DivergenceGuard()
+    time_limit = TimeLimitCallback(training_args.max_train_seconds) if training_args.max_train_seconds else None
+    run_callbacks = [
+        # before the guard: the guard checks the weights whenever a save or evaluation is due, this one included
+        *([time_limit] if time_limit else []),
+        guard,
+        # only the plateau scheduler's cuts are news; a cosine or linear schedule lowers the LR every step
+        *([LearningRateLogCallback()] if scheduler_name(training_args) == "reduce_lr_on_plateau" else []),
+        *(callbacks or []),
+    ]
+    return guard, time_limit, run_callbacks
+
+
+def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataArguments,
+                  training_args: CharLSTMTrainingArguments, prompt: str, callbacks: list[TrainerCallback]):
+    """The run's Trainer (`StatefulTrainer` under --stateful), with the sampling callback first, then `callbacks`,
+    and progress bars that show numbers at 4 significant digits."""
+    sampler = SampleCallback(
+        tokenizer, prompt, training_args.sample_every_evals, training_args.sample_length, training_args.sample_temperature
+    )
+    trainer_class = StatefulTrainer if data_args.stateful else CharLSTMTrainer
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=collate_stream_blocks if data_args.stateful else collate_blocks,
+        processing_class=tokenizer,
+        compute_metrics=partial(compute_metrics, shifted=data_args.stateful),
+        preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful),
+        callbacks=[sampler, *callbacks],
+    )
+    sampler.trainer = trainer
+    if trainer.pop_callback(ProgressCallback) is not None:  # the same bars, with numbers at 4 significant digits
+        trainer.add_callback(MetricsProgressCallback)
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Train
+
+
+def run_training(trainer, resume: str | None) -> dict:
+    """`trainer.train()` from `resume` (or from scratch); a checkpoint where the run already ends (killed while
+    writing the final model) is restored instead, without a step more. Returns the train metrics."""
+    args = trainer.args
+    end = finished_at(resume, args) if resume is not None else None
+    if end is not None:
+        if trainer.is_world_process_zero():
+            logger.warning(f"{resume} is at step {end}, where the run ends: no more training; writing the final "
+                           "model from it.")
+        return restore_finished_run(trainer, resume)
+    if resume is None and args.overwrite_output_dir:
+        delete_old_checkpoints(args)
+    trainer.accelerator.wait_for_everyone()
+    return trainer.train(resume_from_checkpoint=resume).metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Evaluate and save
+
+
+def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics: dict, prompt: str,
+                     stopped_at: int | None) -> dict:
+    """Evaluate the final model and write it with all_results.json, trainer_state.json, training_run.json and its
+    card into a staging folder, then into output_dir (`publish_files`: complete or absent). Returns the metrics."""
+    args = trainer.args
+    staged = os.path.join(args.output_dir, FINAL_STAGING_DIR)
+    trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with the tokenizer
+    metrics = {**train_metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
+    if not data_args.streaming:
+        metrics["train_blocks"], metrics["eval_blocks"] = len(train_blocks), len(eval_blocks)
+    if not trainer.is_world_process_zero():
+        return metrics
+    with open(os.path.join(staged, "all_results.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=4, sort_keys=True)
+    trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+    run = training_run_info(model_args, data_args, args, metrics, prompt, trainer.state, stopped_at)
+    with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=2)
+    write_model_card(staged, trainer.model, run, results_from_training(metrics),
+                     repo_id=args.hub_model_id)  # default: the folder's name, as Trainer's cards
+    publish_files(staged, args.output_dir)
+    return metrics
+
+
+def _how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None) -> str:
+    state = trainer.state
+    if time_limit is not None and time_limit.stopped_at is not None:
+        return (f"Stopped by --max_train_seconds {time_limit.seconds:g} at step {time_limit.stopped_at} of "
+                f"{state.max_steps}" + (", its learning-rate schedule ended." if time_limit.schedule_over_time else "."))
+    return f"Training finished: {state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s."
+
+
+__all__ = [
+    "CharLSTMTrainer",
+    "CharLSTMTrainingArguments",
+    "DIVERGENCE_HELP",
+    "DataArguments",
+    "DivergenceGuard",
+    "FINAL_STAGING_DIR",
+    "LOCK_NAME",
+    "LearningRateLogCallback",
+    "MetricsProgressCallback",
+    "ModelArguments",
+    "OutputDirInUse",
+    "OutputDirLock",
+    "PRESETS",
+    "ReportedByMainProcess",
+    "RunInterrupted",
+    "SET_ASIDE_PREFIX",
+    "STAGING_DIR",
+    "STOP_SIGNALS",
+    "STREAM_STATE_NAME",
+    "SampleCallback",
+    "StatefulTrainer",
+    "TimeLimitCallback",
+    "TrainingDiverged",
+    "check_arguments",
+    "checkpoint_problem",
+    "checkpoint_step",
+    "compute_metrics",
+    "default_sample_prompt",
+    "delete_old_checkpoints",
+    "finished_at",
+    "interrupted_message",
+    "keep_freed_memory",
+    "latest_complete_checkpoint",
+    "native_bf16",
+    "on_main_process",
+    "parse_arguments",
+    "prepare_launch_environment",
+    "prepare_output_dir",
+    "preprocess_logits_for_metrics",
+    "publish_files",
+    "publish_folder",
+    "read_config_file",
+    "received_stop_signal",
+    "restore_finished_run",
+    "run_summary",
+    "sample",
+    "scheduler_name",
+    "stop_on_signals",
+    "train",
+    "training_console",
+    "training_results",
+    "training_run_info",
+]

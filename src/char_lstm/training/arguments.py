@@ -1,0 +1,266 @@
+"""The arguments of a training run: the three dataclasses `scripts/train.py` parses (as run_clm.py's), the presets,
+and the checks that run before anything is loaded."""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+
+from ..cli import parse_command_line
+from ..data import DataError
+from ..hub import check_model_path
+from .runtime import native_bf16
+
+
+@dataclass
+class ModelArguments:
+    preset: str | None = field(
+        default=None,
+        metadata={"help": "Named settings for model and schedule: 'cpu-small' (learns in minutes on 2 CPU cores) or "
+                  "'seed' (the seed's 2x512 recipe, for a GPU). Flags given on the command line win."},
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved model (folder or Hub id); its tokenizer is reused."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Use this saved tokenizer instead of building one from the training text."}
+    )
+    embedding_size: int = field(default=128, metadata={"help": "Character embedding size."})
+    hidden_size: int = field(default=512, metadata={"help": "Units per recurrent layer."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Number of recurrent layers."})
+    dropout: float = field(default=0.5, metadata={"help": "Dropout between layers and before the head, in [0, 1)."})
+    cell_type: str = field(default="lstm", metadata={"help": "lstm, gru or rnn."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default="karpathy/tiny_shakespeare",
+        metadata={"help": "A Hub dataset id, or a local folder laid out like one. Ignored with --train_file."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training text: a .txt file, a directory of .txt files, a glob, or .jsonl/.csv/.parquet."},
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Validation text, same formats."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (.jsonl/.csv/.parquet)."})
+    encoding: str = field(default="utf-8", metadata={"help": "Encoding of .txt files."})
+    document_separator: str = field(default="\n\n", metadata={"help": "Joins documents (rows, files)."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Without a validation split: the last N%% of the training text."}
+    )
+    block_size: int = field(default=100, metadata={"help": "Characters per training sequence (BPTT length)."})
+    stride: int | None = field(
+        default=None, metadata={"help": "Characters between block starts (default: block_size, no overlap)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for encoding."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Encode again instead of using the cache."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the data (needs --max_steps)."})
+    stateful: bool = field(
+        default=False,
+        metadata={"help": "Stateful truncated BPTT (char-rnn style): the text is read as batch-size contiguous streams "
+                  "and each step starts from the previous step's final state, so the model learns dependencies "
+                  "longer than one block. Evaluation reads its text the same way."},
+    )
+
+
+def _plateau_defaults() -> dict:
+    return {"factor": 0.5, "patience": 3}
+
+
+@dataclass
+class CharLSTMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the seed's defaults, plus sampling and output-directory safety."""
+
+    output_dir: str | None = field(default="outputs/char-lstm", metadata={"help": "Where checkpoints and the model go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete the checkpoints already in --output_dir and start over."}
+    )
+    learning_rate: float = field(default=2e-3, metadata={"help": "Adam learning rate."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Blocks per batch per device."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Blocks per eval batch per device."})
+    num_train_epochs: float = field(default=50.0, metadata={"help": "Passes over the training blocks."})
+    weight_decay: float = field(default=0.0, metadata={"help": "0 makes AdamW plain Adam, as in the seed."})
+    lr_scheduler_type: str = field(
+        default="reduce_lr_on_plateau", metadata={"help": "Default: multiply the LR by factor on eval-loss plateaus."}
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=_plateau_defaults,
+        metadata={"help": "For the plateau scheduler: factor and patience, e.g. '{\"factor\": 0.5, \"patience\": 3}'."},
+    )
+    eval_strategy: str = field(default="steps", metadata={"help": "Evaluate every --eval_steps."})
+    eval_steps: float | None = field(default=250, metadata={"help": "Steps between evaluations."})
+    save_steps: float = field(default=250, metadata={"help": "Steps between checkpoints."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept: the best (eval loss) and the latest ones."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the checkpoint with the best eval loss."})
+    metric_for_best_model: str | None = field(default="loss", metadata={"help": "Metric for the best checkpoint."})
+    logging_steps: float = field(default=50, metadata={"help": "Steps between training-loss logs."})
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Keep NaN/inf losses visible in the logs (the divergence guard needs them)."}
+    )
+    sample_prompt: str | None = field(
+        default=None, metadata={"help": "Prompt of the samples printed while training (default: 'ROMEO:' if valid)."}
+    )
+    sample_every_evals: int = field(default=1, metadata={"help": "Print a sample every N evaluations (0: never)."})
+    sample_length: int = field(default=200, metadata={"help": "Characters per sample."})
+    sample_temperature: float = field(default=0.8, metadata={"help": "Temperature of the samples."})
+    max_train_seconds: float | None = field(
+        default=None,
+        metadata={"help": "A time budget: training stops (evaluating and saving that step) once this many seconds of "
+                  "training have passed, whatever --max_steps says, and a decaying learning-rate schedule (cosine, "
+                  "linear...) runs over whichever of the two ends first, so a slow machine still ends its schedule. "
+                  "0: no limit."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP's search for parameters without gradient: every CharLSTM parameter gets one in every "
+                  "step (tested), so the search is off."},
+    )
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:  # checked here, before any step (Trainer fails later, or divides by zero)
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.lr_scheduler_type != "reduce_lr_on_plateau" and self.lr_scheduler_kwargs == _plateau_defaults():
+            self.lr_scheduler_kwargs = {}
+        if not torch.cuda.is_available():  # pinned memory only speeds up copies to a GPU (torch warns otherwise)
+            self.dataloader_pin_memory = False
+        super().__post_init__()
+
+
+# Presets: values for the three dataclasses' fields, applied as defaults (explicit flags win).
+PRESETS = {
+    # The CPU recipe, tuned for quality per CPU second on tiny_shakespeare (2 cores, README "Results"): a 2x256 LSTM,
+    # blocks of 64 (cheaper per character than 100 on CPU, and the length the test measure reads), 48 blocks per step
+    # shared by the processes (48 // processes each), a cosine schedule that ends at 0, AdamW's weight decay against the gap between
+    # training and held-out text, bf16 autocast where the hardware computes bf16 natively. Fastest on 2 cores as 2
+    # processes of 1 thread: `accelerate launch --multi_gpu --num_processes 2 scripts/train.py --preset cpu-small`.
+    "cpu-small": {
+        "embedding_size": 64,
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "dropout": 0.1,
+        "block_size": 64,
+        "global_train_batch_size": 48,
+        "learning_rate": 5e-3,
+        "weight_decay": 0.1,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.02,
+        "max_steps": 3000,
+        "max_train_seconds": 155,  # the time budget: a slow or busy machine stops early (the LR is nearly 0 by then)
+        "bf16": "auto",
+        "eval_steps": 1000,
+        "save_steps": 1000,
+        "logging_steps": 250,  # 12 loss lines: the run's output fits in one screen
+        "max_eval_samples": 256,
+    },
+    "seed": {
+        "embedding_size": 128,
+        "hidden_size": 512,
+        "num_hidden_layers": 2,
+        "dropout": 0.5,
+        "per_device_train_batch_size": 64,
+        "num_train_epochs": 50,
+    },
+}
+
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, CharLSTMTrainingArguments) from the command line or from one .json/.yaml file,
+    with `--preset` values as defaults. Flags must be spelled out (no prefix matching: --learning_rat is an error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, CharLSTMTrainingArguments), allow_abbrev=False)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        values = read_config_file(argv[0], parser)
+        preset = _preset_values(values.get("preset"))
+        return parser.parse_dict({**preset, **values})
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser.set_defaults(**_preset_values(known.preset))
+    return parse_command_line(parser, argv)
+
+
+def read_config_file(name: str, parser: HfArgumentParser) -> dict:
+    """The arguments in a .json/.yaml config file, checked as the command line checks them: one-line errors naming
+    the file for a syntax error, a file that is not a mapping, an unknown name or a value of the wrong type."""
+    import yaml
+
+    path = os.path.abspath(name)
+    if not os.path.isfile(path):
+        raise DataError(f"Config file {name} does not exist.")
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+    except json.JSONDecodeError as error:
+        raise DataError(f"Config file {name} is not valid JSON: {error.msg} at line {error.lineno}, column "
+                        f"{error.colno}.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise DataError(f"Config file {name} is not valid YAML: {getattr(error, 'problem', None) or error}{where}.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"Config file {name} is not UTF-8 text.") from None
+    if not isinstance(values, dict):
+        raise DataError(f"Config file {name} holds a {type(values).__name__}, not a mapping of argument names to "
+                        "values (such as `learning_rate: 0.002`).")
+    expected = {int: "an integer", float: "a number", string_to_bool: "true or false"}
+    for key, value in values.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        if action is None:
+            raise DataError(f"Config file {name}: unknown argument {key!r} (python scripts/train.py --help lists them).")
+        if value is None or action.type not in expected:
+            continue
+        if action.type is string_to_bool:
+            valid = isinstance(value, bool)
+        else:
+            valid = isinstance(value, int if action.type is int else (int, float)) and not isinstance(value, bool)
+        if not valid:
+            raise DataError(f"Config file {name}: {key} must be {expected[action.type]}, got {value!r}.")
+    return values
+
+
+def _preset_values(name: str | None) -> dict:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise DataError(f"Unknown --preset {name!r}; choose from {sorted(PRESETS)}.")
+    values = dict(PRESETS[name])
+    if "global_train_batch_size" in values:  # the same global batch under any number of processes
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        values["per_device_train_batch_size"] = max(1, values.pop("global_train_batch_size") // world_size)
+    if values.get("bf16") == "auto":  # bf16 autocast where the hardware has it (Trainer needs use_cpu for CPU bf16)
+        values["bf16"] = native_bf16()
+        if values["bf16"] and not torch.cuda.is_available():
+            values["use_cpu"] = True
+    return values
+
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: CharLSTMTrainingArguments):
+    """One-line errors for arguments that cannot work together, before the output folder or the data are touched."""
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise DataError("--streaming needs --max_steps (the length of a stream is not known in advance).")
+    if data_args.stateful:
+        if data_args.streaming:
+            raise DataError("--stateful lays the whole text out as streams and needs its length: drop --streaming.")
+        if data_args.stride is not None and data_args.stride != data_args.block_size:
+            raise DataError("--stateful reads each stream window after window: drop --stride (it is --block_size).")
+        if training_args.auto_find_batch_size:
+            raise DataError("--stateful lays out one stream per batch row: drop --auto_find_batch_size.")
+        if training_args.n_gpu > 1:
+            raise DataError(
+                "--stateful needs one process per GPU (DataParallel splits the batch rows): launch with "
+                "`accelerate launch --multi_gpu --num_processes N` instead."
+            )
+    if model_args.model_name_or_path is not None:  # a mistyped folder is said now, not after loading the data
+        check_model_path(model_args.model_name_or_path)

@@ -1,0 +1,212 @@
+"""Checkpoints that are complete or absent: Trainer writes each one into a staging folder that becomes
+`checkpoint-N` in one rename; the final model's files are moved into place weights last; a resume skips (and sets
+aside) a checkpoint that is damaged; a run that had already ended is finished without training."""
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+
+import torch
+from safetensors import safe_open
+from transformers import Trainer, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
+
+logger = logging.getLogger(__name__)
+
+
+STAGING_DIR = "_tmp-checkpoints"  # Trainer writes checkpoint-N in here; it moves to output_dir/ once complete
+FINAL_STAGING_DIR = "_tmp-final"  # the final model, written here, then moved into output_dir/
+SET_ASIDE_PREFIX = "_incomplete-"  # a checkpoint a resume could not use, kept under this name (not a checkpoint-*)
+# "_*" names are what Trainer.push_to_hub leaves out, like checkpoint-*
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _fsync(path: str) -> None:
+    """Flush a file, or a folder's entries, to the disk (folders: POSIX only)."""
+    if os.path.isdir(path) and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: str) -> None:
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            _fsync(path)
+    _fsync(folder)
+
+
+def publish_folder(staged: str, final: str) -> None:
+    """Make the complete folder `staged` appear as `final` in one rename, once its files are on the disk: a kill at
+    any instant leaves `final` as it was (absent) or complete."""
+    _fsync_folder(staged)
+    old = None
+    if os.path.exists(final):  # the same step written before (a resume from an earlier checkpoint)
+        old = os.path.join(os.path.dirname(final), SET_ASIDE_PREFIX + os.path.basename(final))
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync(os.path.dirname(final))
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def publish_files(staged: str, folder: str, last: str = SAFE_WEIGHTS_NAME) -> None:
+    """Move the files of the complete folder `staged` into `folder`, which holds other things too (the checkpoints):
+    the old `last` file (the weights) goes first and the new one comes last, so at any instant `folder` holds the old
+    model, a model without weights (not loadable), or the new complete one. `staged` is removed."""
+    _fsync_folder(staged)
+    names = sorted(os.listdir(staged), key=lambda name: name == last)
+    if os.path.exists(os.path.join(folder, last)):
+        os.remove(os.path.join(folder, last))
+        _fsync(folder)
+    for name in names:
+        target = os.path.join(folder, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staged, name), target)
+    _fsync(folder)
+    os.rmdir(staged)
+
+
+def checkpoint_step(folder: str) -> int | None:
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(folder)))
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` cannot be resumed from (a missing, truncated or unreadable file), or None when it is complete.
+    Every pickle in it is loaded the way Trainer loads it (weights_only, nothing from the file is run)."""
+    if not os.path.isdir(folder):
+        return "not a folder"
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            int(json.load(f)["global_step"])
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_NAME} is not a trainer state"
+    for name in (CONFIG_NAME, SAFE_WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME):
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"no {name}"
+    try:
+        with safe_open(os.path.join(folder, SAFE_WEIGHTS_NAME), "pt") as f:
+            f.keys()
+    except Exception as error:  # SafetensorError (truncated, not safetensors), OSError
+        return f"{SAFE_WEIGHTS_NAME} is damaged ({str(error).splitlines()[0][:120]})"
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".pt", ".pth")):
+            try:
+                with safe_globals(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's note on the pickle protocol of a foreign file
+                    torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            except Exception as error:  # UnpicklingError (a hostile or foreign pickle), truncated zip, ...
+                reason = str(error).splitlines()[0][:120] if str(error) else ""
+                return f"{name} cannot be loaded safely ({type(error).__name__}: {reason})"
+    return None
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint of `output_dir` that is complete. Newer ones that are not (written by a version that
+    saved in place, damaged, tampered with) are renamed `_incomplete-checkpoint-N`, with one warning line."""
+    names = [name for name in os.listdir(output_dir) if _CHECKPOINT_NAME.match(name)]
+    skipped = []
+    for name in sorted(names, key=checkpoint_step, reverse=True):
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            break
+        skipped.append(f"{name} ({problem})")
+        aside = os.path.join(output_dir, SET_ASIDE_PREFIX + name)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+    else:
+        path = None
+    if skipped:
+        logger.warning(
+            f"Skipped {'; '.join(skipped)}: kept as {SET_ASIDE_PREFIX}checkpoint-N; "
+            + (f"resuming from {os.path.basename(path)}." if path else "no complete checkpoint is left.")
+        )
+    return path
+
+
+class CharLSTMTrainer(Trainer):
+    """`Trainer` whose checkpoints are complete or absent: Trainer writes `checkpoint-N/` inside
+    `output_dir/_tmp-checkpoints/`, and once every process has written its files they are flushed to the disk and
+    the folder is renamed to `output_dir/checkpoint-N` (one atomic rename). A kill at any instant leaves the previous
+    checkpoints as they were, plus the new one only when it is complete; a leftover staging folder is removed when the
+    next run starts."""
+
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        # `_save_checkpoint` writes where this says; during a save that is the staging folder
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(self._staging_root, name), os.path.join(run_dir, name)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if self.state.best_model_checkpoint == staged:  # this step is the best: its final place goes in the state
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, stream state)
+        if self.args.should_save:
+            publish_folder(staged, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(run_dir, STAGING_DIR))
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def restore_finished_run(trainer: Trainer, checkpoint: str) -> dict:
+    """Leave `trainer` as `trainer.train()` leaves it at the end of the run that `checkpoint` ends (its state, its
+    weights, or the best checkpoint's with --load_best_model_at_end), without training; returns the train metrics."""
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    trainer._load_from_checkpoint(checkpoint)
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best is not None and os.path.isdir(best):
+        trainer._load_best_model()
+    return {"epoch": trainer.state.epoch}
+
+
+def finished_at(checkpoint: str, args: TrainingArguments) -> int | None:
+    """The step of `checkpoint` when it already ends the run (--max_steps, or the run's own length), else None."""
+    with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
+        state = json.load(f)
+    target = args.max_steps if args.max_steps > 0 else state.get("max_steps") or 0
+    return state["global_step"] if target and state["global_step"] >= target else None
+
+
+def delete_old_checkpoints(args: TrainingArguments) -> None:
+    """--overwrite_output_dir: remove the previous run's checkpoints, once everything else is known to work."""
+    if args.process_index == 0 and os.path.isdir(args.output_dir):
+        old = [name for name in os.listdir(args.output_dir) if name.startswith("checkpoint-")]
+        for name in old:
+            shutil.rmtree(os.path.join(args.output_dir, name))
+        if old:
+            logger.warning(f"--overwrite_output_dir: deleted the checkpoints in {args.output_dir}")
+

@@ -1,0 +1,118 @@
+"""The output folder: one run at a time (`OutputDirLock`), and what a run may do with what the folder holds (resume
+from it, refuse to clobber it, clear what an interrupted save left)."""
+
+import contextlib
+import logging
+import os
+import shutil
+
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data import DataError
+from .checkpoints import FINAL_STAGING_DIR, STAGING_DIR, checkpoint_problem, latest_complete_checkpoint
+
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock on the output folder
+    fcntl = None
+
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "_train.lock"  # a "_*" name: Trainer.push_to_hub leaves it out
+
+
+class OutputDirInUse(DataError):
+    """Another run holds the output folder's lock."""
+
+
+class OutputDirLock:
+    """One run per output folder: `output_dir/_train.lock` holds the process id of the run that uses the folder and
+    is locked (flock) while it runs. The kernel drops the lock when the process ends, however it ends, so the file a
+    killed run leaves behind is a stale lock: the next run takes it over. Without fcntl (Windows) there is no lock."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir, self.path = output_dir, os.path.join(output_dir, LOCK_NAME)
+        self.fd: int | None = None
+        self.created_dir = False
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        self.created_dir = not os.path.isdir(self.output_dir)
+        os.makedirs(self.output_dir, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputDirInUse(
+                    f"{self.output_dir} is in use by another training run (process {holder}, lock {self.path}): wait "
+                    "for it to end or stop it, or choose another --output_dir."
+                ) from None
+            try:
+                same_file = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # the previous holder removed it between our open and our lock
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)
+        stale = os.read(fd, 32).decode("ascii", "replace").strip()
+        if stale:
+            logger.warning(f"Took over the lock of {self.output_dir} left by process {stale}, which is no longer running.")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        os.close(self.fd)  # drops the flock
+        self.fd = None
+        if self.created_dir:  # a run that stopped before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(self.output_dir)
+
+
+def prepare_output_dir(args: TrainingArguments) -> str | None:
+    """With the folder's lock held (main process): remove what interrupted saves left, refuse to clobber a previous
+    run (nothing else is deleted here), and return the checkpoint to resume from (or None): with
+    `--resume_from_checkpoint True` the newest complete one, incomplete or damaged ones being skipped."""
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true" or None
+    if os.path.isdir(args.output_dir):
+        for name in (STAGING_DIR, FINAL_STAGING_DIR):  # what a killed run was writing: never complete, never used
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if resume is True:
+        if last is None:
+            raise DataError(f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from.")
+        resume = latest_complete_checkpoint(args.output_dir)
+        if resume is None:
+            raise DataError(
+                f"--resume_from_checkpoint True, but no checkpoint in {args.output_dir} is complete: start over with "
+                "--overwrite_output_dir, or choose another --output_dir."
+            )
+    elif isinstance(resume, str):
+        if not os.path.isdir(resume):
+            raise DataError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            raise DataError(
+                f"--resume_from_checkpoint {resume} cannot be resumed from: {problem}; give another checkpoint, or "
+                "--resume_from_checkpoint True for the newest complete one."
+            )
+    elif last is not None and not args.overwrite_output_dir:
+        raise DataError(
+            f"{args.output_dir} already holds checkpoints ({os.path.basename(last)}): resume with "
+            "--resume_from_checkpoint True, start over with --overwrite_output_dir, or choose another --output_dir."
+        )
+    return resume
+

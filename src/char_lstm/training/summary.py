@@ -1,0 +1,161 @@
+"""What a run says about itself: the lines it ends with (however it stopped), and the record of the run the model
+card is written from (training_run.json)."""
+
+import json
+import math
+import os
+import shlex
+
+from tqdm.auto import tqdm
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data import BUNDLED_DATASET, DEFAULT_DATASET, dataset_label
+from .runtime import STOP_SIGNALS
+
+
+def _checkpoint_metrics(checkpoint: str) -> dict:
+    """The last evaluation saved in a checkpoint's trainer_state.json ({} without one)."""
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        history = json.load(f).get("log_history", [])
+    return next((entry for entry in reversed(history) if "eval_loss" in entry), {})
+
+
+def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prompt: str = "ROMEO:",
+                resume: bool = True) -> str:
+    """The lines every run ends with, however it stopped (`stopped` says how and why): where the model is, its eval
+    loss and bits per character, and the command to run next.
+
+    With `metrics` (the final model's evaluation), the model is in `output_dir` and the next command samples from it.
+    Without, the run stopped before saving a final model: the last checkpoint is named with the evaluation saved in
+    it, and the next command resumes from it (`resume=True`) or samples from it."""
+    def measured(values: dict) -> str:
+        if "eval_loss" not in values:
+            return "not evaluated"
+        bits = values.get("eval_bits_per_char", values["eval_loss"] / math.log(2))
+        return f"eval loss {values['eval_loss']:#.4g} nats/char, {bits:#.4g} bits/char"
+
+    def generate(folder: str) -> str:
+        return (f"python scripts/generate.py --model_name_or_path {shlex.quote(folder)} --prompt {shlex.quote(prompt)} "
+                "--max_new_tokens 300")
+
+    if metrics is not None:
+        lines = [f"Model: {output_dir} ({measured(metrics)}).", f"Sample from it: {generate(output_dir)}"]
+    else:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            lines = ["No checkpoint had been saved yet."]
+        else:
+            lines = [f"Last checkpoint: {last} ({measured(_checkpoint_metrics(last))})."]
+            if resume:
+                lines.append("Resume: the same command with --resume_from_checkpoint True.")
+            lines.append(f"Sample from it: {generate(last)}")
+    return "\n".join([stopped, *lines])
+
+
+def interrupted_message(signum: int, output_dir: str | None, prompt: str | None = None) -> str:
+    """The line printed when a signal stops the run: `run_summary` (what is kept, how to go on) on one line. The
+    progress bars the signal cut short are closed first, so that the line is the last one and stands alone."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    stopped = f"Stopped by {STOP_SIGNALS[signum][0]}; checkpoints are complete (a save cut short is discarded)."
+    if not output_dir:
+        return stopped
+    return " ".join(run_summary(output_dir, stopped, prompt=prompt or "ROMEO:").splitlines())
+
+
+def scheduler_name(training_args) -> str:
+    return getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+
+
+def _describe_optimizer(training_args) -> str:
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if not optim.startswith("adamw"):
+        return f"`{optim}`"
+    name = ("Adam (AdamW with weight decay 0)" if training_args.weight_decay == 0
+            else f"AdamW with weight decay {training_args.weight_decay:g}")
+    return (f"{name}, betas ({training_args.adam_beta1:g}, {training_args.adam_beta2:g}), eps "
+            f"{training_args.adam_epsilon:g} (`{optim}`)")
+
+
+def _describe_schedule(training_args, max_steps: int, stopped_at: int | None) -> str:
+    scheduler = scheduler_name(training_args)
+    if scheduler == "reduce_lr_on_plateau":
+        kwargs = training_args.lr_scheduler_kwargs or {}
+        return (f"constant, multiplied by {kwargs.get('factor', 0.1)} after {kwargs.get('patience', 10)} evaluations "
+                "without improvement of the validation loss")
+    warmup = training_args.get_warmup_steps(max_steps)
+    text = (f"{warmup} warm-up step{'s' if warmup > 1 else ''}, then " if warmup else "") + scheduler
+    text += f", over {max_steps} steps"
+    if training_args.max_train_seconds:
+        text += (f" or {training_args.max_train_seconds:g} s of training, whichever ends first (here "
+                 + (f"the time, at step {stopped_at})" if stopped_at is not None else "the steps)"))
+    return text
+
+
+def training_results(log_history: list[dict]) -> list[dict]:
+    """The card's training-results table, as Trainer's own cards have it: one row per evaluation during training
+    (step, the last training loss logged by then, validation loss, bits per character)."""
+    rows, train_loss, steps = [], None, set()
+    for entry in log_history:
+        train_loss = entry.get("loss", train_loss)
+        if "eval_loss" in entry and entry.get("step") not in steps:  # the final model's evaluation is not a new row
+            steps.add(entry.get("step"))
+            rows.append({"step": entry.get("step"), "training_loss": train_loss, "validation_loss": entry["eval_loss"],
+                         "bits_per_char": entry.get("eval_bits_per_char", entry["eval_loss"] / math.log(2))})
+    return rows
+
+
+def training_run_info(model_args, data_args, training_args, metrics: dict, prompt: str, state,
+                      stopped_at: int | None = None) -> dict:
+    """What the model card says about the run, from the run itself (saved as training_run.json next to the model):
+    the data by name (a Hub id, the bundled copy, or a local file's name: never a path of this machine), the
+    optimizer, the schedule, the steps, and the evaluations."""
+    source = data_args.train_file or data_args.dataset_name
+    dataset = dataset_label(source)
+    hub_dataset = (DEFAULT_DATASET if source == BUNDLED_DATASET
+                   else source if data_args.train_file is None and not os.path.exists(source) else None)
+    validation = (
+        f"`{dataset_label(data_args.validation_file)}`" if data_args.validation_file
+        else "its validation split" if data_args.train_file is None
+        else f"the last {data_args.validation_split_percentage:g}% of the text, held out"
+    )
+    blocks, eval_blocks = metrics.get("train_blocks"), metrics.get("eval_blocks")
+    world = training_args.world_size
+    batch = training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps
+    steps = state.global_step
+    return {
+        "dataset": dataset,
+        "hub_dataset": hub_dataset,
+        "training_data": (f"`{dataset}`: {blocks if blocks is not None else 'streamed'} training blocks of "
+                          f"{data_args.block_size} characters; validation: {validation}."
+                          + (" Stateful truncated BPTT: each batch row reads one contiguous stream, starting from the "
+                             "previous step's state." if data_args.stateful else "")),
+        "procedure": (f"Trained with `transformers.Trainer` for {steps} steps ({float(metrics.get('epoch', 0.0)):.3g} "
+                      f"epochs) of {batch} blocks of {data_args.block_size} characters"
+                      + (", each batch row continuing its stream from the previous step's state"
+                         if data_args.stateful else ", each block from a zero state")
+                      + f": {_describe_optimizer(training_args)}, learning rate {training_args.learning_rate:g}, "
+                      f"schedule {_describe_schedule(training_args, state.max_steps, stopped_at)}, gradient clipping "
+                      f"at norm {training_args.max_grad_norm:g}."),
+        "evaluation_data": (f"{eval_blocks} blocks of {data_args.block_size} characters of the validation text"
+                            if eval_blocks is not None else "the validation text") + ", each from a zero state",
+        "training_results": training_results(state.log_history),
+        "stateful": data_args.stateful,
+        "block_size": data_args.block_size,
+        "batch_size": f"{training_args.per_device_train_batch_size} x {world} x "
+                      f"{training_args.gradient_accumulation_steps}",
+        "optimizer": _describe_optimizer(training_args),
+        "learning_rate": training_args.learning_rate,
+        "lr_scheduler": _describe_schedule(training_args, state.max_steps, stopped_at),
+        "max_grad_norm": training_args.max_grad_norm,
+        "global_step": steps,
+        "epochs": round(float(metrics.get("epoch", 0.0)), 3),
+        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        "seed": training_args.seed,
+        "train_runtime_s": metrics.get("train_runtime"),
+        "sample_prompt": prompt,
+    }
+
