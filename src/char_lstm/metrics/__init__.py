@@ -17,12 +17,11 @@ def _import_evaluate_library():
         sys.path[:] = saved
 
 
-evaluate = _import_evaluate_library()
-
 BITS_PER_CHARACTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bits_per_character")
 
 
 def load_bits_per_character():
     """`evaluate.load` of the bits_per_character module shipped with char_lstm. Kept in memory: no cache files, so
-    several training processes can use it at once without locking each other."""
-    return evaluate.load(BITS_PER_CHARACTER, keep_in_memory=True)
+    several training processes can use it at once without locking each other. `evaluate` is imported here, not with
+    the package: it pulls in pandas and scipy, a few seconds of every script's start-up."""
+    return _import_evaluate_library().load(BITS_PER_CHARACTER, keep_in_memory=True)
