@@ -609,3 +609,18 @@ def test_decoding_weights_are_prepared_once_and_reused_while_no_weight_changes(t
         prepared = [_STEP_WEIGHTS[layer][1] for layer in model.model.layers]
         model(input_ids=torch.tensor([[6]]), cache=cache)
     assert all(_STEP_WEIGHTS[layer][1] is p for layer, p in zip(model.model.layers, prepared))
+
+
+def test_decoding_step_of_an_inference_mode_model_follows_in_place_edits(tokenizer):
+    """Parameters made under `torch.inference_mode` have no version counter, so the step cannot tell an in-place edit
+    from no change: it prepares their weights again at every step rather than decode with stale ones."""
+    with torch.inference_mode():
+        model = make_model(tokenizer)
+        ids = torch.tensor([[5], [9]])
+        before = model(input_ids=ids).logits
+        model.model.layers[0].weight_ih_l0.mul_(2)  # in place, inside inference mode: no version counter moves
+        after = model(input_ids=ids).logits
+        model.model.forget_decoding_weights()
+        expected = model(input_ids=ids).logits  # prepared from the edited weights
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
