@@ -26,9 +26,10 @@ def test_from_corpus_is_deterministic_and_sorted():
     assert len(a) == a.vocab_size == len(set("hello world\n")) + 2
 
 
-@pytest.mark.parametrize("text", [CORPUS, UNICODE_TEXT, "", " ", "\n", "\n\n\r\n", "  leading and trailing  "])
+@pytest.mark.parametrize("text", [CORPUS, UNICODE_TEXT, "", " ", "\n", "\n\n\r\n", "  leading and trailing  ",
+                                  "spaces before . , ! ? ' s do n't"])
 def test_decode_encode_round_trip_is_exact(text):
-    tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT], document_boundary=True)
+    tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT, "!?'"], document_boundary=True)
     ids = tokenizer(text)["input_ids"]
     assert len(ids) == len(text)  # one token per code point
     assert tokenizer.decode(ids) == text
@@ -82,6 +83,36 @@ def test_document_boundary_is_one_token_for_bos_and_eos_never_added():
     assert tokenizer.get_vocab()["<eos>"] == 2 == tokenizer.bos_token_id == tokenizer.eos_token_id
     assert tokenizer("ab")["input_ids"] == [3, 4]
     assert len(tokenizer) == 5
+
+
+@pytest.mark.parametrize("add_eos_token", [False, True])
+def test_document_boundary_tokenizer_saved_and_loaded_adds_what_it_added(tmp_path, add_eos_token):
+    """Whether encode adds bos/eos is read back from tokenizer.json's template: a boundary token that is also the
+    bos token is not added in front because it exists (or because eos is added at the end)."""
+    tokenizer = CharLSTMTokenizer.from_corpus("ab", document_boundary=True, add_eos_token=add_eos_token)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.bos_token == loaded.eos_token == "<eos>"
+    assert loaded("ab")["input_ids"] == tokenizer("ab")["input_ids"] == [3, 4] + [2] * add_eos_token
+    assert not loaded.add_bos_token and loaded.add_eos_token == add_eos_token
+
+
+def test_tokenizer_from_a_vocab_file_or_a_tokenizer_file_by_path(tmp_path):
+    """A vocab.json given by path is a folder saved before tokenizer.json: bos/eos are added when given, as then.
+    A vocabulary given as a dict, or a tokenizer.json by path, adds them only when asked (or as its template says)."""
+    (tmp_path / "vocab.json").write_text(json.dumps(LEGACY_VOCAB), encoding="utf-8")
+    specials = {"bos_token": "<bos>", "eos_token": "<eos>"}
+    assert CharLSTMTokenizer(vocab_file=str(tmp_path / "vocab.json"), **specials)("ab")["input_ids"] == [2, 5, 6, 3]
+    assert CharLSTMTokenizer(vocab=str(tmp_path / "vocab.json"), **specials)("ab")["input_ids"] == [2, 5, 6, 3]
+    assert CharLSTMTokenizer(vocab=LEGACY_VOCAB, **specials)("ab")["input_ids"] == [5, 6]
+    # a post-processor that is not a template (a tokenizer.json from elsewhere) adds nothing
+    from tokenizers import processors
+
+    assert CharLSTMTokenizer(vocab=LEGACY_VOCAB, post_processor=processors.ByteLevel(), **specials)("ab")["input_ids"] \
+        == [5, 6]
+    CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT]).save_pretrained(tmp_path / "saved")
+    from_file = CharLSTMTokenizer(tokenizer_file=str(tmp_path / "saved" / "tokenizer.json"))
+    assert from_file(UNICODE_TEXT)["input_ids"] == CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT])(UNICODE_TEXT)["input_ids"]
 
 
 def test_bos_eos_are_optional():
@@ -241,8 +272,21 @@ def test_encode_corpus_works_across_chunks(monkeypatch):
 
 
 def test_bad_vocabularies_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="needs a vocabulary"):
+    with pytest.raises(ValueError, match=r"^CharLSTMTokenizer needs a vocabulary: pass vocab=\{...\} or vocab_file=... "
+                       r"\(a vocab.json\), or build one with CharLSTMTokenizer.from_corpus\(texts\).$"):
         CharLSTMTokenizer()
+    with pytest.raises(TypeError, match="^from_corpus takes a str or an iterable of str, got an item of type int.$"):
+        CharLSTMTokenizer.from_corpus(["ab", 3])
+    path = tmp_path / "vocab.json"
+    for content in (b'{"a": 0,', b"\xff\xfe{}"):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"^{path} is not valid JSON .*; save the tokenizer again"):
+            CharLSTMTokenizer(vocab_file=str(path))
+    for content, kind in (('["a", "<unk>"]', "list"), ('{"a": "0", "<unk>": 1}', "dict")):
+        path.write_text(content)
+        with pytest.raises(ValueError, match=f"^{path} holds a {kind}, not a mapping of tokens to ids "
+                           + r'\(such as \{"a": 0, "<unk>": 1\}\); save the tokenizer again'):
+            CharLSTMTokenizer(vocab=str(path))
     with pytest.raises(ValueError, match="no '<unk>' token"):
         CharLSTMTokenizer(vocab={"<pad>": 0, "a": 1})
 
@@ -253,3 +297,46 @@ def test_encode_corpus_with_a_large_vocabulary():
     ids = tokenizer.encode_corpus(text + "?")
     assert ids.dtype == np.uint16
     assert ids.tolist() == tokenizer(text + "?")["input_ids"]
+
+
+def test_a_folder_with_tokenizer_json_alone_loads(tmp_path):
+    """vocab.json is written for earlier versions; tokenizer.json alone (as other runtimes save it) is enough."""
+    tokenizer = CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT], add_eos_token=True)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "vocab.json").unlink()
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert loaded(UNICODE_TEXT)["input_ids"] == tokenizer(UNICODE_TEXT)["input_ids"]
+
+
+def test_vocab_json_is_utf8_in_id_order_one_entry_a_line_without_added_tokens(tmp_path):
+    tokenizer = CharLSTMTokenizer.from_corpus("b a中")
+    tokenizer.add_tokens(["<new>"])
+    assert tokenizer.save_vocabulary(str(tmp_path)) == (str(tmp_path / "vocab.json"),)
+    text = (tmp_path / "vocab.json").read_bytes().decode("utf-8")
+    # the layout earlier versions wrote: ids in order (not sorted by token), characters as they are (not \u escapes)
+    assert text == '{\n"<pad>": 0,\n"<unk>": 1,\n" ": 2,\n"a": 3,\n"b": 4,\n"中": 5\n}\n'
+    assert tokenizer.save_vocabulary(str(tmp_path), filename_prefix="run") == (str(tmp_path / "run-vocab.json"),)
+    assert (tmp_path / "run-vocab.json").read_text(encoding="utf-8") == text
+    with pytest.raises(ValueError, match="should be a directory"):
+        tokenizer.save_vocabulary(str(tmp_path / "vocab.json"))
+
+
+def test_encode_corpus_builds_its_table_once_and_again_when_tokens_are_added():
+    """The code point -> id table (0x110000 entries) is built at the first call, reused while the vocabulary stays
+    the same, and rebuilt when tokens are added."""
+    tokenizer = CharLSTMTokenizer.from_corpus("ab")
+    assert tokenizer.encode_corpus("abc").tolist() == [2, 3, 1]
+    table = tokenizer._lookup_table()
+    assert tokenizer.encode_corpus("ba").tolist() == [3, 2] and tokenizer._lookup_table() is table
+    assert tokenizer.oov_characters("abc") == ["c"]
+    tokenizer.add_tokens(["c"])
+    assert tokenizer.oov_characters("abc") == []
+    assert tokenizer.encode_corpus("abc").tolist() == [2, 3, 4] and tokenizer._lookup_table() is not table
+
+
+def test_encode_corpus_reads_a_lone_surrogate_as_unk():
+    """Text decoded with errors="surrogateescape" can hold lone surrogates: they are characters outside the vocabulary."""
+    tokenizer = CharLSTMTokenizer.from_corpus("ab")
+    assert tokenizer.encode_corpus("a\udcffb\ud800").tolist() == [2, 1, 3, 1]
+    assert tokenizer.oov_characters("a\udcffb") == ["\udcff"]
