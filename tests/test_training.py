@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.generation.utils import logger as generation_logger
 from transformers.testing_utils import CaptureLogger
@@ -603,3 +603,198 @@ def test_keep_freed_memory_takes_on_glibc():
     code = "from char_lstm.training import keep_freed_memory; print(keep_freed_memory())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and the stateful streams, on the Trainer directly (a second each: the mutation run uses them)
+
+
+def stateful_trainer(out, streams, tokenizer, **overrides):
+    """A StatefulTrainer of a tiny model on 4 streams: 4 steps, evaluation and a checkpoint every 2 steps."""
+    settings = dict(output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, report_to="none",
+                    train_sampling_strategy="sequential", label_names=["shift_labels"], use_cpu=True, max_steps=4,
+                    eval_strategy="steps", eval_steps=2, save_steps=2, save_total_limit=None, logging_strategy="no",
+                    lr_scheduler_type="constant", learning_rate=1e-2, seed=3, disable_tqdm=True)
+    args = CharLSTMTrainingArguments(**{**settings, **overrides})
+    return StatefulTrainer(model=make_model(tokenizer, hidden_size=16, embedding_size=8), args=args,
+                           train_dataset=streams, eval_dataset=streams.select(range(8)),
+                           data_collator=collate_stream_blocks)
+
+
+def test_stateful_checkpoint_saves_and_restores_the_training_streams(tmp_path, caplog):
+    """A run resumed from the step-2 checkpoint ends with the weights of the uninterrupted run (at step 4), the
+    evaluation at step 2 in between leaving the training streams alone. The checkpoints are published as
+    output_dir/checkpoint-N (nothing left in the staging folder) and the best one is named by its final place.
+    Without the saved stream state the resumed run reads on from zero states (a warning) and ends elsewhere; with
+    another number of streams it is refused."""
+    text = shakespeare_like(3000)
+    tokenizer = CharLSTMTokenizer.from_corpus(text)
+    streams = encode_streams(Dataset.from_dict({"text": [text]}), tokenizer, "text", block_size=20, num_streams=4)
+
+    full = stateful_trainer(tmp_path / "full", streams, tokenizer)
+    full.train()
+    assert checkpoints(tmp_path / "full") == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "full" / "_tmp-checkpoints").exists()
+    best = full.state.best_model_checkpoint
+    assert best in (str(tmp_path / "full" / "checkpoint-2"), str(tmp_path / "full" / "checkpoint-4"))
+    saved_state = json.loads((tmp_path / "full" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert saved_state["best_model_checkpoint"] == best
+    expected = load_file(tmp_path / "full" / "checkpoint-4" / "model.safetensors")
+
+    # a run stopped at step 2 has this checkpoint-2 (the same data, seed and steps up to there)
+    step2 = tmp_path / "step2"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", step2 / "checkpoint-2")
+    saved = torch.load(step2 / "checkpoint-2" / "stream_state_0.pt", weights_only=True)
+    assert saved["world_size"] == 1 and len(saved["states"]) == 2  # 2 layers of (h, c), 4 streams of 16 units
+    assert all(len(layer) == 2 and all(s.shape == (4, 16) and s.abs().sum() > 0 for s in layer)
+               for layer in saved["states"])
+    stateful_trainer(tmp_path / "resumed", streams, tokenizer).train(resume_from_checkpoint=str(step2 / "checkpoint-2"))
+    got = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+    with pytest.raises(DataError, match=r"trained with 4 streams per process and 1 process\(es\), this run has 2 and 1"):
+        stateful_trainer(tmp_path / "other", streams, tokenizer, per_device_train_batch_size=2).train(
+            resume_from_checkpoint=str(step2 / "checkpoint-2"))
+    (step2 / "checkpoint-2" / "stream_state_0.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
+        stateful_trainer(tmp_path / "cold", streams, tokenizer).train(resume_from_checkpoint=str(step2 / "checkpoint-2"))
+    assert "checkpoint-2 has no stream state for process 0: the streams continue from a zero state." in caplog.text
+    cold = load_file(tmp_path / "cold" / "checkpoint-4" / "model.safetensors")
+    assert not all(torch.allclose(expected[k], cold[k], atol=1e-6) for k in expected)
+
+
+def write_checkpoint(folder, step):
+    """The files Trainer writes in a checkpoint (plain contents, the same kinds of file)."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (folder / "config.json").write_text("{}")
+    save_file({"weight": torch.full((2, 3), float(step))}, folder / "model.safetensors")
+    torch.save({"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"cpu": torch.get_rng_state()}, folder / "rng_state.pth")
+    return folder
+
+
+def test_checkpoint_problem_names_what_is_missing_damaged_or_unsafe(tmp_path):
+    from char_lstm.training import checkpoint_problem, checkpoint_step
+
+    complete = write_checkpoint(tmp_path / "complete" / "checkpoint-3", 3)
+    assert checkpoint_problem(str(complete)) is None
+    assert checkpoint_problem(str(tmp_path / "absent")) == "not a folder"
+    assert [checkpoint_step(p) for p in (str(complete), f"{complete}/", "out/checkpoint-12a", "_incomplete-checkpoint-3")] \
+        == [3, 3, None, None]
+
+    def problem(damage, name="x"):
+        folder = tmp_path / name
+        shutil.copytree(complete, folder)
+        damage(folder)
+        return checkpoint_problem(str(folder))
+
+    for i, name in enumerate(["config.json", "model.safetensors", "optimizer.pt", "scheduler.pt"]):
+        assert problem(lambda f: (f / name).unlink(), f"missing{i}") == f"no {name}"
+    assert problem(lambda f: (f / "trainer_state.json").unlink(), "no_state") == "no trainer_state.json"
+    for i, state in enumerate(['{"step": 3}', '{"global_step": "three"}', "{", "[3]", b"\xff\xfe"]):
+        write = (lambda f: (f / "trainer_state.json").write_bytes(state)) if isinstance(state, bytes) else \
+            (lambda f: (f / "trainer_state.json").write_text(state))
+        assert problem(write, f"state{i}") == "trainer_state.json is not a trainer state", state
+
+    def truncate(folder):
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    damaged = problem(truncate, "truncated")
+    assert damaged.startswith("model.safetensors is damaged (") and damaged.endswith(")") and "\n" not in damaged
+    marker = tmp_path / "pwned"
+    for name in ("rng_state.pth", "optimizer.pt", "stream_state_0.pt"):
+        unsafe = problem(lambda f: (f / name).write_bytes(pickle.dumps(Evil(marker))), f"evil-{name}")
+        assert unsafe.startswith(f"{name} cannot be loaded safely (UnpicklingError: ") and "\n" not in unsafe, unsafe
+    assert not marker.exists()
+
+
+def test_latest_complete_checkpoint_sets_newer_incomplete_ones_aside(tmp_path, caplog):
+    from char_lstm.training import latest_complete_checkpoint
+
+    out = tmp_path / "out"
+    for step in (2, 9, 10):
+        write_checkpoint(out / f"checkpoint-{step}", step)
+    (write_checkpoint(out / "checkpoint-100", 100) / "optimizer.pt").unlink()
+    eleven = write_checkpoint(out / "checkpoint-11", 11)
+    (eleven / "model.safetensors").write_bytes(b"not safetensors")
+    write_checkpoint(out / "_incomplete-checkpoint-11" / "old", 1)  # set aside by an earlier resume: replaced
+    write_checkpoint(out / "_tmp-checkpoints" / "checkpoint-12", 12)  # a checkpoint being written: not a candidate
+    (out / "checkpoint-12a").mkdir()
+
+    with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
+        assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-10")  # 10 > 9: steps, not names
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("Skipped checkpoint-100 (no optimizer.pt); checkpoint-11 (model.safetensors is damaged (")
+    assert message.endswith("): kept as _incomplete-checkpoint-N; resuming from checkpoint-10.") and "\n" not in message
+    assert sorted(os.listdir(out)) == ["_incomplete-checkpoint-100", "_incomplete-checkpoint-11", "_tmp-checkpoints",
+                                       "checkpoint-10", "checkpoint-12a", "checkpoint-2", "checkpoint-9"]
+    assert (out / "_incomplete-checkpoint-11" / "model.safetensors").read_bytes() == b"not safetensors"
+    assert (out / "checkpoint-10" / "model.safetensors").exists() and (out / "checkpoint-9" / "optimizer.pt").exists()
+
+    caplog.clear()
+    alone = tmp_path / "alone"
+    (write_checkpoint(alone / "checkpoint-5", 5) / "scheduler.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
+        assert latest_complete_checkpoint(str(alone)) is None
+        assert latest_complete_checkpoint(str(tmp_path / "out" / "checkpoint-2")) is None  # no checkpoint in it
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipped checkpoint-5 (no scheduler.pt): kept as _incomplete-checkpoint-N; no complete checkpoint is left."
+    ]
+
+
+def test_publish_moves_a_complete_folder_or_its_files_into_place_weights_last(tmp_path, monkeypatch):
+    from char_lstm.training import publish_files, publish_folder
+
+    def staged(name, content):
+        folder = tmp_path / name
+        (folder / "sub").mkdir(parents=True)
+        for file in ("config.json", "model.safetensors", "README.md", "sub/inner.txt"):
+            (folder / file).write_text(f"{content} {file}")
+        return folder
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    publish_folder(str(staged("s1", "first")), str(runs / "checkpoint-4"))
+    publish_folder(str(staged("s2", "second")), str(runs / "checkpoint-4"))  # the same step again: replaced whole
+    assert os.listdir(runs) == ["checkpoint-4"] and not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+    assert sorted(os.listdir(runs / "checkpoint-4")) == ["README.md", "config.json", "model.safetensors", "sub"]
+    assert (runs / "checkpoint-4" / "sub" / "inner.txt").read_text() == "second sub/inner.txt"
+
+    # publish_files: into a folder that holds the old model and the checkpoints
+    moved, real_replace = [], os.replace
+
+    def watching_replace(source, target):  # what the folder holds at each move
+        moved.append((os.path.basename(target), (runs / "model.safetensors").exists()))
+        real_replace(source, target)
+
+    for file in ("model.safetensors", "README.md", "old.txt"):
+        (runs / file).write_text(f"old {file}")
+    (runs / "sub").mkdir()
+    (runs / "sub" / "gone.txt").write_text("old")
+    monkeypatch.setattr(os, "replace", watching_replace)
+    publish_files(str(staged("s3", "new")), str(runs))
+    monkeypatch.undo()
+    # the old weights are gone before anything moves, the new ones come last: never new files with the old weights
+    assert [name for name, _ in moved][-1] == "model.safetensors" and not any(present for _, present in moved)
+    assert sorted(moved) == sorted((n, False) for n in ("config.json", "model.safetensors", "README.md", "sub"))
+    assert sorted(os.listdir(runs)) == ["README.md", "checkpoint-4", "config.json", "model.safetensors", "old.txt", "sub"]
+    assert [(runs / f).read_text() for f in ("model.safetensors", "README.md", "old.txt", "sub/inner.txt")] == [
+        "new model.safetensors", "new README.md", "old old.txt", "new sub/inner.txt"]
+    assert os.listdir(runs / "sub") == ["inner.txt"] and not (tmp_path / "s3").exists()
+
+
+def test_finished_at_is_the_step_of_a_checkpoint_that_ends_the_run(tmp_path):
+    """--max_steps when given (> 0), else the length the checkpoint's own run had; None while steps are left."""
+    from char_lstm.training import finished_at
+
+    folder = write_checkpoint(tmp_path / "checkpoint-6", 6)
+    ends = {}
+    for max_steps, saved_max_steps in [(6, None), (5, None), (7, None), (-1, 6), (-1, 8), (-1, None), (-1, 0), (6, 100)]:
+        state = {"global_step": 6, **({"max_steps": saved_max_steps} if saved_max_steps is not None else {})}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+        ends[max_steps, saved_max_steps] = finished_at(str(folder), SimpleNamespace(max_steps=max_steps))
+    assert ends == {(6, None): 6, (5, None): 6, (7, None): None, (-1, 6): 6, (-1, 8): None, (-1, None): None,
+                    (-1, 0): None, (6, 100): 6}
