@@ -1,6 +1,11 @@
 """Helpers shared by the tests (imported as `helpers`; fixtures live in conftest.py)."""
 
+import contextlib
+import io
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +73,34 @@ def run_script(name, args, cwd, timeout=SUBPROCESS_TIMEOUT, stdin=None, **env):
         [sys.executable, str(ROOT / "scripts" / name), *args],
         capture_output=True, text=True, cwd=cwd, env=script_env(**env), timeout=timeout, input=stdin,
     )
+
+
+def call_script(name, args, cwd, stdin=None):
+    """scripts/NAME run in this process as `python scripts/NAME args` would run it (the same file, argument parsing,
+    `run` and exit code), minus the interpreter start-up (torch, transformers, datasets: several seconds a call).
+    For the cases that check what a script computes or refuses; what a user sees on the console from the libraries
+    (their warnings, a traceback) is checked by `run_script`'s real subprocesses. Returns a CompletedProcess."""
+    script = str(ROOT / "scripts" / name)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("char_lstm")  # the script adds its handler on the stderr of this call
+    saved = sys.argv, sys.stdin, os.getcwd(), logger.handlers[:], logger.level
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    logger.handlers.clear()
+    sys.argv = [script, *map(str, args)]
+    sys.stdin = io.StringIO(stdin) if stdin is not None else open(os.devnull)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(script, run_name="__main__")
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        sys.stdin.close()
+        sys.argv, sys.stdin, cwd, logger.handlers[:], level = saved
+        os.chdir(cwd)
+        logger.setLevel(level)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(), stderr.getvalue())

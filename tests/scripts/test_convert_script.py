@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from char_lstm import load_model_and_tokenizer
-from helpers import run_script, write_text
+from helpers import call_script, run_script, write_text
 
 
 class CharLSTM(nn.Module):
@@ -70,9 +70,10 @@ def test_converted_model_equals_the_original(original, tmp_path, chars_from):
     module, chars = original
     chars_file = tmp_path / "chars.json" if chars_from == "json" else write_text(tmp_path / "train.txt", TEXT)
     out = tmp_path / "converted"
-    result = run_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "model.pt"), "--chars",
-                                                          str(chars_file), "--output_dir", str(out),
-                                                          "--dropout", "0.3"], tmp_path)
+    runner = run_script if chars_from == "json" else call_script  # one real process; the script's code in this one
+    result = runner("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "model.pt"), "--chars",
+                                                      str(chars_file), "--output_dir", str(out), "--dropout", "0.3"],
+                    tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2x32 lstm, embedding 16" in result.stdout
     model, tokenizer = load_model_and_tokenizer(str(out))
@@ -93,23 +94,23 @@ def test_refusals_are_precise(original, tmp_path):
     base = ["--chars", str(tmp_path / "chars.json"), "--output_dir", str(tmp_path / "out")]
 
     torch.save(module, tmp_path / "whole_module.pt")  # pickles the class: needs arbitrary unpickling
-    refused = run_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "whole_module.pt"), *base],
+    refused = call_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "whole_module.pt"), *base],
                          tmp_path)
     assert refused.returncode == 2 and "Refused to load" in refused.stderr and "state_dict()" in refused.stderr
 
     state = module.state_dict()
     broken = {k: v for k, v in state.items() if k != "lstm.bias_hh_l1"}
     torch.save(broken, tmp_path / "missing.pt")
-    missing = run_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "missing.pt"), *base], tmp_path)
+    missing = call_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "missing.pt"), *base], tmp_path)
     assert missing.returncode == 2 and "missing ['lstm.bias_hh_l1']" in missing.stderr
 
     reshaped = dict(state, **{"fc.weight": torch.zeros(len(chars), 31)})
     torch.save(reshaped, tmp_path / "shape.pt")
-    shape = run_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "shape.pt"), *base], tmp_path)
+    shape = call_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "shape.pt"), *base], tmp_path)
     assert shape.returncode == 2 and f"fc.weight has shape ({len(chars)}, 31), expected ({len(chars)}, 32)" in shape.stderr
 
     (tmp_path / "few.json").write_text(json.dumps(chars[:-1]))
-    few = run_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "model.pt"), "--chars",
+    few = call_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "model.pt"), "--chars",
                                                        str(tmp_path / "few.json"), "--output_dir",
                                                        str(tmp_path / "out")], tmp_path)
     assert few.returncode == 2

@@ -7,10 +7,11 @@ import pytest
 from char_lstm import load_model_and_tokenizer
 from char_lstm.data import DataError, boundary_id, join_documents
 from char_lstm.evaluation import EvaluateArguments, evaluate_ids, run
-from helpers import run_script, shakespeare_like, write_text
+from helpers import call_script, run_script, shakespeare_like, write_text
 
 
 def test_evaluate_a_text_file(trained_model, tmp_path):
+    """A real `python scripts/evaluate.py` (the other tests call the script's code in this process)."""
     text = shakespeare_like(3000)[::-1][:2000] + "\u00a7"  # held-out-like text with one unknown character
     path = write_text(tmp_path / "held_out.txt", text)
     out = tmp_path / "results.json"
@@ -37,21 +38,21 @@ def test_evaluate_a_dataset_split(trained_model, tmp_path):
     for split in ("train", "validation", "test"):
         pd.DataFrame({"text": [shakespeare_like(1500)]}).to_parquet(folder / f"{split}-00000-of-00001.parquet")
     out = tmp_path / "r.json"
-    result = run_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--dataset_name",
+    result = call_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--dataset_name",
                                         str(tmp_path / "ds"), "--split", "test", "--block_size", "64",
                                         "--modes", "fixed", "--output_json", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
     assert "fixed" in data and "streaming" not in data and data["block_size"] == 64
-    missing = run_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--dataset_name",
+    missing = call_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--dataset_name",
                                          str(tmp_path / "ds"), "--split", "dev"], tmp_path)
     assert missing.returncode == 2 and "has no split 'dev'" in missing.stderr
 
 
 def test_evaluate_errors(trained_model, tmp_path):
-    nothing = run_script("evaluate.py", ["--model_name_or_path", str(trained_model)], tmp_path)
+    nothing = call_script("evaluate.py", ["--model_name_or_path", str(trained_model)], tmp_path)
     assert nothing.returncode == 2 and "error: Nothing to evaluate on" in nothing.stderr
-    no_model = run_script("evaluate.py", ["--model_name_or_path", str(tmp_path / "nope"), "--validation_file",
+    no_model = call_script("evaluate.py", ["--model_name_or_path", str(tmp_path / "nope"), "--validation_file",
                                           str(write_text(tmp_path / "t.txt", "abc"))], tmp_path)
     assert no_model.returncode == 2 and "error:" in no_model.stderr
 

@@ -4,14 +4,14 @@ import torch
 
 from char_lstm import load_model_and_tokenizer
 from char_lstm.sampling import CharacterStreamer, generate_texts
-from helpers import run_script
+from helpers import call_script, run_script
 
 
 def test_seeded_sampling_is_reproducible(trained_model, tmp_path):
     args = ["--model_name_or_path", str(trained_model), "--prompt", "ROMEO:", "--max_new_tokens", "60"]
-    a = run_script("generate.py", [*args, "--seed", "5"], tmp_path)
-    b = run_script("generate.py", [*args, "--seed", "5"], tmp_path)
-    c = run_script("generate.py", [*args, "--seed", "6"], tmp_path)
+    a = call_script("generate.py", [*args, "--seed", "5"], tmp_path)
+    b = call_script("generate.py", [*args, "--seed", "5"], tmp_path)
+    c = call_script("generate.py", [*args, "--seed", "6"], tmp_path)
     assert a.returncode == 0, a.stderr[-2000:]
     assert a.stdout == b.stdout and a.stdout != c.stdout
     assert a.stdout.startswith("ROMEO:") and len(a.stdout.rstrip("\n")) >= 6 + 50
@@ -40,33 +40,35 @@ def test_streamed_characters_arrive_one_by_one_in_order(trained_model):
 def test_every_prompt_of_a_batch_is_generated_in_order_and_equals_its_prompt_alone(trained_model, tmp_path):
     base = ["--model_name_or_path", str(trained_model), "--max_new_tokens", "40", "--greedy"]
     prompts = ["ROMEO:", "All:\n"]
-    both = run_script("generate.py", [*base, "--prompt", *prompts], tmp_path)
+    both = call_script("generate.py", [*base, "--prompt", *prompts], tmp_path)
     assert both.returncode == 0, both.stderr[-2000:]
     blocks = [b for b in both.stdout.split("===== sample ") if b]
     assert [b.split("=====\n", 1)[0] for b in blocks] == ["1 of 2 ", "2 of 2 "]  # one sample per prompt, none dropped
     texts = [b.split("=====\n", 1)[1].rstrip("\n") for b in blocks]
     assert len(texts) == len(prompts)
     for prompt, text in zip(prompts, texts, strict=True):
-        alone = run_script("generate.py", [*base, "--prompt", prompt], tmp_path)
+        alone = call_script("generate.py", [*base, "--prompt", prompt], tmp_path)
         assert alone.returncode == 0, alone.stderr[-2000:]
         assert text.startswith(prompt) and len(text) == len(prompt) + 40
         assert alone.stdout.rstrip("\n") == text
 
 
 def test_stdin_prompt_and_num_return_sequences(trained_model, tmp_path):
+    """A real `python scripts/generate.py` (the other tests call the script's code in this process)."""
     result = run_script("generate.py", ["--model_name_or_path", str(trained_model), "--max_new_tokens", "20",
                                         "--num_return_sequences", "3", "--seed", "1"], tmp_path, stdin="JULIET:")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("===== sample ") == 3
     assert result.stdout.count("JULIET:") == 3
+    assert "Traceback" not in result.stderr and "arning" not in result.stderr, result.stderr[-2000:]
 
 
 def test_unknown_prompt_characters(trained_model, tmp_path):
     base = ["--model_name_or_path", str(trained_model), "--max_new_tokens", "5", "--greedy"]
-    refused = run_script("generate.py", [*base, "--prompt", "ROMEO ☃ é"], tmp_path)
+    refused = call_script("generate.py", [*base, "--prompt", "ROMEO ☃ é"], tmp_path)
     assert refused.returncode == 2
     assert "error: The prompt has characters the model has never seen: ['é', '☃']" in refused.stderr
-    mapped = run_script("generate.py", [*base, "--prompt", "ROMEO ☃", "--unknown_to_unk"], tmp_path)
+    mapped = call_script("generate.py", [*base, "--prompt", "ROMEO ☃", "--unknown_to_unk"], tmp_path)
     assert mapped.returncode == 0 and mapped.stdout.startswith("ROMEO ☃")
-    only_unknown = run_script("generate.py", [*base, "--prompt", "☃☃", "--unknown_to_unk"], tmp_path)
+    only_unknown = call_script("generate.py", [*base, "--prompt", "☃☃", "--unknown_to_unk"], tmp_path)
     assert only_unknown.returncode == 2 and "only unknown characters" in only_unknown.stderr
