@@ -380,6 +380,21 @@ def test_stream_state_helpers_save_restore_and_reset_rows(tokenizer, cell_type):
         reset_cache_rows(restored, torch.tensor([True, False]))
         reset = cache_states(restored)
         assert all((s[0] == 0).all() and (s[1] != 0).any() for layer in reset for s in layer)
+    with pytest.raises(ValueError, match=r"^Expected states for 2 layers, got 1\.$"):
+        cache_from_states(model.config, states[:1])
+
+
+def test_stream_state_helpers_leave_a_cache_of_keys_and_values_alone():
+    """The helpers take any transformers cache: layers without recurrent states (an attention model's keys and
+    values) are left as they are, and such a cache holds no states to save."""
+    from char_lstm.modeling_char_lstm import cache_states, detach_cache, reset_cache_rows
+
+    cache = DynamicCache()
+    keys = torch.ones(2, 1, 3, 4, requires_grad=True) * 2  # (batch, heads, tokens, head size), with a history
+    cache.update(keys, keys, layer_idx=0)
+    assert detach_cache(cache) is cache and reset_cache_rows(cache, torch.tensor([True, False])) is cache
+    assert cache.layers[0].keys.requires_grad and bool((cache.layers[0].keys == 2).all())
+    assert cache_states(cache) is None
 
 
 @pytest.mark.parametrize("batch", [16, 64])
