@@ -23,7 +23,7 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from char_lstm.cli import console_logging  # noqa: E402
-from char_lstm.data import DataError  # noqa: E402
+from char_lstm.errors import UsageError  # noqa: E402
 from char_lstm.training import (  # noqa: E402
     STOP_SIGNALS,
     ReportedByMainProcess,
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return STOP_SIGNALS[signum][1]
         if isinstance(error, ReportedByMainProcess):  # the main process prints it
             return 2
-        if isinstance(error, (DataError, TrainingDiverged, ValueError, OSError)):  # bad input: one line, no traceback
+        # bad input (UsageError, DataError: ValueErrors, as the libraries' own), a missing file: one line, no traceback
+        if isinstance(error, (UsageError, TrainingDiverged, ValueError, OSError)):
             print(f"error: {error}", file=sys.stderr)
             return 2
         raise

@@ -22,6 +22,7 @@ from datasets import Dataset
 
 from char_lstm import CharLSTMTokenizer
 from char_lstm.data import DataError, collate_stream_blocks, encode_streams
+from char_lstm.errors import UsageError
 from char_lstm.training import (
     PRESETS,
     CharLSTMTrainingArguments,
@@ -181,7 +182,7 @@ def test_output_dir_with_checkpoints_is_refused_and_overwrite_deletes_the_old_ch
     out = tmp_path / "out"
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     before = (out / "checkpoint-4" / "model.safetensors").read_bytes()
-    with pytest.raises(DataError, match="already holds checkpoints \\(checkpoint-4\\).*--resume_from_checkpoint True"):
+    with pytest.raises(UsageError, match="already holds checkpoints \\(checkpoint-4\\).*--resume_from_checkpoint True"):
         run(tmp_path, *args)
     assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == before
     # a run that saves at other steps: only its own checkpoints are left, the old ones are gone (not overwritten)
@@ -243,7 +244,7 @@ def test_mistyped_model_folder_is_reported_before_the_data_are_loaded(tmp_path, 
 
 
 def test_resume_true_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="holds no checkpoint to resume from"):
+    with pytest.raises(UsageError, match="holds no checkpoint to resume from"):
         run(tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "True")
 
 
@@ -292,7 +293,7 @@ def test_resume_skips_an_incomplete_or_hostile_checkpoint(tmp_path, finished_run
     marker = tmp_path / "pwned"
     damage(out / "checkpoint-6", how, marker)
 
-    with pytest.raises(DataError, match=r"checkpoint-6 cannot be resumed from: .*another checkpoint"):
+    with pytest.raises(UsageError, match=r"checkpoint-6 cannot be resumed from: .*another checkpoint"):
         run(tmp_path, *RESUMABLE, "--resume_from_checkpoint", str(out / "checkpoint-6"))
     with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
         run(tmp_path, *RESUMABLE, "--resume_from_checkpoint", "True")
@@ -328,7 +329,7 @@ def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog)
     ],
 )
 def test_bad_input_errors(tmp_path, extra, text, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UsageError, match=message):  # DataError (a UsageError) for the data, UsageError for arguments
         run(tmp_path, "--max_steps", "2", *extra, text=text)
 
 
@@ -434,7 +435,7 @@ def test_streaming_with_a_validation_file_trains_and_reports_its_characters_outs
     assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 5
     assert "3 characters of the validation text are not in the vocabulary" in caplog.text
     assert "'\u00a7\u00b6'" in caplog.text
-    with pytest.raises(DataError, match="--streaming needs --max_steps"):
+    with pytest.raises(UsageError, match="--streaming needs --max_steps"):
         run(tmp_path, "--streaming", "true", "--output_dir", str(tmp_path / "o2"))
 
 
@@ -502,7 +503,7 @@ def test_stateful_resume_continues_the_streams_exactly(tmp_path, accumulation):
 
     # Without its saved state the resumed run reads on from zero states, and ends elsewhere.
     if accumulation == "1":
-        with pytest.raises(DataError, match="trained with 8 streams per process and 1 process.*this run has 4 and 1"):
+        with pytest.raises(UsageError, match="trained with 8 streams per process and 1 process.*this run has 4 and 1"):
             run(tmp_path, *args, "--resume_from_checkpoint", str(part / "checkpoint-4"),
                 "--per_device_train_batch_size", "4", out="part")
         (part / "checkpoint-4" / "stream_state_0.pt").unlink()
@@ -526,9 +527,9 @@ def test_stateful_evaluation_leaves_the_training_streams_alone(tmp_path):
 
 
 def test_stateful_refuses_streaming_and_stride(tmp_path):
-    with pytest.raises(DataError, match="--stateful .* drop --streaming"):
+    with pytest.raises(UsageError, match="--stateful .* drop --streaming"):
         run(tmp_path, "--stateful", "true", "--streaming", "true", "--max_steps", "2")
-    with pytest.raises(DataError, match="drop --stride"):
+    with pytest.raises(UsageError, match="drop --stride"):
         run(tmp_path, "--stateful", "true", "--stride", "7", "--max_steps", "2")
 
 

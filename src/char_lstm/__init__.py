@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_char_lstm import CharLSTMConfig
+from .errors import DataError, UsageError
 from .hub import check_vocab_match, load_model_and_tokenizer
 from .modeling_char_lstm import CharLSTMForCausalLM, CharLSTMModel, CharLSTMPreTrainedModel
 from .tokenization_char_lstm import CharLSTMTokenizer
@@ -29,6 +30,8 @@ __all__ = [
     "CharLSTMModel",
     "CharLSTMPreTrainedModel",
     "CharLSTMTokenizer",
+    "DataError",
+    "UsageError",
     "check_vocab_match",
     "load_model_and_tokenizer",
 ]

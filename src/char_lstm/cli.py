@@ -7,6 +7,7 @@ from collections.abc import Callable
 from transformers import HfArgumentParser
 
 from .data import quiet_progress_bars
+from .errors import UsageError
 
 
 def console_logging(level: int = logging.INFO) -> None:
@@ -23,18 +24,18 @@ def console_logging(level: int = logging.INFO) -> None:
 
 def parse_command_line(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
     """The dataclasses of `parser` from `argv`; an argument that is not a flag (a typo, an abbreviation: prefix
-    matching is off, so --learning_rat is not --learning_rate) is a one-line ValueError."""
+    matching is off, so --learning_rat is not --learning_rate) is a one-line UsageError."""
     *dataclasses, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
-        raise ValueError(f"Unknown argument(s) {' '.join(remaining)}: write flags in full, without abbreviation "
+        raise UsageError(f"Unknown argument(s) {' '.join(remaining)}: write flags in full, without abbreviation "
                          f"({parser.prog} --help lists them).")
     return tuple(dataclasses)
 
 
 def run_command(arguments_class: type, run: Callable, argv: list[str] | None = None) -> int:
     """Parse `arguments_class` from `argv` (default: the command line; flags spelled out, no prefix matching), call
-    `run(args)`; a ValueError or OSError (bad input, missing files) prints `error: ...` on stderr and gives exit
-    code 2."""
+    `run(args)`; a UsageError or DataError (bad arguments, bad data), another ValueError (a library's check of a
+    value) or an OSError (missing files) prints `error: ...` on stderr and gives exit code 2."""
     console_logging()
     try:
         (args,) = parse_command_line(HfArgumentParser(arguments_class, allow_abbrev=False), argv)

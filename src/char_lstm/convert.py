@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .configuration_char_lstm import CharLSTMConfig
+from .errors import UsageError
 from .modeling_char_lstm import CharLSTMForCausalLM
 from .tokenization_char_lstm import PAD_TOKEN, UNK_TOKEN, CharLSTMTokenizer
 
@@ -24,7 +25,7 @@ GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 NEVER = -1e4  # head bias of <pad> and <unk>: probability ~e^-10000, never sampled
 
 
-class ConversionError(ValueError):
+class ConversionError(UsageError):
     """A checkpoint that cannot be converted, explained precisely."""
 
 

@@ -25,6 +25,7 @@ from datasets import Dataset, DatasetDict, Features, IterableDataset, Sequence, 
 from datasets.table import InMemoryTable
 from huggingface_hub import HfApi, is_offline_mode
 
+from .errors import DataError
 from .tokenization_char_lstm import CharLSTMTokenizer
 
 
@@ -33,10 +34,6 @@ logger = logging.getLogger(__name__)
 TEXT_EXTENSIONS = (".txt", ".text", ".md")  # read as plain text when named one by one or by a glob
 DIRECTORY_EXTENSIONS = (".txt",)  # what a directory given as --train_file contributes (README: "a directory of .txt")
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A problem with the training data, explained in one line with the way out."""
 
 
 # The default dataset, and the copy of it that ships with the package (public-domain text, xz-compressed) so that the

@@ -27,6 +27,7 @@ from .data import (
     load_raw_datasets,
     resolve_dataset_name,
 )
+from .errors import UsageError
 from .hub import check_model_path, load_model_and_tokenizer
 from .metrics import load_bits_per_character
 from .sampling import pick_device, resolve_dtype
@@ -136,7 +137,7 @@ def load_text(args: EvaluateArguments) -> tuple[list[str], str]:
             raise DataError(f"The dataset {args.dataset_name!r} has no split {args.split!r} (it has {list(raw)}).")
         dataset, name = raw[args.split], f"{dataset_label(dataset_name)}:{args.split}"
     else:
-        raise DataError("Nothing to evaluate on: pass --validation_file or --dataset_name (with --split).")
+        raise UsageError("Nothing to evaluate on: pass --validation_file or --dataset_name (with --split).")
     return list(iter_texts(dataset, args.text_column)), name
 
 
@@ -145,7 +146,7 @@ def run(args: EvaluateArguments) -> dict:
     modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
     unknown_modes = set(modes) - set(MODES)
     if unknown_modes:
-        raise DataError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
+        raise UsageError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
     check_model_path(args.model_name_or_path)  # before the data are loaded
     documents, data = load_text(args)
     text = args.document_separator.join(documents)

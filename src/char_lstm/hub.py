@@ -15,6 +15,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
+from .errors import UsageError
+
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +262,7 @@ def results_from_training(metrics: dict) -> dict:
 # The Hub folder and the upload
 
 
-class HubError(ValueError):
+class HubError(UsageError):
     """A problem preparing or uploading a Hub repository, in one line with the way out."""
 
 

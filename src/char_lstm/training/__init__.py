@@ -23,7 +23,8 @@ from functools import partial
 from transformers import ProgressCallback, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-from ..data import DataError, collate_blocks, collate_stream_blocks
+from ..data import collate_blocks, collate_stream_blocks
+from ..errors import UsageError
 from ..hub import RUN_INFO_NAME, results_from_training, write_model_card
 from .arguments import (
     PRESETS,
@@ -87,8 +88,9 @@ def train(
     training_args: CharLSTMTrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
 ) -> dict:
-    """Train a CharLSTM model with Trainer; returns the final metrics. Raises DataError for bad input and
-    TrainingDiverged when the loss stops being finite. `callbacks` are added to the run's own.
+    """Train a CharLSTM model with Trainer; returns the final metrics. `callbacks` are added to the run's own.
+    Raises UsageError for arguments that cannot work, DataError (a UsageError) for bad data, and TrainingDiverged
+    when the loss stops being finite.
 
     The output folder is locked for the run (`OutputDirLock`); a resume that finds the run already finished writes the
     final model from its last checkpoint without training."""
@@ -129,7 +131,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     set_generation_defaults(model, tokenizer, training_args)
     prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, train_raw, data_args.text_column)
     if tokenizer.oov_characters(prompt):
-        raise DataError(
+        raise UsageError(
             f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
         )
     guard, time_limit, run_callbacks = make_callbacks(training_args, callbacks)

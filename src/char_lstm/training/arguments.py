@@ -12,7 +12,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from ..cli import parse_command_line
-from ..data import DataError
+from ..errors import UsageError
 from ..hub import check_model_path
 from .runtime import native_bf16
 
@@ -196,28 +196,28 @@ def read_config_file(name: str, parser: HfArgumentParser) -> dict:
 
     path = os.path.abspath(name)
     if not os.path.isfile(path):
-        raise DataError(f"Config file {name} does not exist.")
+        raise UsageError(f"Config file {name} does not exist.")
     kind = "JSON" if path.endswith(".json") else "YAML"
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f) if kind == "JSON" else yaml.safe_load(f)
     except json.JSONDecodeError as error:
-        raise DataError(f"Config file {name} is not valid JSON: {error.msg} at line {error.lineno}, column "
+        raise UsageError(f"Config file {name} is not valid JSON: {error.msg} at line {error.lineno}, column "
                         f"{error.colno}.") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise DataError(f"Config file {name} is not valid YAML: {getattr(error, 'problem', None) or error}{where}.") from None
+        raise UsageError(f"Config file {name} is not valid YAML: {getattr(error, 'problem', None) or error}{where}.") from None
     except UnicodeDecodeError:
-        raise DataError(f"Config file {name} is not UTF-8 text.") from None
+        raise UsageError(f"Config file {name} is not UTF-8 text.") from None
     if not isinstance(values, dict):
-        raise DataError(f"Config file {name} holds a {type(values).__name__}, not a mapping of argument names to "
+        raise UsageError(f"Config file {name} holds a {type(values).__name__}, not a mapping of argument names to "
                         "values (such as `learning_rate: 0.002`).")
     expected = {int: "an integer", float: "a number", string_to_bool: "true or false"}
     for key, value in values.items():
         action = parser._option_string_actions.get(f"--{key}")
         if action is None:
-            raise DataError(f"Config file {name}: unknown argument {key!r} (python scripts/train.py --help lists them).")
+            raise UsageError(f"Config file {name}: unknown argument {key!r} (python scripts/train.py --help lists them).")
         if value is None or action.type not in expected:
             continue
         if action.type is string_to_bool:
@@ -225,7 +225,7 @@ def read_config_file(name: str, parser: HfArgumentParser) -> dict:
         else:
             valid = isinstance(value, int if action.type is int else (int, float)) and not isinstance(value, bool)
         if not valid:
-            raise DataError(f"Config file {name}: {key} must be {expected[action.type]}, got {value!r}.")
+            raise UsageError(f"Config file {name}: {key} must be {expected[action.type]}, got {value!r}.")
     return values
 
 
@@ -233,7 +233,7 @@ def _preset_values(name: str | None) -> dict:
     if name is None:
         return {}
     if name not in PRESETS:
-        raise DataError(f"Unknown --preset {name!r}; choose from {sorted(PRESETS)}.")
+        raise UsageError(f"Unknown --preset {name!r}; choose from {sorted(PRESETS)}.")
     values = dict(PRESETS[name])
     if "global_train_batch_size" in values:  # the same global batch under any number of processes
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -249,16 +249,16 @@ def _preset_values(name: str | None) -> dict:
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: CharLSTMTrainingArguments):
     """One-line errors for arguments that cannot work together, before the output folder or the data are touched."""
     if data_args.streaming and training_args.max_steps <= 0:
-        raise DataError("--streaming needs --max_steps (the length of a stream is not known in advance).")
+        raise UsageError("--streaming needs --max_steps (the length of a stream is not known in advance).")
     if data_args.stateful:
         if data_args.streaming:
-            raise DataError("--stateful lays the whole text out as streams and needs its length: drop --streaming.")
+            raise UsageError("--stateful lays the whole text out as streams and needs its length: drop --streaming.")
         if data_args.stride is not None and data_args.stride != data_args.block_size:
-            raise DataError("--stateful reads each stream window after window: drop --stride (it is --block_size).")
+            raise UsageError("--stateful reads each stream window after window: drop --stride (it is --block_size).")
         if training_args.auto_find_batch_size:
-            raise DataError("--stateful lays out one stream per batch row: drop --auto_find_batch_size.")
+            raise UsageError("--stateful lays out one stream per batch row: drop --auto_find_batch_size.")
         if training_args.n_gpu > 1:
-            raise DataError(
+            raise UsageError(
                 "--stateful needs one process per GPU (DataParallel splits the batch rows): launch with "
                 "`accelerate launch --multi_gpu --num_processes N` instead."
             )

@@ -9,7 +9,7 @@ import shutil
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data import DataError
+from ..errors import UsageError
 from .checkpoints import FINAL_STAGING_DIR, STAGING_DIR, checkpoint_problem, latest_complete_checkpoint
 
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "_train.lock"  # a "_*" name: Trainer.push_to_hub leaves it out
 
 
-class OutputDirInUse(DataError):
+class OutputDirInUse(UsageError):
     """Another run holds the output folder's lock."""
 
 
@@ -93,24 +93,24 @@ def prepare_output_dir(args: TrainingArguments) -> str | None:
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if resume is True:
         if last is None:
-            raise DataError(f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from.")
+            raise UsageError(f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from.")
         resume = latest_complete_checkpoint(args.output_dir)
         if resume is None:
-            raise DataError(
+            raise UsageError(
                 f"--resume_from_checkpoint True, but no checkpoint in {args.output_dir} is complete: start over with "
                 "--overwrite_output_dir, or choose another --output_dir."
             )
     elif isinstance(resume, str):
         if not os.path.isdir(resume):
-            raise DataError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+            raise UsageError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
         problem = checkpoint_problem(resume)
         if problem is not None:
-            raise DataError(
+            raise UsageError(
                 f"--resume_from_checkpoint {resume} cannot be resumed from: {problem}; give another checkpoint, or "
                 "--resume_from_checkpoint True for the newest complete one."
             )
     elif last is not None and not args.overwrite_output_dir:
-        raise DataError(
+        raise UsageError(
             f"{args.output_dir} already holds checkpoints ({os.path.basename(last)}): resume with "
             "--resume_from_checkpoint True, start over with --overwrite_output_dir, or choose another --output_dir."
         )

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..data import DataError, quiet_progress_bars
+from ..data import quiet_progress_bars
+from ..errors import UsageError
 from ..modeling_char_lstm import _cpu_has_native_bf16
 
 
@@ -31,7 +32,7 @@ def prepare_launch_environment() -> None:
         return
     launched_by_mpi = any(name in os.environ for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
     if use_cpu and "MASTER_ADDR" in os.environ and not launched_by_mpi and "LOCAL_RANK" not in os.environ:
-        raise DataError(
+        raise UsageError(
             "accelerate launch --cpu --num_processes N starts only one process; for N processes on CPU run "
             "`accelerate launch --multi_gpu --num_processes N scripts/train.py ...` (char_lstm uses gloo when there "
             "is no GPU)."
@@ -83,19 +84,19 @@ def native_bf16(device_type: str | None = None) -> bool:
 # The main process decides
 
 
-class ReportedByMainProcess(DataError):
+class ReportedByMainProcess(UsageError):
     """An error of the main process, seen by another process (which exits without printing it again)."""
 
 
 def on_main_process(args, function):
     """`function()` run by the main process only (`args`: the run's TrainingArguments); its result, or its
-    DataError, reaches every process. The other processes raise `ReportedByMainProcess` (the main process prints the
+    UsageError, reaches every process. The other processes raise `ReportedByMainProcess` (the main process prints the
     error)."""
     result, error = None, None
     if args.process_index == 0:
         try:
             result = function()
-        except DataError as exc:
+        except UsageError as exc:
             error = exc
     if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [(result, None if error is None else str(error))]

@@ -7,7 +7,7 @@ import os
 import torch
 from transformers import DynamicCache
 
-from ..data import DataError
+from ..errors import UsageError
 from ..modeling_char_lstm import cache_from_states, cache_states, detach_cache, reset_cache_rows
 from .checkpoints import CharLSTMTrainer
 
@@ -77,7 +77,7 @@ class StatefulTrainer(CharLSTMTrainer):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         rows, world_size = saved["states"][0][0].shape[0], saved["world_size"]
         if (rows, world_size) != (self.args.per_device_train_batch_size, self.args.world_size):
-            raise DataError(
+            raise UsageError(
                 f"{checkpoint} was trained with {rows} streams per process and {world_size} process(es), this run has "
                 f"{self.args.per_device_train_batch_size} and {self.args.world_size}: resume a --stateful run with the "
                 "same --per_device_train_batch_size and number of processes (the streams are laid out for them)."

@@ -1,0 +1,12 @@
+"""The errors of bad input: one line naming the thing and the fix. The scripts print it as `error: ...` and exit with
+code 2 (a traceback is for bugs)."""
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work: an unknown preset, a resume path that is no checkpoint, launcher flags, options
+    that exclude each other, an output folder already in use. A ValueError, as transformers raises for bad
+    arguments."""
+
+
+class DataError(UsageError):
+    """A problem with the data: a missing or empty file, text in another encoding, a text too short for one block."""
