@@ -12,8 +12,8 @@ Two modes are reported: `fixed` (windows of --block_size from a zero state, comp
 import sys
 
 from char_lstm.cli import run_command
-from char_lstm.evaluation import EvaluateArguments, run
+from char_lstm.evaluation import EvaluateArguments, run_evaluate
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(EvaluateArguments, run))
+    sys.exit(run_command(EvaluateArguments, run_evaluate))

@@ -12,8 +12,8 @@ One prompt and one sample stream to stdout character by character; several are g
 import sys
 
 from char_lstm.cli import run_command
-from char_lstm.sampling import GenerateArguments, run
+from char_lstm.sampling import GenerateArguments, run_generate
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(GenerateArguments, run))
+    sys.exit(run_command(GenerateArguments, run_generate))

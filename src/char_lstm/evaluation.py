@@ -141,7 +141,7 @@ def load_text(args: EvaluateArguments) -> tuple[list[str], str]:
     return list(iter_texts(dataset, args.text_column)), name
 
 
-def run(args: EvaluateArguments) -> dict:
+def run_evaluate(args: EvaluateArguments) -> dict:
     """Load, measure in each mode, print a table and write the JSON file; returns the results."""
     modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
     unknown_modes = set(modes) - set(MODES)
@@ -179,3 +179,6 @@ def run(args: EvaluateArguments) -> dict:
         json.dump(results, f, indent=2)
     print(f"wrote {args.output_json}")
     return results
+
+
+run = run_evaluate  # the name before issue 14 (entry points are run_<command>)

@@ -133,7 +133,7 @@ def check_generate_arguments(args: GenerateArguments) -> None:
         raise ValueError(f"--repetition_penalty must be above 0 (1: none), got {args.repetition_penalty}.")
 
 
-def run(args: GenerateArguments, stdout=None) -> list[str]:
+def run_generate(args: GenerateArguments, stdout=None) -> list[str]:
     """Check the arguments, load the model, generate, print; returns the texts."""
     stdout = stdout or sys.stdout
     check_generate_arguments(args)
@@ -169,3 +169,6 @@ def run(args: GenerateArguments, stdout=None) -> list[str]:
                 print(f"===== sample {index + 1} of {len(texts)} =====", file=stdout)
             print(text, file=stdout, flush=True)
     return texts
+
+
+run = run_generate  # the name before issue 14 (entry points are run_<command>)

@@ -16,8 +16,7 @@ import torch
 from char_lstm.cli import run_command
 from char_lstm.convert import ConvertArguments, run_convert
 from char_lstm.hub import PushArguments, run_push
-from char_lstm.sampling import GenerateArguments
-from char_lstm.sampling import run as run_generate
+from char_lstm.sampling import GenerateArguments, run_generate
 from helpers import ROOT, run_script, shakespeare_like, write_text
 
 
