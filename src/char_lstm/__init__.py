@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .configuration_char_lstm import CharLSTMConfig
 from .errors import DataError, UsageError
-from .hub import check_vocab_match, load_model_and_tokenizer
+from .loading import check_vocab_match, load_model_and_tokenizer
 from .modeling_char_lstm import CharLSTMForCausalLM, CharLSTMModel, CharLSTMPreTrainedModel
 from .tokenization_char_lstm import CharLSTMTokenizer
 

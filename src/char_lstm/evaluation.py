@@ -28,9 +28,8 @@ from .data import (
     resolve_dataset_name,
 )
 from .errors import UsageError
-from .hub import check_model_path, load_model_and_tokenizer
+from .loading import check_model_path, load_model_and_tokenizer, pick_device, resolve_dtype
 from .metrics import load_bits_per_character
-from .sampling import pick_device, resolve_dtype
 
 
 MODES = ("fixed", "streaming")

@@ -1,130 +1,24 @@
-"""Loading and sharing CharLSTM models: model + tokenizer checks, the model card, the Hub folder and the upload."""
+"""Sharing CharLSTM models: the model card, the Hub folder and the upload. (Loading is `char_lstm.loading`.)"""
 
-import difflib
 import json
-import logging
 import math
 import os
 import shutil
 from dataclasses import dataclass, field
 
-import torch
 import yaml
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
-from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import UsageError
+# Imported from here before issue 14; they live in char_lstm.loading
+from .loading import check_model_path, check_vocab_match, load_model_and_tokenizer, missing_folder_message  # noqa: F401
 
-
-logger = logging.getLogger(__name__)
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
 # Ships inside the package (package data), so installed copies can render cards too
 MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "char_lstm.md")
 TOKENIZER_FILES = ("vocab.json", "tokenizer_config.json")
-
-
-def check_vocab_match(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Raise a one-line ValueError when `tokenizer` cannot be the tokenizer `config`'s model was trained with."""
-    if len(tokenizer) != config.vocab_size:
-        raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: they were not "
-            "saved together; load the tokenizer from the model's own folder (or resize the model's embeddings)."
-        )
-    for name in ("pad_token_id", "unk_token_id"):
-        model_id, tokenizer_id = getattr(config, name, None), getattr(tokenizer, name, None)
-        if model_id is not None and tokenizer_id is not None and model_id != tokenizer_id:
-            raise ValueError(
-                f"The tokenizer's {name} is {tokenizer_id} but the model's is {model_id}: they were not saved together; "
-                "load the tokenizer from the model's own folder."
-            )
-
-
-def _is_local_path(name_or_path: str) -> bool:
-    """Whether `name_or_path` can only mean a folder: an absolute or ./ path, a name that is no valid Hub id, or
-    `parent/name` where `parent` is a folder here (outputs/shakespear)."""
-    if os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")):
-        return True
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return True
-    parent = os.path.dirname(name_or_path)
-    return bool(parent) and os.path.isdir(parent)
-
-
-def missing_folder_message(path: str, option: str) -> str:
-    """`OPTION PATH does not exist`, with the closest existing folder next to it when there is one."""
-    parent = os.path.dirname(os.path.normpath(path)) or "."
-    if not os.path.isdir(parent):
-        return f"{option} {path} does not exist (nor does the folder {parent})."
-    folders = [name for name in os.listdir(parent) if os.path.isdir(os.path.join(parent, name))]
-    close = difflib.get_close_matches(os.path.basename(os.path.normpath(path)), folders, n=1, cutoff=0.6)
-    hint = f" did you mean {os.path.join(parent, close[0]) if parent != '.' else close[0]}?" if close else ""
-    return f"{option} {path} does not exist;{hint or ' give the --output_dir of a training run.'}"
-
-
-def check_model_path(name_or_path: str, option: str = "--model_name_or_path") -> None:
-    """One-line errors, before anything is loaded (and without asking the Hub), for a model path that cannot work: a
-    local folder that does not exist (with the closest existing one), a folder of checkpoints without a final model
-    (with the latest checkpoint), a folder that is no saved model. A Hub id is left to `from_pretrained`."""
-    path = os.fspath(name_or_path)
-    if not os.path.isdir(path):
-        if _is_local_path(path):
-            raise OSError(missing_folder_message(path, option))
-        return
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
-    last = get_last_checkpoint(path)
-    if last is not None:
-        raise OSError(
-            f"{option} {path} holds checkpoints but no final model (its training run stopped before the end): use the "
-            f"latest checkpoint, {option} {last}, or resume the run with --resume_from_checkpoint True."
-        )
-    raise OSError(f"{option} {path} has no config.json: it is not a saved model; give the --output_dir of a "
-                  "training run.")
-
-
-def load_model_and_tokenizer(
-    name_or_path: str,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-):
-    """Load a saved CharLSTM model (local folder or Hub id) with its tokenizer, checked to match, in eval mode."""
-    check_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    # modeling_utils' table of weights that do not fit: the one line below instead. With that logger above WARNING,
-    # transformers also checks the (empty) tensor-parallel plan and warns that no layer is sharded: silenced too.
-    quiet = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.ERROR)
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True, output_loading_info=True,
-        )
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
-    if info["mismatched_keys"]:
-        key, saved, expected = min(info["mismatched_keys"], key=lambda mismatch: mismatch[0])
-        raise ValueError(
-            f"The weights in {name_or_path} do not fit its config.json: {key} is saved with shape {tuple(saved)} but "
-            f"the config makes it {tuple(expected)} ({len(info['mismatched_keys'])} weights differ); the config was "
-            "edited or belongs to another model: save the model and its config together (model.save_pretrained)."
-        )
-    for kind in ("missing_keys", "unexpected_keys"):
-        if info[kind]:
-            logger.warning(f"{name_or_path}: {kind.replace('_', ' ')} in the weights: {sorted(info[kind])[:6]}")
-    check_vocab_match(model.config, tokenizer)
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------------

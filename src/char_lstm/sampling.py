@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TextStreamer, set_seed
 
-from .hub import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer, pick_device, resolve_dtype  # noqa: F401  (resolve_dtype: old path)
 
 
 @dataclass
@@ -57,39 +57,6 @@ class CharacterStreamer(TextStreamer):
     def end(self) -> None:
         self.next_tokens_are_prompt = True
         self.on_finalized_text("", stream_end=True)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The device called `name` ("auto": cuda, then mps, then cpu), or a one-line ValueError when there is none."""
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps.") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu (or "
-                             "auto).")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s).")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu (or auto).")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str):
-    if name == "auto":
-        return "auto"
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {name!r}.")
-    return DTYPES[name]
 
 
 def check_prompts(tokenizer, prompts: list[str], unknown_to_unk: bool) -> None:

@@ -13,7 +13,7 @@ from transformers.hf_argparser import string_to_bool
 
 from ..cli import parse_command_line
 from ..errors import UsageError
-from ..hub import check_model_path
+from ..loading import check_model_path
 from .runtime import native_bf16
 
 

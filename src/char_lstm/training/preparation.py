@@ -17,7 +17,7 @@ from ..data import (
     resolve_dataset_name,
     split_validation_tail,
 )
-from ..hub import check_vocab_match
+from ..loading import check_vocab_match
 from ..modeling_char_lstm import CharLSTMForCausalLM
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
 
