@@ -6,7 +6,9 @@ This file is shipped to the Hub next to the weights (``trust_remote_code``), so 
 from transformers import PretrainedConfig
 
 
-CELL_TYPES = ("lstm", "gru", "rnn")
+# Gates per cell type: nn.LSTM, nn.GRU and nn.RNN stack this many blocks of hidden_size rows in weight_ih/hh.
+GATES_PER_CELL = {"lstm": 4, "gru": 3, "rnn": 1}
+CELL_TYPES = tuple(GATES_PER_CELL)
 
 
 class CharLSTMConfig(PretrainedConfig):
@@ -120,6 +122,11 @@ class CharLSTMConfig(PretrainedConfig):
         """Every layer keeps a recurrent state and no keys/values: transformers' `DynamicCache(config=...)` builds a
         `LinearAttentionLayer` (recurrent-state cache layer) for each of them."""
         return ["linear_attention"] * self.num_hidden_layers
+
+    @property
+    def num_gates(self) -> int:
+        """Gates of the cell (`GATES_PER_CELL`): the recurrent weights stack this many blocks of hidden_size rows."""
+        return GATES_PER_CELL[self.cell_type]
 
     @property
     def number_of_conv_states(self) -> int:

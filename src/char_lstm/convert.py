@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .configuration_char_lstm import CharLSTMConfig
+from .configuration_char_lstm import GATES_PER_CELL, CharLSTMConfig
 from .errors import UsageError
 from .modeling_char_lstm import CharLSTMForCausalLM
 from .tokenization_char_lstm import PAD_TOKEN, UNK_TOKEN, CharLSTMTokenizer
 
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 NEVER = -1e4  # head bias of <pad> and <unk>: probability ~e^-10000, never sampled
 
 
@@ -90,8 +89,8 @@ def load_chars(path: str) -> list[str]:
 def convert(state: dict[str, torch.Tensor], chars: list[str], dropout: float = 0.5, cell_type: str = "lstm"):
     """(CharLSTMForCausalLM, CharLSTMTokenizer) with the weights of the plain module; raises ConversionError with
     the exact key or shape that does not fit."""
-    if cell_type not in GATES:
-        raise ConversionError(f"--cell_type must be one of {sorted(GATES)}, got {cell_type!r}.")
+    if cell_type not in GATES_PER_CELL:
+        raise ConversionError(f"--cell_type must be one of {sorted(GATES_PER_CELL)}, got {cell_type!r}.")
     required = ["embedding.weight", "fc.weight", "fc.bias", "lstm.weight_ih_l0"]
     missing = [key for key in required if key not in state]
     if missing:
@@ -108,9 +107,11 @@ def convert(state: dict[str, torch.Tensor], chars: list[str], dropout: float = 0
 
     vocab, embedding_size = state["embedding.weight"].shape
     gates_hidden = state["lstm.weight_ih_l0"].shape[0]
-    if gates_hidden % GATES[cell_type]:
-        raise ConversionError(f"lstm.weight_ih_l0 has {gates_hidden} rows, not a multiple of {GATES[cell_type]} gates.")
-    hidden = gates_hidden // GATES[cell_type]
+    if gates_hidden % GATES_PER_CELL[cell_type]:
+        raise ConversionError(
+            f"lstm.weight_ih_l0 has {gates_hidden} rows, not a multiple of {GATES_PER_CELL[cell_type]} gates."
+        )
+    hidden = gates_hidden // GATES_PER_CELL[cell_type]
     shapes = {"fc.weight": (vocab, hidden), "fc.bias": (vocab,)}
     for k in range(num_layers):
         shapes |= {

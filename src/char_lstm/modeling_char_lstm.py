@@ -36,8 +36,6 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from .configuration_char_lstm import CharLSTMConfig
 
 
-_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-
 # Attribute on the cache that counts the input columns (tokens, padding included) its states have consumed. It lets
 # `generate(full_sequence, cache=previous_cache)` feed only the new columns, as transformers does for key/value caches.
 _SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
@@ -490,7 +488,7 @@ class CharLSTMPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.RNNBase):
-            gates = _GATES[config.cell_type]
+            gates = config.num_gates
             hidden = module.hidden_size
             for name, param in module.named_parameters():
                 if getattr(param, "_is_hf_initialized", False):
@@ -622,7 +620,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         table_ids = None
         embeddings = self.embeddings
         if fast_step and input_ids is not None and type(embeddings) is nn.Embedding and embeddings.max_norm is None:
-            gates_width = _GATES[cell_type] * config.hidden_size
+            gates_width = config.num_gates * config.hidden_size
             if embeddings.num_embeddings * gates_width <= _INPUT_TABLE_MAX_ELEMENTS:
                 table_ids = input_ids
         hidden_states = inputs_embeds

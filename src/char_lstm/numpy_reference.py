@@ -19,8 +19,7 @@ import math
 
 import numpy as np
 
-
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+from .configuration_char_lstm import GATES_PER_CELL
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -38,8 +37,8 @@ def clip_grads_by_global_norm(grads: dict[str, np.ndarray], max_norm: float) -> 
 class NumpyCharLSTM:
     def __init__(self, params: dict[str, np.ndarray], cell_type: str, num_layers: int, hidden_size: int,
                  tied: bool = False, dtype=np.float64):
-        if cell_type not in GATES:
-            raise ValueError(f"cell_type must be one of {sorted(GATES)}, got {cell_type!r}")
+        if cell_type not in GATES_PER_CELL:
+            raise ValueError(f"cell_type must be one of {sorted(GATES_PER_CELL)}, got {cell_type!r}")
         self.params = {name: np.asarray(value, dtype=dtype) for name, value in params.items()}
         self.cell_type, self.num_layers, self.hidden_size, self.tied, self.dtype = (
             cell_type, num_layers, hidden_size, tied, dtype
