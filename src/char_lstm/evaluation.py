@@ -122,7 +122,7 @@ class EvaluateArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
 
 
-def load_text(args: EvaluateArguments) -> tuple[list[str], str]:
+def load_evaluation_text(args: EvaluateArguments) -> tuple[list[str], str]:
     """(the documents to measure; what they are, for the results)."""
     if args.validation_file is not None:
         dataset = load_raw_datasets(train_file=args.validation_file, text_column=args.text_column,
@@ -147,7 +147,7 @@ def run_evaluate(args: EvaluateArguments) -> dict:
     if unknown_modes:
         raise UsageError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
     check_model_path(args.model_name_or_path)  # before the data are loaded
-    documents, data = load_text(args)
+    documents, data = load_evaluation_text(args)
     text = args.document_separator.join(documents)
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, device=pick_device(args.device), dtype=resolve_dtype(args.dtype),
