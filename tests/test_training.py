@@ -653,7 +653,7 @@ def test_stateful_checkpoint_saves_and_restores_the_training_streams(tmp_path, c
     got = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
     assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
-    with pytest.raises(DataError, match=r"trained with 4 streams per process and 1 process\(es\), this run has 2 and 1"):
+    with pytest.raises(UsageError, match=r"trained with 4 streams per process and 1 process\(es\), this run has 2 and 1"):
         stateful_trainer(tmp_path / "other", streams, tokenizer, per_device_train_batch_size=2).train(
             resume_from_checkpoint=str(step2 / "checkpoint-2"))
     (step2 / "checkpoint-2" / "stream_state_0.pt").unlink()
