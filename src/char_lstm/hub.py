@@ -49,37 +49,7 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
     config = model.config
     dataset = run.get("dataset") or "unknown"
     hub_dataset = run.get("hub_dataset")  # the Hub id of the data (the bundled copy's too), None for local files
-    metadata = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "license": license,
-        "tags": ["char_lstm", "character-level", config.cell_type, "text-generation", "custom_code"],
-    }
-    if hub_dataset:
-        metadata["datasets"] = [hub_dataset]
-    metadata["model-index"] = [
-        {
-            "name": repo_id,
-            "results": [
-                {
-                    "task": {"type": "text-generation", "name": "Character-level language modeling"},
-                    "dataset": {"name": dataset, "type": hub_dataset or dataset},
-                    "metrics": _metric_rows(results),
-                }
-            ],
-        }
-    ]
-    evaluation_lines = []
-    for mode, values in results.items():
-        what = {
-            "eval": f"{run.get('evaluation_data', 'the validation text')}, the final model",
-            "fixed": f"{values.get('data', 'held-out text')}, fixed windows of {values.get('block_size', '?')} "
-            "characters from a zero state",
-            "streaming": f"{values.get('data', 'held-out text')}, the whole text in one pass with the state carried",
-        }.get(mode, mode)
-        evaluation_lines.append(
-            f"| {what} | {values['loss']:.4f} | {values['bits_per_character']:.4f} | {values['perplexity']:.3f} |"
-        )
+    metadata = _card_metadata(config, dataset, hub_dataset, results, repo_id, license)
     with open(MODEL_CARD_TEMPLATE, encoding="utf-8") as f:
         template = f.read()
     hyperparameters = {
@@ -110,8 +80,49 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
         training_results=_training_results_table(run.get("training_results")),
         prompt=run.get("sample_prompt") or "\n",
         hyperparameters="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items() if v is not None),
-        evaluation="\n".join(evaluation_lines) or "| (no evaluation recorded) | | | |",
+        evaluation=_evaluation_table(run, results),
     )
+
+
+def _card_metadata(config, dataset: str, hub_dataset: str | None, results: dict, repo_id: str, license: str) -> dict:
+    """The card's YAML metadata: library, task, license, tags, the data's Hub id, and the results as model-index."""
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": license,
+        "tags": ["char_lstm", "character-level", config.cell_type, "text-generation", "custom_code"],
+    }
+    if hub_dataset:
+        metadata["datasets"] = [hub_dataset]
+    metadata["model-index"] = [
+        {
+            "name": repo_id,
+            "results": [
+                {
+                    "task": {"type": "text-generation", "name": "Character-level language modeling"},
+                    "dataset": {"name": dataset, "type": hub_dataset or dataset},
+                    "metrics": _metric_rows(results),
+                }
+            ],
+        }
+    ]
+    return metadata
+
+
+def _evaluation_table(run: dict, results: dict) -> str:
+    """The rows of the card's evaluation table: what was measured, loss, bits per character, perplexity."""
+    evaluation_lines = []
+    for mode, values in results.items():
+        what = {
+            "eval": f"{run.get('evaluation_data', 'the validation text')}, the final model",
+            "fixed": f"{values.get('data', 'held-out text')}, fixed windows of {values.get('block_size', '?')} "
+            "characters from a zero state",
+            "streaming": f"{values.get('data', 'held-out text')}, the whole text in one pass with the state carried",
+        }.get(mode, mode)
+        evaluation_lines.append(
+            f"| {what} | {values['loss']:.4f} | {values['bits_per_character']:.4f} | {values['perplexity']:.3f} |"
+        )
+    return "\n".join(evaluation_lines) or "| (no evaluation recorded) | | | |"
 
 
 def _training_results_table(rows: list[dict] | None) -> str:

@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """The device called `name` ("auto": cuda, then mps, then cpu), or a one-line ValueError when there is none."""
+    """The device called `name` ("auto": cuda, then mps, then cpu), or a one-line ValueError when there is none: the
+    one device choice of the scripts, the evaluation and the benchmarks."""
     if name != "auto":
         try:
             device = torch.device(name)
