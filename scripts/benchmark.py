@@ -1,20 +1,16 @@
 #!/usr/bin/env python
-"""Benchmarks of char_lstm against the seed's Track B code and the bare kernels: a table on stdout, JSON on disk.
+"""Runs benchmarks/benchmark.py (the benchmarks live outside the library, in benchmarks/): same flags, same output.
 
-    python scripts/benchmark.py --corpus ../shared/data/tinyshakespeare.txt     # a few minutes
-    python scripts/benchmark.py --quick                                         # about a minute, generated text
-    python scripts/benchmark.py --sections training,decode --device cuda        # some sections, on a GPU
-
-Sections: training (Trainer vs the seed's loop vs bare nn.LSTM, chars/s), decode (generate() at batch 1 vs the seed's
-loop; 100 vs 2000 new characters), batch (generation at batch 64), encoding (MB/s), memory (peak RSS preparing a
-100 MB corpus). The work is done by `char_lstm.benchmark`.
+    python scripts/benchmark.py --quick      # the same as: python benchmarks/benchmark.py --quick
 """
 
+import runpy
 import sys
+from pathlib import Path
 
-from char_lstm.benchmark import BenchmarkArguments, run
-from char_lstm.cli import run_command
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 if __name__ == "__main__":
-    sys.exit(run_command(BenchmarkArguments, run))
+    sys.path.insert(0, str(BENCHMARKS))  # as running benchmarks/benchmark.py itself would (its reference_loop.py)
+    runpy.run_path(str(BENCHMARKS / "benchmark.py"), run_name="__main__")

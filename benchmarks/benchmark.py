@@ -1,23 +1,27 @@
-"""Benchmarks of char_lstm against the seed's Track B code and the bare kernels, printed as a table and written as JSON.
+#!/usr/bin/env python
+"""Benchmarks of char_lstm against the reference PyTorch loop and the bare kernels: a table on stdout, JSON on disk.
+
+    python benchmarks/benchmark.py --corpus ../shared/data/tinyshakespeare.txt     # a few minutes
+    python benchmarks/benchmark.py --quick                                         # about a minute, generated text
+    python benchmarks/benchmark.py --sections training,decode --device cuda        # some sections, on a GPU
 
 Every comparison runs side by side in one process (same machine state, same threads, same weights); the ratios are
-what matter, absolute times drift with the machine. Sections:
+what matter, absolute times drift with the machine. Results and what they say: docs/benchmarks.md. Sections:
 
-* `training`: characters/s of our Trainer pipeline vs the seed's loop (its per-item `CharDataset`, a shuffled
-  `DataLoader`, the manual zero_grad/forward/backward/clip/step) vs a bare `nn.LSTM` forward+backward of the same
-  shapes (the kernel bound); the seed's model (2x512, embedding 128), block 100, batch 64. In fp32, and in bf16 where
-  the device runs it (autocast, `--bf16` in training). The seed loop runs first with the process as the seed's script
-  leaves it, then once more after the malloc settings `scripts/train.py` applies (`keep_freed_memory`), under which
-  our pipeline and the kernel are timed. Every other section runs under those settings.
-* `decode`: `generate()` time per character at batch 1 (sampling, temperature 0.8) vs the seed's generate loop with
-  the same weights, and after 100 vs 2000 new characters (a step must not get dearer).
-* `batch`: generation throughput at batch 64 vs the seed's loop run on 64 rows.
+* `training`: characters/s of our Trainer pipeline vs the reference PyTorch loop (`reference_loop.py`: its per-item
+  dataset, a shuffled `DataLoader`, the manual zero_grad/forward/backward/clip/step) vs a bare `nn.LSTM`
+  forward+backward of the same shapes (the kernel bound); the reference model's size (2x512, embedding 128), block
+  100, batch 64. In fp32, and in bf16 where the device runs it natively (autocast, `--bf16` in training). The
+  reference loop runs first with the process as the course's script leaves it, then once more after the malloc
+  settings `scripts/train.py` applies (`keep_freed_memory`), under which our pipeline and the kernel are timed. Every
+  other section runs under those settings.
+* `decode`: `generate()` time per character at batch 1 (sampling, temperature 0.8) vs the reference generate loop
+  with the same weights, and after 100 vs 2000 new characters (a step must not get dearer).
+* `batch`: generation throughput at batch 64 vs the reference loop run on 64 rows.
 * `encoding`: `encode_corpus` MB/s against the per-character tokenizer.
 * `memory`: peak RSS of the real training pipeline preparing a 100 MB corpus (made by repeating and perturbing text).
 
-The seed baselines below are re-implementations of the seed's Track B code, kept as close to its behaviour as
-possible (per-character dict lookups in `__getitem__`, one multi-layer `nn.LSTM`, one `model(x, hidden)` call per
-generated character): they are the yardstick, not code to use.
+It uses char_lstm's public API only; `scripts/benchmark.py` runs this file.
 """
 
 import json
@@ -32,18 +36,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from datasets import Dataset
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
-from .configuration_char_lstm import CharLSTMConfig
-from .modeling_char_lstm import CharLSTMForCausalLM
-from .tokenization_char_lstm import CharLSTMTokenizer
-from .training import keep_freed_memory, native_bf16
+from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMTokenizer
+from char_lstm.cli import run_command
+from char_lstm.data import collate_blocks, encode_blocks
+from char_lstm.sampling import pick_device
+from char_lstm.training import CharLSTMTrainingArguments, keep_freed_memory, native_bf16
+
+from reference_loop import ReferenceCharDataset, ReferenceCharLSTM, reference_generate, reference_training_intervals
 
 
-SEED_SHAPES = {"embedding_size": 128, "hidden_size": 512, "num_hidden_layers": 2, "dropout": 0.5}
+REFERENCE_SHAPES = {"embedding_size": 128, "hidden_size": 512, "num_hidden_layers": 2, "dropout": 0.5}
 BLOCK, BATCH = 100, 64
 
 
@@ -54,91 +60,12 @@ class BenchmarkArguments:
         default="training,decode,batch,encoding,memory", metadata={"help": "Comma-separated sections to run."}
     )
     quick: bool = field(default=False, metadata={"help": "Fewer steps and smaller sizes: about a minute in all."})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, mps, or auto (cuda, then mps, then cpu)."})
     output_json: str = field(default="benchmark.json", metadata={"help": "Where to write the results."})
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The seed's Track B code, as the baseline
-
-
-class SeedCharDataset(Dataset):
-    """The seed's dataset: every item is cut from the text and mapped character by character when it is read."""
-
-    def __init__(self, text: str, seq_length: int, char_to_idx: dict[str, int]):
-        self.text, self.seq_length, self.char_to_idx = text, seq_length, char_to_idx
-
-    def __len__(self):
-        return len(self.text) - self.seq_length
-
-    def __getitem__(self, idx):
-        chunk = self.text[idx : idx + self.seq_length + 1]
-        return (
-            torch.tensor([self.char_to_idx[c] for c in chunk[:-1]]),
-            torch.tensor([self.char_to_idx[c] for c in chunk[1:]]),
-        )
-
-
-class SeedCharLSTM(nn.Module):
-    """The seed's model: embedding, one multi-layer `nn.LSTM` (dropout between layers), dropout, linear head."""
-
-    def __init__(self, vocab_size: int, embed_size: int, hidden_size: int, num_layers: int, dropout: float):
-        super().__init__()
-        self.hidden_size, self.num_layers = hidden_size, num_layers
-        self.embedding = nn.Embedding(vocab_size, embed_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(hidden_size, vocab_size)
-
-    def forward(self, x, hidden=None):
-        output, hidden = self.lstm(self.embedding(x), hidden)
-        return self.fc(self.dropout(output)), hidden
-
-    def init_hidden(self, batch_size: int, device):
-        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device)
-        return (zeros, zeros.clone())
-
-    @classmethod
-    def from_char_lstm(cls, model: CharLSTMForCausalLM) -> "SeedCharLSTM":
-        """The seed's model holding the weights of `model` (same function: the layers are stacked into one module)."""
-        config = model.config
-        seed = cls(config.vocab_size, config.embedding_size, config.hidden_size, config.num_hidden_layers, config.dropout)
-        state = {"embedding.weight": model.model.embeddings.weight, "fc.weight": model.lm_head.weight,
-                 "fc.bias": model.lm_head.bias}
-        for index, layer in enumerate(model.model.layers):
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                state[f"lstm.{name}_l{index}"] = getattr(layer, f"{name}_l0")
-        seed.load_state_dict({key: value.detach().clone() for key, value in state.items()})
-        return seed.to(model.device)
-
-
-def seed_generate(model: SeedCharLSTM, prompts: torch.Tensor, length: int, temperature: float = 0.8) -> torch.Tensor:
-    """The seed's generate loop (prompt one character per call, then one call per new character), on a batch of
-    prompts (B, P): the seed's code with `batch_size` rows instead of 1. Returns (B, P + length)."""
-    model.eval()
-    with torch.no_grad():
-        hidden = model.init_hidden(prompts.shape[0], prompts.device)
-        for t in range(prompts.shape[1] - 1):
-            _, hidden = model(prompts[:, t : t + 1], hidden)
-        x, generated = prompts[:, -1:], [prompts]
-        for _ in range(length):
-            logits, hidden = model(x, hidden)
-            if temperature == 0:
-                x = logits[:, -1].argmax(dim=-1, keepdim=True)
-            else:
-                x = torch.multinomial(torch.softmax(logits[:, -1] / temperature, dim=-1), 1)
-            generated.append(x)
-    return torch.cat(generated, dim=1)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def sync(device: torch.device) -> None:
@@ -173,7 +100,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def load_text(path: str | None, quick: bool) -> str:
+def benchmark_text(path: str | None, quick: bool) -> str:
     if path is not None:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -182,10 +109,10 @@ def load_text(path: str | None, quick: bool) -> str:
     return " ".join(rng.choice(words, size=40_000 if quick else 200_000))
 
 
-def seed_sized_model(tokenizer: CharLSTMTokenizer, device: torch.device) -> CharLSTMForCausalLM:
+def reference_sized_model(tokenizer: CharLSTMTokenizer, device: torch.device) -> CharLSTMForCausalLM:
     torch.manual_seed(0)
     config = CharLSTMConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            unk_token_id=tokenizer.unk_token_id, **SEED_SHAPES)
+                            unk_token_id=tokenizer.unk_token_id, **REFERENCE_SHAPES)
     return CharLSTMForCausalLM(config).to(device)
 
 
@@ -193,7 +120,7 @@ def row(name: str, value: float, unit: str, target: str = "", **extra) -> dict:
     return {"benchmark": name, "value": value, "unit": unit, "target": target, **extra}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Training throughput
 
 
@@ -217,14 +144,8 @@ def _median_after_warmup(intervals: list[float], warmup: int) -> float:
 
 def time_trainer(text: str, tokenizer, device, steps: int, warmup: int, bf16: bool) -> float:
     """Seconds per step of `Trainer` on our model and data pipeline (blocks from `encode_blocks`, `collate_blocks`)."""
-    from datasets import Dataset
-    from transformers import Trainer
-
-    from .data import collate_blocks, encode_blocks
-    from .training import CharLSTMTrainingArguments
-
     blocks = encode_blocks(Dataset.from_dict({"text": [text]}), tokenizer, "text", BLOCK)
-    model = seed_sized_model(tokenizer, device)
+    model = reference_sized_model(tokenizer, device)
     with tempfile.TemporaryDirectory() as output_dir:
         args = CharLSTMTrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps + warmup + 1, eval_strategy="no",
@@ -237,41 +158,23 @@ def time_trainer(text: str, tokenizer, device, steps: int, warmup: int, bf16: bo
     return _median_after_warmup(timer.intervals, warmup)
 
 
-def time_seed_loop(text: str, tokenizer, device, steps: int, warmup: int) -> float:
-    """Seconds per step of the seed's training loop, on the same model shapes."""
+def time_reference_loop(text: str, tokenizer, device, steps: int, warmup: int) -> float:
+    """Seconds per step of the reference PyTorch loop, on the same model shapes."""
     char_to_idx = {char: index for char, index in tokenizer.get_vocab().items() if len(char) == 1}
-    loader = DataLoader(SeedCharDataset(text, BLOCK, char_to_idx), batch_size=BATCH, shuffle=True)
-    model = SeedCharLSTM.from_char_lstm(seed_sized_model(tokenizer, device)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    criterion = nn.CrossEntropyLoss()
-    intervals, last = [], None
-    for index, (inputs, targets) in enumerate(loader):
-        if index == steps + warmup + 1:
-            break
-        inputs, targets = inputs.to(device), targets.to(device)
-        hidden = model.init_hidden(inputs.size(0), device)
-        optimizer.zero_grad()
-        outputs, _ = model(inputs, hidden)
-        loss = criterion(outputs.view(-1, outputs.size(-1)), targets.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        loss.item()  # the seed accumulates the loss as a Python float every step
-        now = time.perf_counter()
-        if last is not None:
-            intervals.append(now - last)
-        last = now
-    return _median_after_warmup(intervals, warmup)
+    dataset = ReferenceCharDataset(text, BLOCK, char_to_idx)
+    model = ReferenceCharLSTM.from_char_lstm(reference_sized_model(tokenizer, device))
+    return _median_after_warmup(reference_training_intervals(model, dataset, BATCH, steps + warmup, device), warmup)
 
 
 def time_kernel(device, steps: int, warmup: int, bf16: bool) -> float:
     """Seconds per forward+backward of a bare 2-layer `nn.LSTM` on (64, 100, 128) inputs (gradients of the weights
-    and of the input): the floor of a training step of the seed's model."""
+    and of the input): the floor of a training step of the reference model."""
     torch.manual_seed(0)
-    lstm = nn.LSTM(SEED_SHAPES["embedding_size"], SEED_SHAPES["hidden_size"], SEED_SHAPES["num_hidden_layers"],
-                   batch_first=True, dropout=SEED_SHAPES["dropout"]).to(device).train()
+    shapes = REFERENCE_SHAPES
+    lstm = nn.LSTM(shapes["embedding_size"], shapes["hidden_size"], shapes["num_hidden_layers"], batch_first=True,
+                   dropout=shapes["dropout"]).to(device).train()
     # The input needs its gradient too, as the output of an embedding does.
-    x = torch.randn(BATCH, BLOCK, SEED_SHAPES["embedding_size"], device=device, requires_grad=True)
+    x = torch.randn(BATCH, BLOCK, shapes["embedding_size"], device=device, requires_grad=True)
     intervals = []
     for _ in range(steps + warmup):
         start = time.perf_counter()
@@ -284,18 +187,18 @@ def time_kernel(device, steps: int, warmup: int, bf16: bool) -> float:
 
 
 def bench_training(text: str, device, quick: bool) -> list[dict]:
-    """The seed loop runs first, in the process as the seed's script runs it; then the process takes the malloc
-    settings `scripts/train.py` applies (`keep_freed_memory`), and the seed loop runs again under them so that the
+    """The reference loop runs first, in the process as the course's script runs it; then the process takes the malloc
+    settings `scripts/train.py` applies (`keep_freed_memory`), and the reference loop runs again under them so that the
     table shows what they do for it, before our pipeline and the bare kernel are timed."""
     steps, warmup = (6, 2) if quick else (30, 3)
     tokenizer = CharLSTMTokenizer.from_corpus(text)
     chars = BATCH * BLOCK
-    seed = chars / time_seed_loop(text, tokenizer, device, steps, warmup)
-    rows = [row("seed loop (fp32)", seed, "chars/s")]
-    seed_kept = None
+    reference = chars / time_reference_loop(text, tokenizer, device, steps, warmup)
+    rows = [row("reference loop (fp32)", reference, "chars/s")]
+    reference_kept = None
     if keep_freed_memory():
-        seed_kept = chars / time_seed_loop(text, tokenizer, device, steps, warmup)
-        rows.append(row("seed loop (fp32), our malloc settings", seed_kept, "chars/s"))
+        reference_kept = chars / time_reference_loop(text, tokenizer, device, steps, warmup)
+        rows.append(row("reference loop (fp32), our malloc settings", reference_kept, "chars/s"))
     for bf16 in (False, True) if native_bf16(device.type) else (False,):
         name = "bf16" if bf16 else "fp32"
         ours = chars / time_trainer(text, tokenizer, device, steps, warmup, bf16)
@@ -303,15 +206,15 @@ def bench_training(text: str, device, quick: bool) -> list[dict]:
         rows += [
             row(f"Trainer pipeline ({name})", ours, "chars/s"),
             row(f"bare nn.LSTM fwd+bwd ({name})", kernel, "chars/s"),
-            row(f"Trainer ({name}) vs seed loop (fp32)", ours / seed, "ratio", ">= 1.1"),
+            row(f"Trainer ({name}) vs reference loop (fp32)", ours / reference, "ratio", ">= 1.1"),
         ]
-        if seed_kept is not None:  # like for like: the seed loop under the same malloc settings
-            rows.append(row(f"Trainer ({name}) vs seed loop, both our malloc", ours / seed_kept, "ratio"))
+        if reference_kept is not None:  # like for like: the reference loop under the same malloc settings
+            rows.append(row(f"Trainer ({name}) vs reference loop, both our malloc", ours / reference_kept, "ratio"))
         rows.append(row(f"Trainer ({name}) vs kernel bound ({name})", ours / kernel, "ratio", ">= 0.9"))
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -330,51 +233,54 @@ def _seconds(device, generate, *args) -> float:
 
 
 def _model_generate(model, prompts: torch.Tensor, n: int) -> torch.Tensor:
-    """Sampling at temperature 0.8 from the whole distribution, as the seed loop samples (and as trained models'
+    """Sampling at temperature 0.8 from the whole distribution, as the reference loop samples (and as trained models'
     generation_config.json asks; transformers' own default would add a top-50 filter)."""
     return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                           min_new_tokens=n, do_sample=True, temperature=0.8, top_k=0)
 
 
-def _same_weights_check(model, seed, prompts: torch.Tensor) -> None:
-    """Greedy text of generate() and of the seed loop must agree: the comparison is between equal models."""
-    ours = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=30, do_sample=False)
-    theirs = seed_generate(seed, prompts, 30, temperature=0)
+def _same_weights_check(model, reference, prompts: torch.Tensor) -> None:
+    """Greedy text of generate() and of the reference loop must agree: the comparison is between equal models."""
+    ours = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=30,
+                          do_sample=False)
+    theirs = reference_generate(reference, prompts, 30, temperature=0)
     if not torch.equal(ours, theirs):
-        raise RuntimeError("generate() and the seed loop disagree on greedy text: the benchmark compares unequal models.")
+        raise RuntimeError("generate() and the reference loop disagree on greedy text: the benchmark compares unequal "
+                           "models.")
 
 
 def bench_decode(text: str, device, quick: bool) -> list[dict]:
     tokenizer = CharLSTMTokenizer.from_corpus(text)
-    model = seed_sized_model(tokenizer, device).eval()
-    seed = SeedCharLSTM.from_char_lstm(model).eval()
+    model = reference_sized_model(tokenizer, device).eval()
+    reference = ReferenceCharLSTM.from_char_lstm(model).eval()
     prompt = _prompts(text, tokenizer, 1, 20, device)
-    _same_weights_check(model, seed, prompt)
+    _same_weights_check(model, reference, prompt)
     short, long = (50, 500) if quick else (100, 2000)
     _seconds(device, _model_generate, model, prompt, 10)  # warm-up
     per_char = {n: _seconds(device, _model_generate, model, prompt, n) / n * 1e3 for n in (short, long)}
-    seed_per_char = min(_seconds(device, seed_generate, seed, prompt, short) for _ in range(2)) / short * 1e3
+    reference_seconds = min(_seconds(device, reference_generate, reference, prompt, short) for _ in range(2))
+    reference_per_char = reference_seconds / short * 1e3
     return [
         row(f"generate(), {short} new chars", per_char[short], "ms/char"),
         row(f"generate(), {long} new chars", per_char[long], "ms/char"),
-        row(f"seed generate loop, {short} chars", seed_per_char, "ms/char"),
-        row("generate() vs seed loop, time per char", per_char[short] / seed_per_char, "ratio", "<= 0.5"),
+        row(f"reference generate loop, {short} chars", reference_per_char, "ms/char"),
+        row("generate() vs reference loop, time per char", per_char[short] / reference_per_char, "ratio", "<= 0.5"),
         row(f"time per char, {long} vs {short}", per_char[long] / per_char[short], "ratio", "<= 1.1"),
     ]
 
 
 def bench_batch(text: str, device, quick: bool) -> list[dict]:
     """Characters/s generating for 64 prompts at once, fp32 and (where the device runs it) bf16 weights, against the
-    seed's loop on the same 64 prompts in fp32 (as the seed runs it)."""
+    reference loop on the same 64 prompts in fp32 (as the course runs it)."""
     tokenizer = CharLSTMTokenizer.from_corpus(text)
-    model = seed_sized_model(tokenizer, device).eval()
-    seed = SeedCharLSTM.from_char_lstm(model).eval()
+    model = reference_sized_model(tokenizer, device).eval()
+    reference = ReferenceCharLSTM.from_char_lstm(model).eval()
     prompts = _prompts(text, tokenizer, BATCH, 20, device)
-    _same_weights_check(model, seed, prompts)
+    _same_weights_check(model, reference, prompts)
     n = 50 if quick else 300
-    _seconds(device, seed_generate, seed, prompts, 5)  # warm-up
-    theirs = BATCH * n / min(_seconds(device, seed_generate, seed, prompts, n) for _ in range(2))
-    rows = [row(f"seed loop, batch {BATCH} (fp32)", theirs, "chars/s")]
+    _seconds(device, reference_generate, reference, prompts, 5)  # warm-up
+    theirs = BATCH * n / min(_seconds(device, reference_generate, reference, prompts, n) for _ in range(2))
+    rows = [row(f"reference loop, batch {BATCH} (fp32)", theirs, "chars/s")]
     for dtype in (torch.float32, torch.bfloat16) if native_bf16(device.type) else (torch.float32,):
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
         model = model.to(dtype)
@@ -382,12 +288,12 @@ def bench_batch(text: str, device, quick: bool) -> list[dict]:
         ours = BATCH * n / min(_seconds(device, _model_generate, model, prompts, n) for _ in range(2))
         rows += [
             row(f"generate(), batch {BATCH} ({name})", ours, "chars/s"),
-            row(f"generate() ({name}) vs seed loop, batch {BATCH}", ours / theirs, "ratio", ">= 1.5"),
+            row(f"generate() ({name}) vs reference loop, batch {BATCH}", ours / theirs, "ratio", ">= 1.5"),
         ]
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Data
 
 
@@ -453,7 +359,8 @@ def bench_memory(text: str, device, quick: bool) -> list[dict]:
         size = os.path.getsize(corpus) / 1e6
         argv = [
             "--train_file", corpus, "--output_dir", os.path.join(tmp, "out"), "--embedding_size", "8",
-            "--hidden_size", "8", "--max_steps", "1", "--eval_steps", "1", "--save_steps", "1", "--max_eval_samples", "64",
+            "--hidden_size", "8", "--max_steps", "1", "--eval_steps", "1", "--save_steps", "1",
+            "--max_eval_samples", "64",
             "--report_to", "none", "--sample_every_evals", "0", "--use_cpu", "true", "--disable_tqdm", "true",
         ]
         env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(tmp, "cache"), "HF_HUB_OFFLINE": "1"}
@@ -497,8 +404,8 @@ def run(args: BenchmarkArguments) -> dict:
     if unknown:
         raise ValueError(f"Unknown --sections {unknown}; choose from {sorted(SECTIONS)}.")
     device = pick_device(args.device)
-    text = load_text(args.corpus, args.quick)
-    if "training" not in names:  # the training section applies them itself, after timing the seed loop without
+    text = benchmark_text(args.corpus, args.quick)
+    if "training" not in names:  # the training section applies them itself, after timing the reference loop without
         keep_freed_memory()  # every other section runs under the malloc settings of scripts/train.py
     results = {"environment": environment(device), "quick": args.quick, "results": []}
     for name in names:
@@ -516,3 +423,7 @@ def run(args: BenchmarkArguments) -> dict:
         json.dump(results, f, indent=2)
     print(f"wrote {args.output_json}")
     return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(BenchmarkArguments, run))
