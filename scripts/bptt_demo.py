@@ -12,13 +12,17 @@ import argparse
 from char_lstm.numpy_reference import gradient_flow_demo
 
 
-def main() -> None:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=62)
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_norm", type=float, default=1.0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_arguments()
     rows = gradient_flow_demo(hidden_size=args.hidden_size, steps=args.steps, seed=args.seed, max_norm=args.max_norm)
     back = [k for k in (0, 10, 20, 40, 60) if k < args.steps - 1]
     print(f"{'model':<28}" + "".join(f"{f'{k} back':>10}" for k in back) + f"{'grad norm':>12}{'clipped':>10}")

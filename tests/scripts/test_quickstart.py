@@ -16,10 +16,12 @@ SMALL = ["--hidden_size", "32", "--embedding_size", "16", "--max_steps", "20", "
 
 
 def quickstart_commands() -> list[str]:
-    """The commands of the Quickstart block that installs, trains and samples (continuation lines joined)."""
+    """The commands of the Quickstart block that installs, trains and samples (continuation lines joined; one command
+    a line, or joined by `&&`)."""
     section = (ROOT / "README.md").read_text().split("## Quickstart")[1].split("\n## ")[0]
     block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "scripts/train.py" in b)
-    return [command.strip() for command in block.replace("\\\n", " ").split("&&") if command.strip()]
+    lines = block.replace("\\\n", " ").replace("&&", "\n").splitlines()
+    return [" ".join(command.split()) for command in lines if command.strip()]
 
 
 @pytest.mark.timeout(600)  # a training run (up to 420 s allowed) and a sampling run (up to 150 s)
