@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a plain-PyTorch char LSTM checkpoint (the course's Track B model) into a CharLSTM model folder.
+"""Convert a plain-PyTorch char LSTM checkpoint (the course's plain PyTorch track) into a CharLSTM model folder.
 
     python scripts/convert_pytorch_checkpoint.py --checkpoint model.pt --chars chars.json --output_dir converted
     python scripts/convert_pytorch_checkpoint.py --checkpoint model.pt --chars shakespeare.txt --output_dir converted --dropout 0.5

@@ -4,7 +4,7 @@ from transformers import AutoConfig, DynamicCache
 from char_lstm import CharLSTMConfig
 
 
-def test_defaults_follow_the_seed():
+def test_defaults_follow_the_char_rnn_recipe():
     config = CharLSTMConfig()
     assert config.model_type == "char_lstm"
     assert (config.embedding_size, config.hidden_size, config.num_hidden_layers) == (128, 512, 2)

@@ -1,5 +1,6 @@
 """char_lstm.training with a real Trainer: end-to-end, plateau LR, divergence guard, arguments, output safety."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -324,7 +325,7 @@ def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog)
         (("--block_size", "0"), None, "--block_size must be a positive"),
         ((), "too short", r"training text is shorter than one block \(33 characters\)"),
         (("--validation_split_percentage", "1"), "x" * 40, r"validation text is shorter than one block"),
-        (("--preset", "huge"), None, r"Unknown --preset 'huge'; choose from \['cpu-small', 'seed'\]"),
+        (("--preset", "huge"), None, r"Unknown --preset 'huge'; choose from \['char-rnn', 'cpu-small'\]"),
         (("--sample_prompt", "Zebra~"), None, "has characters outside the vocabulary"),
     ],
 )
@@ -371,7 +372,7 @@ def test_arguments_from_json_and_yaml_files_and_presets(tmp_path):
     # command line: the preset fills in, explicit flags win
     model_args, _, training_args = parse_arguments(["--preset", "cpu-small", "--hidden_size", "100"])
     assert model_args.hidden_size == 100 and model_args.dropout == PRESETS["cpu-small"]["dropout"]
-    # the seed's defaults without a preset
+    # the char-rnn recipe's defaults without a preset (the same as --preset char-rnn)
     model_args, data_args, training_args = parse_arguments([])
     assert (model_args.embedding_size, model_args.hidden_size, model_args.num_hidden_layers) == (128, 512, 2)
     assert (model_args.dropout, data_args.block_size, training_args.per_device_train_batch_size) == (0.5, 100, 64)
@@ -380,6 +381,21 @@ def test_arguments_from_json_and_yaml_files_and_presets(tmp_path):
     assert data_args.dataset_name == "karpathy/tiny_shakespeare"
     _, _, cosine = parse_arguments(["--lr_scheduler_type", "cosine"])
     assert cosine.lr_scheduler_kwargs == {}
+
+
+def test_the_old_preset_name_seed_still_works_and_says_once_it_is_deprecated(caplog, monkeypatch):
+    """`--preset seed` (renamed `char-rnn`) gives the same values, with one deprecation line per process."""
+    from char_lstm.training import arguments
+
+    monkeypatch.setattr(arguments, "_renames_said", set())  # as in a fresh process
+    renamed = [parse_arguments(["--preset", "char-rnn", "--output_dir", "x"])]
+    with caplog.at_level(logging.WARNING, logger="char_lstm"):
+        renamed += [parse_arguments(["--preset", "seed", "--output_dir", "x"]) for _ in range(2)]
+    for model_args, *rest in renamed[1:]:
+        assert model_args.preset == "seed"
+        assert (dataclasses.replace(model_args, preset="char-rnn"), *rest) == renamed[0]
+    said = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert said == ["--preset seed is deprecated: it is now called 'char-rnn' (same values)."]
 
 
 def test_tensorboard_gets_metrics_and_samples(tmp_path):

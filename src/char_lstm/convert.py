@@ -1,4 +1,4 @@
-"""Import a checkpoint of the classic plain-PyTorch char LSTM (the course's Track B) as a CharLSTM model.
+"""Import a checkpoint of the classic plain-PyTorch char LSTM (the course's plain PyTorch track) as a CharLSTM model.
 
 That module is `embedding -> nn.LSTM(batch_first=True) -> dropout -> fc`, with state-dict keys `embedding.weight`,
 `lstm.weight_ih_l{k}`, `lstm.weight_hh_l{k}`, `lstm.bias_ih_l{k}`, `lstm.bias_hh_l{k}`, `fc.weight`, `fc.bias`, and

@@ -1,8 +1,9 @@
 """A NumPy implementation of the CharLSTM architecture, forward and backward written out by hand.
 
-This is Track A of the course, made exact enough to be the test oracle of the torch model: it loads the weights of
-a `CharLSTMForCausalLM` and reproduces its logits and every parameter gradient. No autograd anywhere: backpropagation
-through time (BPTT) is the chain rule applied step by step, from the last character back to the first.
+This is the NumPy track of the course (the README names the three), made exact enough to be the test oracle of the
+torch model: it loads the weights of a `CharLSTMForCausalLM` and reproduces its logits and every parameter gradient.
+No autograd anywhere: backpropagation through time (BPTT) is the chain rule applied step by step, from the last
+character back to the first.
 
     from char_lstm.numpy_reference import NumpyCharLSTM
     ref = NumpyCharLSTM.from_model(model)                  # float64 by default

@@ -1,4 +1,4 @@
-"""Track B -> HF: a freshly built plain-PyTorch char LSTM (the course's module) converted and compared."""
+"""The plain PyTorch track -> HF: a freshly built plain-PyTorch char LSTM (the course's module) converted and compared."""
 
 import json
 
@@ -11,7 +11,7 @@ from helpers import call_script, run_script, write_text
 
 
 class CharLSTM(nn.Module):
-    """The course's Track B model, as written there."""
+    """The plain PyTorch track's model, as written there."""
 
     def __init__(self, vocab_size, embed_size, hidden_size, num_layers, dropout=0.5):
         super().__init__()
