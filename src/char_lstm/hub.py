@@ -16,8 +16,15 @@ from .loading import check_model_path, check_vocab_match, load_model_and_tokeniz
 
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
-# Ships inside the package (package data), so installed copies can render cards too
-MODEL_CARD_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "char_lstm.md")
+# The card template lives in the checkout's top-level model_cards/; a built wheel packages that folder as
+# char_lstm/model_cards/ (pyproject.toml), so installed copies render cards too.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+MODEL_CARD_TEMPLATE = next(
+    (path for path in (os.path.join(_PACKAGE, "model_cards", "char_lstm.md"),
+                       os.path.join(os.path.dirname(os.path.dirname(_PACKAGE)), "model_cards", "char_lstm.md"))
+     if os.path.isfile(path)),
+    os.path.join(_PACKAGE, "model_cards", "char_lstm.md"),
+)
 TOKENIZER_FILES = ("vocab.json", "tokenizer_config.json")
 
 
