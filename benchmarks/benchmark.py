@@ -43,7 +43,7 @@ from transformers import Trainer, TrainerCallback
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMTokenizer
 from char_lstm.cli import run_command
 from char_lstm.data import collate_blocks, encode_blocks
-from char_lstm.sampling import pick_device
+from char_lstm.loading import pick_device
 from char_lstm.training import CharLSTMTrainingArguments, keep_freed_memory, native_bf16
 
 from reference_loop import ReferenceCharDataset, ReferenceCharLSTM, reference_generate, reference_training_intervals
