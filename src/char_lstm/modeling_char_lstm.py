@@ -36,16 +36,6 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 from .configuration_char_lstm import CharLSTMConfig
 
 
-# Attribute on the cache that counts the input columns (tokens, padding included) its states have consumed. It lets
-# `generate(full_sequence, cache=previous_cache)` feed only the new columns, as transformers does for key/value caches.
-_SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
-
-# The weights of the one-token decoding step, per recurrent layer: rebuilt when a weight changes (its version counter
-# or storage moves) and, because edits through `.data` change neither, forgotten whenever a sequence (a prompt, a
-# training batch) goes through the layer and at the start of every `generate()`. Kept beside the model, not on it, so
-# that `copy.deepcopy(model)` and pickling never meet oneDNN's packed (storage-less) tensors.
-_STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
 # Every Auto class a saved folder can be loaded with (`trust_remote_code=True` where the package is not installed).
 # transformers writes only the saved class's own entry; AutoTokenizer names the tokenizer file that travels with
 # the tokenizer (whose tokenizer.json also loads with no code at all).
@@ -56,9 +46,14 @@ AUTO_MAP = {
     "AutoTokenizer": ["tokenization_char_lstm.CharLSTMTokenizer", None],
 }
 
-# The first layer's input projection of every character, ``embedding @ W_ih.T + b``, is precomputed for decoding when
-# the table ``(V, gates * H)`` stays at most this many elements (16 MB in float32; a char vocabulary is far below).
-_INPUT_TABLE_MAX_ELEMENTS = 1 << 22
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache plumbing: each layer's recurrent state in transformers' cache
+
+
+# Attribute on the cache that counts the input columns (tokens, padding included) its states have consumed. It lets
+# `generate(full_sequence, cache=previous_cache)` feed only the new columns, as transformers does for key/value caches.
+_SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
 
 
 def _check_cache(cache: Cache, num_layers: int, num_states: int) -> None:
@@ -104,6 +99,107 @@ def _seen_tokens(cache: Cache | None) -> int:
     return getattr(cache, _SEEN_TOKENS_ATTR, 0)
 
 
+def detach_cache(cache: Cache) -> Cache:
+    """Cut the autograd history of the states in `cache`, in place, and return it.
+
+    A cache used while training keeps the graph of the calls that filled it, so that one `backward()` through several
+    calls gives full backpropagation through time. For truncated BPTT (char-rnn style: each chunk starts from the
+    previous chunk's final state, gradients stop at the boundary), detach it between chunks."""
+    for layer in cache.layers:
+        for index, state in getattr(layer, "recurrent_states", {}).items():
+            if state is not None:
+                layer.recurrent_states[index] = state.detach()
+    return cache
+
+
+def reset_cache_rows(cache: Cache, rows: torch.Tensor) -> Cache:
+    """Set the states of the batch rows where `rows` (bool, (B,)) is True back to zero, in place, and return `cache`.
+
+    Stateful truncated BPTT uses it where a stream starts over (at a new epoch, or a new evaluation)."""
+    for layer in cache.layers:
+        for index, state in getattr(layer, "recurrent_states", {}).items():
+            if state is not None:
+                layer.recurrent_states[index] = state.masked_fill(rows.to(state.device).view(-1, 1), 0.0)
+    return cache
+
+
+def cache_states(cache: Cache) -> list[tuple[torch.Tensor, ...]] | None:
+    """The states of `cache`, one tuple ``((B, H), ...)`` per layer (for saving), or None when it holds none yet."""
+    states = []
+    for layer in cache.layers:
+        present = [i for i, flag in sorted(getattr(layer, "has_previous_state", {}).items()) if flag]
+        if not present:
+            return None
+        states.append(tuple(layer.recurrent_states[i].detach() for i in present))
+    return states
+
+
+def cache_from_states(config: CharLSTMConfig, states: list[tuple[torch.Tensor, ...]]) -> DynamicCache:
+    """A `DynamicCache` holding `states` (as returned by `cache_states`), to continue from them."""
+    cache = DynamicCache(config=config)
+    if len(states) != config.num_hidden_layers:
+        raise ValueError(f"Expected states for {config.num_hidden_layers} layers, got {len(states)}.")
+    for layer_idx, state in enumerate(states):
+        _write_state(cache, layer_idx, tuple(state))
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Keyword arguments of forward: the old cache names, and nothing ignored silently
+
+
+# Keyword arguments `CharLSTMForCausalLM.forward` hands to transformers' causal-LM loss (Trainer passes
+# `num_items_in_batch`; stateful training passes `shift_labels`). Any other unknown keyword is an error.
+_LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
+
+
+# The names transformers used for a recurrent state before `cache=` (Mamba's `cache_params`, attention models'
+# `past_key_values`): mapped to `cache` with a deprecation warning, as transformers' own models do.
+_OLD_CACHE_NAMES = ("past_key_values", "cache_params")
+
+
+def _check_kwargs(kwargs: dict, allowed: frozenset, where: str, cache: Cache | None) -> Cache | None:
+    """Map the old cache names to `cache` (FutureWarning) and refuse keyword arguments this model would otherwise
+    ignore silently; returns the cache to use. `output_attentions` is accepted when not True (transformers passes it
+    around; a recurrent model has no attention weights). Called only when there are extra keywords (no cost on the
+    decoding step)."""
+    for name in _OLD_CACHE_NAMES:
+        if name in kwargs:
+            old = kwargs.pop(name)
+            if cache is not None and old is not None and old is not cache:
+                raise ValueError(f"{where}.forward() got both `cache` and `{name}`; pass the state once, as `cache=`.")
+            warnings.warn(
+                f"`{name}` is deprecated for `{where}.forward`: the recurrent state is passed as `cache=`.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            cache = cache if cache is not None else old
+    unknown = sorted(k for k in kwargs if k not in allowed and not (k == "output_attentions" and not kwargs[k]))
+    if unknown:
+        hint = (
+            "a recurrent model has no attention weights" if "output_attentions" in unknown
+            else "the recurrent state is passed as `cache=`; the other inputs are input_ids/inputs_embeds, "
+            "attention_mask, labels, use_cache, output_hidden_states, return_dict, logits_to_keep"
+        )
+        raise TypeError(f"{where}.forward() got unsupported keyword argument(s) {unknown}: {hint}.")
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decoding step: one token without autograd, without the sequence kernel
+
+
+# The weights of the one-token decoding step, per recurrent layer: rebuilt when a weight changes (its version counter
+# or storage moves) and, because edits through `.data` change neither, forgotten whenever a sequence (a prompt, a
+# training batch) goes through the layer and at the start of every `generate()`. Kept beside the model, not on it, so
+# that `copy.deepcopy(model)` and pickling never meet oneDNN's packed (storage-less) tensors.
+_STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+# The first layer's input projection of every character, ``embedding @ W_ih.T + b``, is precomputed for decoding when
+# the table ``(V, gates * H)`` stays at most this many elements (16 MB in float32; a char vocabulary is far below).
+_INPUT_TABLE_MAX_ELEMENTS = 1 << 22
+
+
 def _onednn_linear_usable() -> bool:
     """Whether oneDNN's linear with prepacked weights can be called (a CPU build of torch with oneDNN)."""
     return (
@@ -117,9 +213,8 @@ class _StepLinear:
     """``x @ weight.T + bias`` for the decoding step: weight ``(out, in)``, bias ``(out,)`` or None.
 
     For float32 on a CPU the weight is prepacked once for oneDNN and the product runs there: torch's float32 matmul
-    goes through MKL, which on non-Intel CPUs takes its AVX2 path (on this project's AMD machine: 1.8 ms for a
-    (64, 1024) x (1024, 2048) product against 0.54 ms in oneDNN, 0.10 vs 0.06 ms for one row). Any other dtype or
-    device, or a torch without oneDNN, uses `torch.nn.functional.linear`."""
+    goes through MKL, whose AVX2 path on non-Intel CPUs is several times slower (measured: docs/benchmarks.md). Any
+    other dtype or device, or a torch without oneDNN, uses `torch.nn.functional.linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias, self.packed = weight, bias, None
@@ -185,8 +280,8 @@ def _step_weights(rnn: nn.RNNBase, cell_type: str, embeddings: nn.Embedding | No
 
 def _tanh(x: torch.Tensor) -> torch.Tensor:
     """tanh; for larger float32 tensors on a CPU computed as ``2 * sigmoid(2x) - 1``, the same function (within 2e-7)
-    at a third of the cost there (torch's CPU tanh takes 37 us on a (64, 512) tensor, its sigmoid 7 us). Small
-    tensors keep the one call, cheaper than four."""
+    at a fraction of the cost, torch's CPU sigmoid being much faster than its tanh (docs/benchmarks.md). Small tensors
+    keep the one call, cheaper than four."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= 4096:
         return torch.sigmoid(x * 2).mul_(2).sub_(1)
     return torch.tanh(x)
@@ -201,7 +296,7 @@ def _single_step(
     embeddings: nn.Embedding | None = None,
 ):
     """One time step of one layer, the same function as `rnn` on a length-1 sequence but without its per-call
-    overhead (oneDNN's LSTM costs ~2.7 ms per call for a 512-unit layer on a CPU, this ~0.1 ms).
+    overhead (on a CPU, oneDNN's sequence kernel costs many times this step's work per call: docs/benchmarks.md).
 
     x: (B, 1, in); state: ((B, H), ...) or None for zeros; input_ids (B, 1) and the `embeddings` that made x (both or
     neither), for the first layer, to look its input projection up instead of computing it. Returns (output (B, 1, H),
@@ -237,41 +332,8 @@ def _single_step(
     return h.unsqueeze(1), (h,)
 
 
-# Keyword arguments `CharLSTMForCausalLM.forward` hands to transformers' causal-LM loss (Trainer passes
-# `num_items_in_batch`; stateful training passes `shift_labels`). Any other unknown keyword is an error.
-_LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
-
-
-# The names transformers used for a recurrent state before `cache=` (Mamba's `cache_params`, attention models'
-# `past_key_values`): mapped to `cache` with a deprecation warning, as transformers' own models do.
-_OLD_CACHE_NAMES = ("past_key_values", "cache_params")
-
-
-def _check_kwargs(kwargs: dict, allowed: frozenset, where: str, cache: Cache | None) -> Cache | None:
-    """Map the old cache names to `cache` (FutureWarning) and refuse keyword arguments this model would otherwise
-    ignore silently; returns the cache to use. `output_attentions` is accepted when not True (transformers passes it
-    around; a recurrent model has no attention weights). Called only when there are extra keywords (no cost on the
-    decoding step)."""
-    for name in _OLD_CACHE_NAMES:
-        if name in kwargs:
-            old = kwargs.pop(name)
-            if cache is not None and old is not None and old is not cache:
-                raise ValueError(f"{where}.forward() got both `cache` and `{name}`; pass the state once, as `cache=`.")
-            warnings.warn(
-                f"`{name}` is deprecated for `{where}.forward`: the recurrent state is passed as `cache=`.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            cache = cache if cache is not None else old
-    unknown = sorted(k for k in kwargs if k not in allowed and not (k == "output_attentions" and not kwargs[k]))
-    if unknown:
-        hint = (
-            "a recurrent model has no attention weights" if "output_attentions" in unknown
-            else "the recurrent state is passed as `cache=`; the other inputs are input_ids/inputs_embeds, "
-            "attention_mask, labels, use_cache, output_hidden_states, return_dict, logits_to_keep"
-        )
-        raise TypeError(f"{where}.forward() got unsupported keyword argument(s) {unknown}: {hint}.")
-    return cache
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
 
 
 class _RecurrentLayer(GradientCheckpointingLayer):
@@ -325,57 +387,11 @@ class CharLSTMRNNLayer(_RecurrentLayer, nn.RNN):
 _RNN_CLASSES = {"lstm": CharLSTMLSTMLayer, "gru": CharLSTMGRULayer, "rnn": CharLSTMRNNLayer}
 
 
-def detach_cache(cache: Cache) -> Cache:
-    """Cut the autograd history of the states in `cache`, in place, and return it.
-
-    A cache used while training keeps the graph of the calls that filled it, so that one `backward()` through several
-    calls gives full backpropagation through time. For truncated BPTT (char-rnn style: each chunk starts from the
-    previous chunk's final state, gradients stop at the boundary), detach it between chunks."""
-    for layer in cache.layers:
-        for index, state in getattr(layer, "recurrent_states", {}).items():
-            if state is not None:
-                layer.recurrent_states[index] = state.detach()
-    return cache
-
-
-def reset_cache_rows(cache: Cache, rows: torch.Tensor) -> Cache:
-    """Set the states of the batch rows where `rows` (bool, (B,)) is True back to zero, in place, and return `cache`.
-
-    Stateful truncated BPTT uses it where a stream starts over (at a new epoch, or a new evaluation)."""
-    for layer in cache.layers:
-        for index, state in getattr(layer, "recurrent_states", {}).items():
-            if state is not None:
-                layer.recurrent_states[index] = state.masked_fill(rows.to(state.device).view(-1, 1), 0.0)
-    return cache
-
-
-def cache_states(cache: Cache) -> list[tuple[torch.Tensor, ...]] | None:
-    """The states of `cache`, one tuple ``((B, H), ...)`` per layer (for saving), or None when it holds none yet."""
-    states = []
-    for layer in cache.layers:
-        present = [i for i, flag in sorted(getattr(layer, "has_previous_state", {}).items()) if flag]
-        if not present:
-            return None
-        states.append(tuple(layer.recurrent_states[i].detach() for i in present))
-    return states
-
-
-def cache_from_states(config: CharLSTMConfig, states: list[tuple[torch.Tensor, ...]]) -> DynamicCache:
-    """A `DynamicCache` holding `states` (as returned by `cache_states`), to continue from them."""
-    cache = DynamicCache(config=config)
-    if len(states) != config.num_hidden_layers:
-        raise ValueError(f"Expected states for {config.num_hidden_layers} layers, got {len(states)}.")
-    for layer_idx, state in enumerate(states):
-        _write_state(cache, layer_idx, tuple(state))
-    return cache
-
-
 class CharLSTMDropout(nn.Dropout):
     """`nn.Dropout` with the same distribution (each element kept with probability ``1 - p``, kept ones scaled by
     ``1 / (1 - p)``), drawn faster on CPU, where `F.dropout` draws a Bernoulli per element: a uniform draw compared
-    with ``p`` in place takes a quarter of the time (forward + backward on a (64, 101, 512) activation, one core:
-    35 ms -> 12 ms, then 9.5 ms in place; the seed's model has two per training step). Other devices use
-    `F.dropout`, whose fused kernels are fast."""
+    with ``p`` in place takes about a quarter of the time (docs/benchmarks.md), and the char-rnn model has two per
+    training step. Other devices use `F.dropout`, whose fused kernels are fast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -418,6 +434,10 @@ class _Packing:
         index = self.order.unsqueeze(-1).expand(-1, -1, compact.shape[-1])
         full = torch.zeros_like(compact).scatter(1, index, compact)
         return full * self.mask.unsqueeze(-1).to(full.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
 
 
 class CharLSTMPreTrainedModel(PreTrainedModel):
@@ -467,9 +487,8 @@ class CharLSTMPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialization, chosen by measurement (2x256 LSTM, 300 Adam steps on tiny_shakespeare, 2 seeds, validation
-        nats/char: this scheme 1.624, PyTorch's defaults 1.664, with a N(0, 0.02) head 1.700, with forget bias 1.0
-        1.661):
+        """Initialization, chosen by measurement: of the schemes tried, this one trained fastest in short runs
+        (the validation losses: docs/design.md, "Weight init"):
 
         * recurrent layers: each gate's hidden-to-hidden block orthogonal (the state keeps its norm through time at
           the start, so gradients neither vanish nor explode across a window), input-to-hidden blocks Xavier-uniform,
@@ -558,6 +577,59 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                 "the tokenizer does not match this model; load the tokenizer saved with it."
             )
 
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, E) from exactly one of `input_ids` (checked against the vocabulary) and `inputs_embeds`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            if not torch.compiler.is_compiling() and (input_ids.shape[1] > 1 or input_ids.device.type == "cpu"):
+                self._check_input_ids(input_ids)
+            inputs_embeds = self.embeddings(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                "The input has no tokens: give at least one character (an empty prompt has nothing to start from)."
+            )
+        return inputs_embeds
+
+    def _decoding_table_ids(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """`input_ids` when the first layer can look its input projection up per character id (plain embeddings and a
+        small enough ``(V, gates * H)`` table), else None."""
+        embeddings = self.embeddings
+        if input_ids is None or type(embeddings) is not nn.Embedding or embeddings.max_norm is not None:
+            return None
+        gates_width = self.config.num_gates * self.config.hidden_size
+        return input_ids if embeddings.num_embeddings * gates_width <= _INPUT_TABLE_MAX_ELEMENTS else None
+
+    def _decoding_step(self, layer_idx: int, x: torch.Tensor, initial: tuple | None, table_ids: torch.Tensor | None):
+        """One token through layer `layer_idx` by the hand-written step: x (B, 1, in) -> ((B, 1, H), final states)."""
+        first = layer_idx == 0 and table_ids is not None
+        return _single_step(
+            self.layers[layer_idx],
+            self.config.cell_type,
+            x,
+            initial,
+            input_ids=table_ids if first else None,
+            embeddings=self.embeddings if first else None,
+        )
+
+    def _sequence_layer(self, layer_idx: int, x, initial: tuple | None, packing: "_Packing | None"):
+        """Layer `layer_idx` over a sequence by the fused kernel: x (B, T, in), or a `PackedSequence` with `packing`,
+        from `initial` ((B, H) each; None: zeros). Returns (output like x, final states ((B, H), ...)); a row without
+        any real token keeps its initial state."""
+        hx = ()
+        if initial is not None:
+            # (1, B, H) each. With autograd on, read a copy: the cache buffer is overwritten in place afterwards.
+            hx = tuple((s.clone() if torch.is_grad_enabled() else s).unsqueeze(0) for s in initial)
+        packed_meta = tuple(x)[1:] if packing is not None else None
+        out, *final = self.layers[layer_idx](x.data if packed_meta else x, *hx, packed_meta=packed_meta)
+        x = PackedSequence(out, *packed_meta) if packed_meta is not None else out
+        final = tuple(s.squeeze(0) for s in final)  # (B, H) each
+        if packing is not None and bool(packing.empty_rows.any()):
+            start = initial if initial is not None else tuple(torch.zeros_like(s) for s in final)
+            keep = packing.empty_rows.unsqueeze(-1)
+            final = tuple(torch.where(keep, s0, s) for s0, s in zip(start, final))
+        return x, final
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -580,7 +652,6 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         if kwargs:
             cache = _check_kwargs(kwargs, frozenset(), type(self).__name__, cache)
         config = self.config
-        cell_type = config.cell_type
         num_states = config.number_of_conv_states
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -588,15 +659,8 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
         return_dict = return_dict if return_dict is not None else config.return_dict
 
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is None:
-            if not torch.compiler.is_compiling() and (input_ids.shape[1] > 1 or input_ids.device.type == "cpu"):
-                self._check_input_ids(input_ids)
-            inputs_embeds = self.embeddings(input_ids)
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if seq_len == 0:
-            raise ValueError("The input has no tokens: give at least one character (an empty prompt has nothing to start from).")
 
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
@@ -611,22 +675,15 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                 packing = _Packing(mask)
 
         # Decoding one token without autograd (generation): a hand-fused step instead of the sequence kernel, whose
-        # per-call cost dominates a single step (2x512 LSTM on 2 CPU threads: 0.89 ms per call at 1 row). Training
-        # and prompts keep the fused cuDNN/oneDNN sequence kernels.
+        # per-call cost dominates a single step (docs/benchmarks.md). Training and prompts keep the fused cuDNN/oneDNN
+        # sequence kernels.
         fast_step = seq_len == 1 and packing is None and not torch.is_grad_enabled() and self._weights_in_place()
         if not fast_step:
             self.forget_decoding_weights()
-        # The first layer's input projection is looked up per character id when the table is small.
-        table_ids = None
-        embeddings = self.embeddings
-        if fast_step and input_ids is not None and type(embeddings) is nn.Embedding and embeddings.max_norm is None:
-            gates_width = config.num_gates * config.hidden_size
-            if embeddings.num_embeddings * gates_width <= _INPUT_TABLE_MAX_ELEMENTS:
-                table_ids = input_ids
-        hidden_states = inputs_embeds
+        table_ids = self._decoding_table_ids(input_ids) if fast_step else None
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
-        x = packing.pack(hidden_states) if packing is not None else hidden_states
-        for layer_idx, rnn in enumerate(self.layers):
+        x = packing.pack(inputs_embeds) if packing is not None else inputs_embeds
+        for layer_idx in range(len(self.layers)):
             initial = _read_state(cache, layer_idx, num_states) if cache is not None else None
             if initial is not None and initial[0].shape[0] != batch_size:
                 raise ValueError(
@@ -634,28 +691,9 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
                     f"{batch_size}; use a new `DynamicCache(config=model.config)` for a new batch."
                 )
             if fast_step:
-                first = layer_idx == 0 and table_ids is not None
-                x, final = _single_step(
-                    rnn,
-                    cell_type,
-                    x,
-                    initial,
-                    input_ids=table_ids if first else None,
-                    embeddings=embeddings if first else None,
-                )
+                x, final = self._decoding_step(layer_idx, x, initial, table_ids)
             else:
-                hx = ()
-                if initial is not None:
-                    # (1, B, H) each. With autograd on, read a copy: the cache buffer is overwritten in place below.
-                    hx = tuple((s.clone() if torch.is_grad_enabled() else s).unsqueeze(0) for s in initial)
-                packed_meta = tuple(x)[1:] if packing is not None else None
-                out, *final = rnn(x.data if packed_meta else x, *hx, packed_meta=packed_meta)
-                x = PackedSequence(out, *packed_meta) if packed_meta is not None else out
-                final = tuple(s.squeeze(0) for s in final)  # (B, H) each
-            if packing is not None and bool(packing.empty_rows.any()):
-                start = initial if initial is not None else tuple(torch.zeros_like(s) for s in final)
-                keep = packing.empty_rows.unsqueeze(-1)
-                final = tuple(torch.where(keep, s0, s) for s0, s in zip(start, final))
+                x, final = self._sequence_layer(layer_idx, x, initial, packing)
             if cache is not None:
                 _write_state(cache, layer_idx, final)
             if output_hidden_states:
@@ -729,8 +767,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         if not is_first_iteration and cache is not None and next_sequence_length is not None:
             # Every step after the prompt needs only the new token(s) and the state: no mask (padding is already absorbed
             # in the state), no positions. Building them here skips transformers' generic preparation, which costs
-            # ~0.1 ms per token on a CPU (for a model registered with the Auto classes it inspects `forward`'s
-            # signature on every call) against a model step of ~0.2 ms.
+            # about half a model step per token on a CPU (for a model registered with the Auto classes it inspects
+            # `forward`'s signature on every call; docs/benchmarks.md).
             new_ids = input_ids[:, -next_sequence_length:]
             device = self.lm_head.weight.device
             if device.type != "meta" and new_ids.device != device:  # as transformers does (meta: offloaded weights)
