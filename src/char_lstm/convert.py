@@ -86,9 +86,8 @@ def load_chars(path: str) -> list[str]:
     return sorted(set(text))
 
 
-def convert(state: dict[str, torch.Tensor], chars: list[str], dropout: float = 0.5, cell_type: str = "lstm"):
-    """(CharLSTMForCausalLM, CharLSTMTokenizer) with the weights of the plain module; raises ConversionError with
-    the exact key or shape that does not fit."""
+def _check_keys(state: dict[str, torch.Tensor], cell_type: str) -> int:
+    """The number of layers of the state dict; a ConversionError naming the keys that do not fit."""
     if cell_type not in GATES_PER_CELL:
         raise ConversionError(f"--cell_type must be one of {sorted(GATES_PER_CELL)}, got {cell_type!r}.")
     required = ["embedding.weight", "fc.weight", "fc.bias", "lstm.weight_ih_l0"]
@@ -104,7 +103,12 @@ def convert(state: dict[str, torch.Tensor], chars: list[str], dropout: float = 0
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ConversionError(f"State dict keys do not fit the char LSTM: missing {missing}, unexpected {unexpected}.")
+    return num_layers
 
+
+def _check_shapes(state: dict[str, torch.Tensor], chars: list[str], cell_type: str, num_layers: int):
+    """(vocabulary, embedding size, hidden size) of the state dict; a ConversionError naming the shape that does not
+    fit."""
     vocab, embedding_size = state["embedding.weight"].shape
     gates_hidden = state["lstm.weight_ih_l0"].shape[0]
     if gates_hidden % GATES_PER_CELL[cell_type]:
@@ -129,8 +133,16 @@ def convert(state: dict[str, torch.Tensor], chars: list[str], dropout: float = 0
             f"The model has {vocab} characters (embedding.weight) but --chars gives {len(chars)}: use the character "
             "list (or training text) the model was trained with."
         )
+    return vocab, embedding_size, hidden
 
-    tokenizer = CharLSTMTokenizer(vocab={**{c: i for i, c in enumerate(chars)}, PAD_TOKEN: vocab, UNK_TOKEN: vocab + 1})
+
+def convert(state: dict[str, torch.Tensor], chars: list[str], dropout: float = 0.5, cell_type: str = "lstm"):
+    """(CharLSTMForCausalLM, CharLSTMTokenizer) with the weights of the plain module; raises ConversionError with
+    the exact key or shape that does not fit."""
+    num_layers = _check_keys(state, cell_type)
+    vocab, embedding_size, hidden = _check_shapes(state, chars, cell_type, num_layers)
+    ids = {c: i for i, c in enumerate(chars)}
+    tokenizer = CharLSTMTokenizer(vocab={**ids, PAD_TOKEN: vocab, UNK_TOKEN: vocab + 1})
     config = CharLSTMConfig(
         vocab_size=vocab + 2, embedding_size=embedding_size, hidden_size=hidden, num_hidden_layers=num_layers,
         dropout=dropout, cell_type=cell_type, pad_token_id=vocab, unk_token_id=vocab + 1,
@@ -151,11 +163,14 @@ def convert(state: dict[str, torch.Tensor], chars: list[str], dropout: float = 0
 
 def run_convert(args: ConvertArguments) -> str:
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
-        raise ConversionError(f"{args.output_dir} is not empty: choose another --output_dir or pass --overwrite_output_dir.")
+        raise ConversionError(
+            f"{args.output_dir} is not empty: choose another --output_dir or pass --overwrite_output_dir."
+        )
     model, tokenizer = convert(load_state_dict(args.checkpoint), load_chars(args.chars), args.dropout, args.cell_type)
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     config = model.config
-    print(f"converted {args.checkpoint}: {config.num_hidden_layers}x{config.hidden_size} {config.cell_type}, embedding "
-          f"{config.embedding_size}, {config.vocab_size - 2} characters (+ <pad>, <unk>) -> {args.output_dir}")
+    print(f"converted {args.checkpoint}: {config.num_hidden_layers}x{config.hidden_size} {config.cell_type}, "
+          f"embedding {config.embedding_size}, {config.vocab_size - 2} characters (+ <pad>, <unk>) -> "
+          f"{args.output_dir}")
     return args.output_dir
