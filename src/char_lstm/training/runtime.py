@@ -56,10 +56,9 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory for the next training step instead of handing it back to the kernel.
 
     With glibc's defaults, large blocks are mmap-ed and unmapped again when freed, and the top of the heap is trimmed,
-    so each step's activations and gradients come back as fresh pages that the kernel faults in and zeroes. On this
-    project's 2-core machine that was a quarter of a `--preset cpu-small` step (300 steps in 12.2 s with 3.1 s of
-    system time -> 9.3 s with 0.5 s). After this call blocks up to 32 MB come from the heap and up to 1 GB of freed
-    memory stays there. It changes the whole process, so the training and benchmark scripts call it, not the library
+    so each step's activations and gradients come back as fresh pages that the kernel faults in and zeroes: a quarter
+    of a `--preset cpu-small` step on 2 CPU cores (measured: docs/benchmarks.md, "The memory allocator"). After this
+    call blocks up to 32 MB come from the heap and up to 1 GB of freed memory stays there. It changes the whole process, so the training and benchmark scripts call it, not the library
     functions. Linux with glibc only; elsewhere nothing changes. Returns whether both settings took."""
     if not sys.platform.startswith("linux"):
         return False
