@@ -204,3 +204,32 @@ def test_mistyped_folder_and_checkpoint_only_folder_are_named(saved, tmp_path, m
         load_model_and_tokenizer("outputs/stopped")
     model, tokenizer = load_model_and_tokenizer("outputs/stopped/checkpoint-10")  # what the message says works
     assert model.config.vocab_size == len(tokenizer)
+
+
+def test_a_hub_id_without_the_hub_is_refused_at_once_or_loaded_from_the_cache(saved, tmp_path, monkeypatch, caplog):
+    """Offline mode not set and the Hub unreachable (here: a local port nothing listens on). A Hub-shaped name that is
+    in no cache (a typo, `nothere/x`) is one line from our check, not transformers' minute of retries; a model in the
+    Hugging Face cache loads from it, with one line saying so."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    folder, _ = saved
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(OSError, match=r"^--model_name_or_path nothere/x is no folder here, and it cannot be downloaded "
+                                      r"from the Hub \(.+\) nor found in the Hugging Face cache: check the name"):
+        load_model_and_tokenizer("nothere/x")
+
+    snapshot = tmp_path / "hub" / "models--someorg--cached" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    with caplog.at_level("INFO", logger="char_lstm"):
+        model, tokenizer = load_model_and_tokenizer("someorg/cached")
+    [said] = [record.getMessage() for record in caplog.records if record.name.startswith("char_lstm")]
+    assert said.startswith("The Hub cannot be reached (ConnectError")
+    assert said.endswith("): loading someorg/cached from the Hugging Face cache.")
+    saved_weights = load_file(folder / "model.safetensors")
+    assert all(torch.equal(saved_weights[name], tensor) for name, tensor in model.state_dict().items())

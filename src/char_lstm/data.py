@@ -182,13 +182,13 @@ def dataset_label(name_or_path: str) -> str:
     return os.path.basename(os.path.normpath(name_or_path))
 
 
-def hub_unreachable_reason(repo_id: str, timeout: float = 5.0) -> str | None:
-    """Why the Hub dataset `repo_id` cannot be reached (offline mode, no connection...), or None when it can: one
-    request with a short timeout, no retries."""
+def hub_unreachable_reason(repo_id: str, repo_type: str = "dataset", timeout: float = 5.0) -> str | None:
+    """Why the Hub repository `repo_id` cannot be reached (offline mode, no connection...), or None when it can: one
+    request with a short timeout, no retries (the libraries' own downloads retry for over a minute)."""
     if is_offline_mode():
         return "HF_HUB_OFFLINE is set"
     try:
-        HfApi().dataset_info(repo_id, timeout=timeout)
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=timeout)
     except Exception as error:  # no network, DNS, proxy, timeout, HTTP error: all mean "not from the Hub"
         reason = str(error).splitlines()[0] if str(error) else ""
         return f"{type(error).__name__}: {reason[:120]}".rstrip(": ")

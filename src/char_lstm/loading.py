@@ -2,13 +2,18 @@
 and the check that a model and its tokenizer belong together."""
 
 import difflib
+import functools
 import logging
 import os
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import CONFIG_NAME
+
+from .data import hub_unreachable_reason
 
 
 logger = logging.getLogger(__name__)
@@ -88,14 +93,38 @@ def missing_folder_message(path: str, option: str) -> str:
     return f"{option} {path} does not exist;{hint or ' give the --output_dir of a training run.'}"
 
 
+@functools.lru_cache
+def _hub_unreachable_and_cached(repo_id: str, revision: str | None) -> tuple[str | None, bool]:
+    """Why the Hub cannot give `repo_id` (None: it can), and whether its config is in the cache; asked once a process."""
+    reason = hub_unreachable_reason(repo_id, repo_type="model")
+    cached = reason is not None and isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, revision=revision), str)
+    if cached and reason != "HF_HUB_OFFLINE is set":  # in offline mode transformers goes to the cache by itself
+        logger.info(f"The Hub cannot be reached ({reason}): loading {repo_id} from the Hugging Face cache.")
+    return reason, cached
+
+
+def hub_cache_only(name_or_path: str, revision: str | None = None, option: str = "--model_name_or_path") -> bool:
+    """Whether the model `name_or_path` must be loaded from the Hugging Face cache alone (`local_files_only=True`):
+    a Hub id while the Hub cannot be reached, asked with one 5 s request (`from_pretrained` alone retries for over a
+    minute before it looks in the cache). In the cache neither: a one-line OSError now. False for a local folder."""
+    if os.path.isdir(name_or_path):
+        return False
+    reason, cached = _hub_unreachable_and_cached(name_or_path, revision)
+    if reason is not None and not cached:
+        raise OSError(f"{option} {name_or_path} is no folder here, and it cannot be downloaded from the Hub ({reason}) "
+                      "nor found in the Hugging Face cache: check the name, or give the folder of a saved model.")
+    return reason is not None
+
+
 def check_model_path(name_or_path: str, option: str = "--model_name_or_path") -> None:
-    """One-line errors, before anything is loaded (and without asking the Hub), for a model path that cannot work: a
-    local folder that does not exist (with the closest existing one), a folder of checkpoints without a final model
-    (with the latest checkpoint), a folder that is no saved model. A Hub id is left to `from_pretrained`."""
+    """One-line errors, before anything is loaded, for a model path that cannot work: a local folder that does not
+    exist (with the closest existing one), a folder of checkpoints without a final model (with the latest checkpoint),
+    a folder that is no saved model, a Hub id that can neither be downloaded nor found in the cache."""
     path = os.fspath(name_or_path)
     if not os.path.isdir(path):
         if _is_local_path(path):
             raise OSError(missing_folder_message(path, option))
+        hub_cache_only(path, option=option)
         return
     if os.path.isfile(os.path.join(path, "config.json")):
         return
@@ -118,7 +147,9 @@ def load_model_and_tokenizer(
 ):
     """Load a saved CharLSTM model (local folder or Hub id) with its tokenizer, checked to match, in eval mode."""
     check_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    cache_only = hub_cache_only(os.fspath(name_or_path), revision)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                              local_files_only=cache_only)
     # modeling_utils' table of weights that do not fit: the one line below instead. With that logger above WARNING,
     # transformers also checks the (empty) tensor-parallel plan and warns that no layer is sharded: silenced too.
     quiet = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
@@ -128,7 +159,7 @@ def load_model_and_tokenizer(
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True, output_loading_info=True,
+            ignore_mismatched_sizes=True, output_loading_info=True, local_files_only=cache_only,
         )
     finally:
         for log, level in zip(quiet, levels):

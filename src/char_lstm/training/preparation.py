@@ -17,7 +17,7 @@ from ..data import (
     resolve_dataset_name,
     split_validation_tail,
 )
-from ..loading import check_vocab_match
+from ..loading import check_vocab_match, hub_cache_only
 from ..modeling_char_lstm import CharLSTMForCausalLM
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
 
@@ -64,11 +64,15 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
     """The saved model and its tokenizer (`--model_name_or_path`), or a new model over a saved tokenizer
     (`--tokenizer_name`) or over a vocabulary built from the training text."""
     if model_args.model_name_or_path is not None:
-        model = CharLSTMForCausalLM.from_pretrained(model_args.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+        name = model_args.model_name_or_path
+        model = CharLSTMForCausalLM.from_pretrained(name, local_files_only=hub_cache_only(name))
+        name = model_args.tokenizer_name or name
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=hub_cache_only(name, None, "--tokenizer_name"))
     else:
         if model_args.tokenizer_name is not None:
-            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+            name = model_args.tokenizer_name
+            cache_only = hub_cache_only(name, None, "--tokenizer_name")
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
         else:
             tokenizer = build_tokenizer(train_raw, data_args.text_column, data_args.document_separator)
         config = CharLSTMConfig(
