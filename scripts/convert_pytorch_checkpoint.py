@@ -2,7 +2,8 @@
 """Convert a plain-PyTorch char LSTM checkpoint (the course's plain PyTorch track) into a CharLSTM model folder.
 
     python scripts/convert_pytorch_checkpoint.py --checkpoint model.pt --chars chars.json --output_dir converted
-    python scripts/convert_pytorch_checkpoint.py --checkpoint model.pt --chars shakespeare.txt --output_dir converted --dropout 0.5
+    python scripts/convert_pytorch_checkpoint.py --checkpoint model.pt --chars shakespeare.txt --output_dir converted \
+        --dropout 0.5
 
 --chars is a JSON list of the characters, or the training text (its sorted set of characters is the vocabulary,
 as that code builds it). The checkpoint is loaded with torch.load(weights_only=True).

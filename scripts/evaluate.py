@@ -2,8 +2,10 @@
 """Measure a trained char_lstm model on a text: loss (nats/char), bits per character, perplexity.
 
     python scripts/evaluate.py --model_name_or_path outputs/shakespeare --validation_file held_out.txt
-    python scripts/evaluate.py --model_name_or_path outputs/shakespeare --dataset_name karpathy/tiny_shakespeare --split test
-    python scripts/evaluate.py --model_name_or_path outputs/shakespeare --dataset_name ../shared/datasets/tiny_shakespeare --block_size 64
+    python scripts/evaluate.py --model_name_or_path outputs/shakespeare --dataset_name karpathy/tiny_shakespeare \
+        --split test
+    python scripts/evaluate.py --model_name_or_path outputs/shakespeare \
+        --dataset_name ../shared/datasets/tiny_shakespeare --block_size 64
 
 Two modes are reported: `fixed` (windows of --block_size from a zero state, comparable with any model) and
 `streaming` (the whole text in one pass, the recurrent state carried across windows). Results go to --output_json.

@@ -2,8 +2,10 @@
 """Share a trained char_lstm model on the Hugging Face Hub.
 
     python scripts/push_to_hub.py --model_dir outputs/shakespeare --repo_id you/char-shakespeare --dry_run
-    python scripts/evaluate.py --model_name_or_path outputs/shakespeare --validation_file test.txt --output_json eval.json
-    python scripts/push_to_hub.py --model_dir outputs/shakespeare --repo_id you/char-shakespeare --eval_results eval.json \
+    python scripts/evaluate.py --model_name_or_path outputs/shakespeare --validation_file test.txt \
+        --output_json eval.json
+    python scripts/push_to_hub.py --model_dir outputs/shakespeare --repo_id you/char-shakespeare \
+        --eval_results eval.json \
         --overwrite_output_dir                # the folder of the dry run is built again, then uploaded
 
 Builds the complete repository folder (safetensors weights, config.json with auto_map, the code files for

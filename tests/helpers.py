@@ -24,7 +24,9 @@ CORPUS = (
 )
 
 
-def make_model(tokenizer, cell_type="lstm", hidden_size=24, embedding_size=12, num_layers=2, dropout=0.0, seed=0, **kw):
+def make_model(
+    tokenizer, cell_type="lstm", hidden_size=24, embedding_size=12, num_layers=2, dropout=0.0, seed=0, **kw
+):
     torch.manual_seed(seed)
     config = CharLSTMConfig(
         vocab_size=len(tokenizer),

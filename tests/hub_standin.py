@@ -36,7 +36,11 @@ class HubStandIn:
                 path = self.path.split("?")[0]
                 if path == "/api/repos/create":
                     payload = json.loads(body)
-                    repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+                    repo_id = (
+                        f"{payload['organization']}/{payload['name']}"
+                        if payload.get("organization")
+                        else payload["name"]
+                    )
                     hub.repos.setdefault(repo_id, {})
                     return self._reply(200, {"url": f"{hub.url}/{repo_id}"})
                 if path == "/api/validate-yaml":
@@ -47,8 +51,8 @@ class HubStandIn:
                 repo_id, action = match.group(1), match.group(2)
                 if action == "preupload":
                     files = json.loads(body)["files"]
-                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                                       for f in files]})
+                    uploads = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    return self._reply(200, {"files": uploads})
                 for line in body.splitlines():
                     item = json.loads(line)
                     if item["key"] == "header":

@@ -93,8 +93,10 @@ def test_directory_of_mixed_files_uses_the_txt_files_and_says_which(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="char_lstm.data"):
         raw = load_raw_datasets(train_file=str(books))
     assert raw["train"]["text"] == ["first\n", "second\n"]
-    assert f"--train_file {books}: using 2 .txt file(s): a.txt, b.txt; skipped 4 other entries: README.md, cover.png, " \
-           "drafts/, index.csv" in caplog.text
+    assert (
+        f"--train_file {books}: using 2 .txt file(s): a.txt, b.txt; skipped 4 other entries: README.md, cover.png, "
+        "drafts/, index.csv" in caplog.text
+    )
     for name in ("a.txt", "b.txt"):
         (books / name).unlink()
     with pytest.raises(DataError, match=r"books is a directory without .txt files \(it holds README.md, .*\); give "
@@ -132,7 +134,8 @@ def test_bundled_tiny_shakespeare_replaces_the_hub_dataset_offline(caplog):
     raw = load_raw_datasets(dataset_name=name)
     texts = {split: raw[split]["text"] for split in ("train", "validation", "test")}
     assert {split: len(rows) for split, rows in texts.items()} == {"train": 1, "validation": 1, "test": 1}
-    assert {split: len(rows[0]) for split, rows in texts.items()} == {"train": 1003854, "validation": 55770, "test": 55770}
+    lengths = {split: len(rows[0]) for split, rows in texts.items()}
+    assert lengths == {"train": 1003854, "validation": 55770, "test": 55770}
     assert texts["train"][0].startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
     assert texts["test"][0].endswith("Whiles thou art waking.\n")
     streamed = load_raw_datasets(dataset_name=name, streaming=True)
@@ -240,14 +243,17 @@ def test_empty_cells_read_as_empty_text(tmp_path):
 
 def test_streams_are_contiguous_and_each_process_owns_its_own(tmp_path):
     """The stateful layout read the way Trainer reads it: a sequential sampler, batches dealt to 2 processes by
-    accelerate's own BatchSamplerShard. Every batch row continues its stream exactly, and the processes share no text."""
+    accelerate's own BatchSamplerShard. Every batch row continues its stream exactly, and the processes share no
+    text."""
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler, SequentialSampler
 
     text = "".join(np.random.default_rng(0).choice(list("abcdefghijklmnop \n"), size=2000))  # no repeated stretch
     tokenizer = CharLSTMTokenizer.from_corpus(text)
     batch, processes, block = 3, 2, 10
-    streams = encode_streams(Dataset.from_dict({"text": [text]}), tokenizer, "text", block, num_streams=batch * processes)
+    streams = encode_streams(
+        Dataset.from_dict({"text": [text]}), tokenizer, "text", block, num_streams=batch * processes
+    )
     windows = (len(text) - 1) // (batch * processes) // block
     assert len(streams) == windows * batch * processes
     read = {}
@@ -274,5 +280,7 @@ def test_stateful_text_too_short_names_the_split_and_the_fix():
     with pytest.raises(DataError, match="training text \\(0 characters\\) is too short"):
         stream_layout(0, 4, 10)
     tokenizer = CharLSTMTokenizer.from_corpus("abc")
-    with pytest.raises(DataError, match="validation text .* too short for 8 streams.*smaller --per_device_eval_batch_size"):
+    with pytest.raises(
+        DataError, match="validation text .* too short for 8 streams.*smaller --per_device_eval_batch_size"
+    ):
         encode_streams(Dataset.from_dict({"text": ["abc" * 20]}), tokenizer, "text", 10, 8, name="validation")

@@ -53,7 +53,9 @@ def test_streaming_equals_one_forward_over_the_whole_text(model_and_ids):
     assert results["streaming"]["loss"] == pytest.approx(loss, rel=1e-5)
     assert results["streaming"]["characters"] == len(ids) - 1
     # carrying the state gives context the zero-state windows lack (here: a repeated text)
-    assert results["streaming"]["loss"] != pytest.approx(evaluate_ids(model, ids, 37, modes=("fixed",))["fixed"]["loss"])
+    assert results["streaming"]["loss"] != pytest.approx(
+        evaluate_ids(model, ids, 37, modes=("fixed",))["fixed"]["loss"]
+    )
 
 
 def test_nll_helpers_return_targets(model_and_ids):

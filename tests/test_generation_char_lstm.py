@@ -95,7 +95,9 @@ def test_beam_search_reorders_the_state(tokenizer, cell_type):
     batch = tokenizer(["ROMEO:\nBut", "All:"], return_tensors="pt", padding=True, padding_side="left")
     kwargs = dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, do_sample=False)
     with_cache = model.generate(**batch, **kwargs, return_dict_in_generate=True, output_scores=True)
-    without_cache = model.generate(**batch, **kwargs, use_cache=False, return_dict_in_generate=True, output_scores=True)
+    without_cache = model.generate(
+        **batch, **kwargs, use_cache=False, return_dict_in_generate=True, output_scores=True
+    )
     assert with_cache.sequences.shape == (4, batch["input_ids"].shape[1] + 10)
     # reordering the recurrent state with the beams gives what re-running every beam's prefix gives
     assert torch.equal(with_cache.sequences, without_cache.sequences)

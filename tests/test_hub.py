@@ -43,7 +43,8 @@ def test_import_registers_the_auto_classes(tokenizer, tmp_path):
 def test_save_writes_safetensors_auto_map_and_code(saved):
     folder, _ = saved
     files = set(os.listdir(folder))
-    assert {"model.safetensors", "config.json", "generation_config.json", "vocab.json", "tokenizer_config.json"} <= files
+    expected = {"model.safetensors", "config.json", "generation_config.json", "vocab.json", "tokenizer_config.json"}
+    assert expected <= files
     assert {"configuration_char_lstm.py", "modeling_char_lstm.py", "tokenization_char_lstm.py"} <= files
     assert not {"pytorch_model.bin"} & files
     config = json.loads((folder / "config.json").read_text())
@@ -119,7 +120,8 @@ def test_trust_remote_code_load_in_a_clean_process(saved, tokenizer, tmp_path):
         assert "char_lstm" not in sys.modules
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         torch.manual_seed(1234)
-        out = model.generate(**tokenizer([{prompt!r}], return_tensors="pt"), max_new_tokens=40, do_sample=True, top_k=10)
+        inputs = tokenizer([{prompt!r}], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_k=10)
         sys.stdout.write("TEXT:" + repr(tokenizer.decode(out[0])))
         """
     )
@@ -148,7 +150,8 @@ def test_load_model_and_tokenizer_gives_the_saved_weights_in_eval_mode_with_dtyp
     assert not loaded.training and loaded.dtype == torch.bfloat16
     state = model.state_dict()
     assert loaded.state_dict().keys() == state.keys()
-    assert all(torch.equal(loaded.state_dict()[k], state[k].bfloat16()) for k in state)  # the saved weights, not new ones
+    # the saved weights, not new ones
+    assert all(torch.equal(loaded.state_dict()[k], state[k].bfloat16()) for k in state)
     assert isinstance(loaded_tokenizer, CharLSTMTokenizer) and loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     on_meta, _ = load_model_and_tokenizer(str(folder), device="meta")  # the one device other than the CPU here
     assert {p.device.type for p in on_meta.parameters()} == {"meta"} and on_meta.dtype == torch.float32
@@ -218,8 +221,9 @@ def test_a_hub_id_without_the_hub_is_refused_at_once_or_loaded_from_the_cache(sa
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(OSError, match=r"^--model_name_or_path nothere/x is no folder here, and it cannot be downloaded "
-                                      r"from the Hub \(.+\) nor found in the Hugging Face cache: check the name"):
+    with pytest.raises(OSError, match=r"^--model_name_or_path nothere/x is no folder here, and it cannot be "
+                                      r"downloaded from the Hub \(.+\) nor found in the Hugging Face cache: check the "
+                                      r"name"):
         load_model_and_tokenizer("nothere/x")
 
     snapshot = tmp_path / "hub" / "models--someorg--cached" / "snapshots" / ("0" * 40)

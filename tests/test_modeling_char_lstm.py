@@ -156,7 +156,9 @@ def test_mask_longer_than_inputs_uses_last_columns(tokenizer):
 
 def test_out_of_vocabulary_ids_give_a_clear_error(tokenizer):
     model = make_model(tokenizer)
-    with pytest.raises(ValueError, match=f"holds id {len(tokenizer) + 3}, outside .*tokenizer does not match this model"):
+    with pytest.raises(
+        ValueError, match=f"holds id {len(tokenizer) + 3}, outside .*tokenizer does not match this model"
+    ):
         model(input_ids=torch.tensor([[1, 2, len(tokenizer) + 3]]))
     with pytest.raises(ValueError, match="holds id -1"):
         model(input_ids=torch.tensor([[1, -1]]))
@@ -279,9 +281,12 @@ def test_backprop_through_the_cache_across_calls(tokenizer, cell_type):
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("hidden_size, embedding_size, num_layers, batch", [(24, 12, 2, 1), (40, 40, 1, 3), (64, 16, 3, 5)])
-def test_fast_single_step_decode_equals_the_sequence_kernel(tokenizer, cell_type, hidden_size, embedding_size,
-                                                            num_layers, batch):
+@pytest.mark.parametrize(
+    "hidden_size, embedding_size, num_layers, batch", [(24, 12, 2, 1), (40, 40, 1, 3), (64, 16, 3, 5)]
+)
+def test_fast_single_step_decode_equals_the_sequence_kernel(
+    tokenizer, cell_type, hidden_size, embedding_size, num_layers, batch
+):
     model = make_model(tokenizer, cell_type, hidden_size=hidden_size, embedding_size=embedding_size,
                        num_layers=num_layers)
     ids = torch.randint(2, len(tokenizer), (batch, 30), generator=torch.Generator().manual_seed(0))
@@ -306,7 +311,8 @@ def test_token_by_token_decoding_uses_weights_updated_in_place_between_steps(tok
         cache = DynamicCache(config=model.config)
         model(input_ids=ids[:, :1], cache=cache)  # a one-token step: builds the decoding weights
         assert model.model.layers[0] in _STEP_WEIGHTS
-        after_first = [tuple(s.clone() for s in layer) for layer in cache_states(cache)]  # the cache is updated in place
+        # the cache is updated in place
+        after_first = [tuple(s.clone() for s in layer) for layer in cache_states(cache)]
         if edit == "layer0.weight_hh":
             model.model.layers[0].weight_hh_l0.mul_(1.5)
         elif edit == "layer1.bias_ih":
@@ -464,7 +470,8 @@ def test_decoding_sees_weights_edited_through_data(tokenizer, cell_type):
     with torch.no_grad():
         model.model.embeddings.weight.data.mul_(2)
         model.model.layers[1].weight_hh_l0.data.mul_(1.5)
-    expected = copy.deepcopy(model).generate(prompts, max_new_tokens=12, do_sample=False)  # a copy has no cached weights
+    # a copy has no cached weights
+    expected = copy.deepcopy(model).generate(prompts, max_new_tokens=12, do_sample=False)
     assert torch.equal(model.generate(prompts, max_new_tokens=12, do_sample=False), expected)
     with torch.no_grad():  # token by token: the prompt (a sequence) refreshes them too
         model.model.layers[0].weight_hh_l0.data.mul_(0.5)
@@ -476,7 +483,8 @@ def test_decoding_sees_weights_edited_through_data(tokenizer, cell_type):
 
 
 def test_generation_under_accelerate_cpu_offload(tokenizer):
-    """Offloaded weights sit on `meta` until accelerate's hooks bring them in: decoding runs the layers' own forward."""
+    """Offloaded weights sit on `meta` until accelerate's hooks bring them in: decoding runs the layers' own
+    forward."""
     from accelerate import cpu_offload
 
     model = make_model(tokenizer).eval()

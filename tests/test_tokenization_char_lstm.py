@@ -108,11 +108,14 @@ def test_tokenizer_from_a_vocab_file_or_a_tokenizer_file_by_path(tmp_path):
     # a post-processor that is not a template (a tokenizer.json from elsewhere) adds nothing
     from tokenizers import processors
 
-    assert CharLSTMTokenizer(vocab=LEGACY_VOCAB, post_processor=processors.ByteLevel(), **specials)("ab")["input_ids"] \
-        == [5, 6]
+    byte_level = CharLSTMTokenizer(vocab=LEGACY_VOCAB, post_processor=processors.ByteLevel(), **specials)
+    assert byte_level("ab")["input_ids"] == [5, 6]
     CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT]).save_pretrained(tmp_path / "saved")
     from_file = CharLSTMTokenizer(tokenizer_file=str(tmp_path / "saved" / "tokenizer.json"))
-    assert from_file(UNICODE_TEXT)["input_ids"] == CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT])(UNICODE_TEXT)["input_ids"]
+    assert (
+        from_file(UNICODE_TEXT)["input_ids"]
+        == CharLSTMTokenizer.from_corpus([CORPUS, UNICODE_TEXT])(UNICODE_TEXT)["input_ids"]
+    )
 
 
 def test_bos_eos_are_optional():
@@ -140,7 +143,10 @@ def test_save_and_auto_tokenizer_round_trip(tmp_path):
     assert loaded(UNICODE_TEXT)["input_ids"] == tokenizer(UNICODE_TEXT)["input_ids"]
     assert loaded.decode(loaded(UNICODE_TEXT)["input_ids"], skip_special_tokens=True) == UNICODE_TEXT
     # The tokenizers library alone reads tokenizer.json with the same ids (template included).
-    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(UNICODE_TEXT).ids == tokenizer(UNICODE_TEXT)["input_ids"]
+    assert (
+        Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(UNICODE_TEXT).ids
+        == tokenizer(UNICODE_TEXT)["input_ids"]
+    )
 
 
 CLEAN_PROCESS = """
@@ -272,8 +278,11 @@ def test_encode_corpus_works_across_chunks(monkeypatch):
 
 
 def test_bad_vocabularies_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"^CharLSTMTokenizer needs a vocabulary: pass vocab=\{...\} or vocab_file=... "
-                       r"\(a vocab.json\), or build one with CharLSTMTokenizer.from_corpus\(texts\).$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^CharLSTMTokenizer needs a vocabulary: pass vocab=\{...\} or vocab_file=... "
+        r"\(a vocab.json\), or build one with CharLSTMTokenizer.from_corpus\(texts\).$",
+    ):
         CharLSTMTokenizer()
     with pytest.raises(TypeError, match="^from_corpus takes a str or an iterable of str, got an item of type int.$"):
         CharLSTMTokenizer.from_corpus(["ab", 3])
@@ -336,7 +345,8 @@ def test_encode_corpus_builds_its_table_once_and_again_when_tokens_are_added():
 
 
 def test_encode_corpus_reads_a_lone_surrogate_as_unk():
-    """Text decoded with errors="surrogateescape" can hold lone surrogates: they are characters outside the vocabulary."""
+    """Text decoded with errors="surrogateescape" can hold lone surrogates: they are characters outside the
+    vocabulary."""
     tokenizer = CharLSTMTokenizer.from_corpus("ab")
     assert tokenizer.encode_corpus("a\udcffb\ud800").tolist() == [2, 1, 3, 1]
     assert tokenizer.oov_characters("a\udcffb") == ["\udcff"]

@@ -14,12 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.generation.utils import logger as generation_logger
 from transformers.testing_utils import CaptureLogger
-
-from datasets import Dataset
 
 from char_lstm import CharLSTMTokenizer
 from char_lstm.data import DataError, collate_stream_blocks, encode_streams
@@ -56,8 +55,8 @@ def log_history(out):
 
 
 def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
-    metrics, out = run(tmp_path, "--max_steps", "60", "--eval_steps", "20", "--save_steps", "20", "--logging_steps", "10",
-                       "--learning_rate", "1e-2")
+    metrics, out = run(tmp_path, "--max_steps", "60", "--eval_steps", "20", "--save_steps", "20",
+                       "--logging_steps", "10", "--learning_rate", "1e-2")
     evals = [entry["eval_loss"] for entry in log_history(out) if "eval_loss" in entry]
     assert len(evals) >= 3 and evals[-1] < evals[0] - 0.3
     assert math.isclose(metrics["eval_bits_per_char"], metrics["eval_loss"] / math.log(2), rel_tol=1e-3)
@@ -68,7 +67,8 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert out_text.count("----- sample at step 60 -----") == 1
     assert out_text.rstrip().splitlines()[-3:] == [
         "Training finished: 60 steps in " + out_text.split("Training finished: 60 steps in ")[1].split()[0] + " s.",
-        f"Model: {out} (eval loss {metrics['eval_loss']:#.4g} nats/char, {metrics['eval_bits_per_char']:#.4g} bits/char).",
+        f"Model: {out} (eval loss {metrics['eval_loss']:#.4g} nats/char, "
+        f"{metrics['eval_bits_per_char']:#.4g} bits/char).",
         f"Sample from it: python scripts/generate.py --model_name_or_path {out} --prompt ROMEO: --max_new_tokens 300",
     ]
     for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "README.md"):
@@ -147,10 +147,15 @@ def test_divergence_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     checkpoint = tmp_path / "out" / "checkpoint-4"
     eval_loss = [e for e in log_history(checkpoint) if "eval_loss" in e][-1]["eval_loss"]
     assert f"Last checkpoint: {checkpoint} (eval loss {eval_loss:#.4g} nats/char, " in message
-    assert message.splitlines()[-1].startswith(f"Sample from it: python scripts/generate.py --model_name_or_path {checkpoint}")
+    assert message.splitlines()[-1].startswith(
+        f"Sample from it: python scripts/generate.py --model_name_or_path {checkpoint}"
+    )
     assert "Resume" not in message  # the same run would diverge again
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
     weights = load_file(out / "checkpoint-4" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "model.safetensors").exists()
@@ -169,12 +174,18 @@ def test_a_finite_explosion_stops_the_run_and_saves_no_checkpoint_after_it(tmp_p
     out = tmp_path / "out"
     assert not (out / "model.safetensors").exists()
     for checkpoint in out.glob("checkpoint-*"):
-        losses = [e["loss"] for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+        losses = [
+            e["loss"]
+            for e in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+            if "loss" in e
+        ]
         assert losses[-1] < 2 * math.log(len(json.loads((checkpoint / "vocab.json").read_text()))), checkpoint
 
 
 def checkpoints(out):
-    return sorted((p.name for p in out.iterdir() if p.name.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+    return sorted(
+        (p.name for p in out.iterdir() if p.name.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
+    )
 
 
 def test_output_dir_with_checkpoints_is_refused_and_overwrite_deletes_the_old_checkpoints(tmp_path):
@@ -183,7 +194,9 @@ def test_output_dir_with_checkpoints_is_refused_and_overwrite_deletes_the_old_ch
     out = tmp_path / "out"
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
     before = (out / "checkpoint-4" / "model.safetensors").read_bytes()
-    with pytest.raises(UsageError, match="already holds checkpoints \\(checkpoint-4\\).*--resume_from_checkpoint True"):
+    with pytest.raises(
+        UsageError, match="already holds checkpoints \\(checkpoint-4\\).*--resume_from_checkpoint True"
+    ):
         run(tmp_path, *args)
     assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == before
     # a run that saves at other steps: only its own checkpoints are left, the old ones are gone (not overwritten)
@@ -201,7 +214,9 @@ def test_default_run_keeps_three_checkpoints_with_the_best_and_ends_with_the_bes
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step + 1 == 5:
                 with torch.no_grad():
-                    model.lm_head.bias.add_(torch.randn(model.lm_head.bias.shape, generator=torch.Generator().manual_seed(0)) * 10)
+                    model.lm_head.bias.add_(
+                        torch.randn(model.lm_head.bias.shape, generator=torch.Generator().manual_seed(0)) * 10
+                    )
 
     _, out = run(tmp_path, "--max_steps", "12", "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "1e-2",
                  "--sample_every_evals", "0", callbacks=[SpoilHeadAtStep5()])
@@ -282,7 +297,8 @@ def damage(checkpoint, how, marker):
 
 
 @pytest.mark.parametrize(
-    "how", ["truncated weights", "no trainer state", "rng_state.pth", "optimizer.pt", "scheduler.pt", "stream_state_0.pt"]
+    "how",
+    ["truncated weights", "no trainer state", "rng_state.pth", "optimizer.pt", "scheduler.pt", "stream_state_0.pt"],
 )
 def test_resume_skips_an_incomplete_or_hostile_checkpoint(tmp_path, finished_run, how, caplog):
     """The newest checkpoint is damaged: the resume says so in one line, sets it aside, continues from the one before
@@ -463,7 +479,7 @@ def test_validation_characters_outside_the_vocabulary_are_reported(tmp_path, cap
     assert "'\u00a7\u00b6'" in caplog.text
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Stateful truncated BPTT (--stateful)
 
 STATEFUL = ("--stateful", "true", "--sample_every_evals", "0", "--learning_rate", "1e-2", "--logging_steps", "1",
@@ -508,8 +524,8 @@ def test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start(tm
 
 @pytest.mark.parametrize("accumulation", ["1", "2"])
 def test_stateful_resume_continues_the_streams_exactly(tmp_path, accumulation):
-    args = ("--max_steps", "8", "--eval_steps", "4", "--save_steps", "4", "--gradient_accumulation_steps", accumulation,
-            "--load_best_model_at_end", "false", *STATEFUL)
+    args = ("--max_steps", "8", "--eval_steps", "4", "--save_steps", "4",
+            "--gradient_accumulation_steps", accumulation, "--load_best_model_at_end", "false", *STATEFUL)
     _, full = run(tmp_path, *args, out="full")
     _, part = run(tmp_path, *args, "--max_steps", "4", out="part")
     assert (part / "checkpoint-4" / "stream_state_0.pt").exists()
@@ -561,7 +577,9 @@ def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog):
         run(tmp_path, "--max_steps", "500", "--eval_steps", "250", "--save_steps", "250", "--sample_every_evals", "0",
             "--max_train_seconds", "0.001", callbacks=[PoisonWeights(step=1)], out="nan")
     assert not (tmp_path / "nan" / "checkpoint-1").exists()
-    assert "--max_train_seconds 0.001 reached at step 1 of 500: stopping (the learning-rate schedule" not in caplog.text
+    assert (
+        "--max_train_seconds 0.001 reached at step 1 of 500: stopping (the learning-rate schedule" not in caplog.text
+    )
     assert "--max_train_seconds 0.001 reached at step 1 of 500: stopping." in caplog.text  # the plateau scheduler
 
 
@@ -610,7 +628,9 @@ def test_preset_bf16_is_on_exactly_where_the_cpu_flags_say_bf16_is_native():
     assert native_bf16("cpu") == native
     model_args, data_args, training_args = parse_arguments(["--preset", "cpu-small", "--output_dir", "x"])
     assert training_args.bf16 == native and training_args.use_cpu == native
-    model_args, data_args, training_args = parse_arguments(["--preset", "cpu-small", "--output_dir", "x", "--bf16", "false"])
+    model_args, data_args, training_args = parse_arguments(
+        ["--preset", "cpu-small", "--output_dir", "x", "--bf16", "false"]
+    )
     assert not training_args.bf16
 
 
@@ -622,7 +642,7 @@ def test_keep_freed_memory_takes_on_glibc():
     assert result.stdout.strip() == "True"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints and the stateful streams, on the Trainer directly (a second each: the mutation run uses them)
 
 
@@ -665,16 +685,22 @@ def test_stateful_checkpoint_saves_and_restores_the_training_streams(tmp_path, c
     assert saved["world_size"] == 1 and len(saved["states"]) == 2  # 2 layers of (h, c), 4 streams of 16 units
     assert all(len(layer) == 2 and all(s.shape == (4, 16) and s.abs().sum() > 0 for s in layer)
                for layer in saved["states"])
-    stateful_trainer(tmp_path / "resumed", streams, tokenizer).train(resume_from_checkpoint=str(step2 / "checkpoint-2"))
+    stateful_trainer(tmp_path / "resumed", streams, tokenizer).train(
+        resume_from_checkpoint=str(step2 / "checkpoint-2")
+    )
     got = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
     assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
-    with pytest.raises(UsageError, match=r"trained with 4 streams per process and 1 process\(es\), this run has 2 and 1"):
+    with pytest.raises(
+        UsageError, match=r"trained with 4 streams per process and 1 process\(es\), this run has 2 and 1"
+    ):
         stateful_trainer(tmp_path / "other", streams, tokenizer, per_device_train_batch_size=2).train(
             resume_from_checkpoint=str(step2 / "checkpoint-2"))
     (step2 / "checkpoint-2" / "stream_state_0.pt").unlink()
     with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
-        stateful_trainer(tmp_path / "cold", streams, tokenizer).train(resume_from_checkpoint=str(step2 / "checkpoint-2"))
+        stateful_trainer(tmp_path / "cold", streams, tokenizer).train(
+            resume_from_checkpoint=str(step2 / "checkpoint-2")
+        )
     assert "checkpoint-2 has no stream state for process 0: the streams continue from a zero state." in caplog.text
     cold = load_file(tmp_path / "cold" / "checkpoint-4" / "model.safetensors")
     assert not all(torch.allclose(expected[k], cold[k], atol=1e-6) for k in expected)
@@ -698,8 +724,9 @@ def test_checkpoint_problem_names_what_is_missing_damaged_or_unsafe(tmp_path):
     complete = write_checkpoint(tmp_path / "complete" / "checkpoint-3", 3)
     assert checkpoint_problem(str(complete)) is None
     assert checkpoint_problem(str(tmp_path / "absent")) == "not a folder"
-    assert [checkpoint_step(p) for p in (str(complete), f"{complete}/", "out/checkpoint-12a", "_incomplete-checkpoint-3")] \
-        == [3, 3, None, None]
+    assert [
+        checkpoint_step(p) for p in (str(complete), f"{complete}/", "out/checkpoint-12a", "_incomplete-checkpoint-3")
+    ] == [3, 3, None, None]
 
     def problem(damage, name="x"):
         folder = tmp_path / name
@@ -744,8 +771,12 @@ def test_latest_complete_checkpoint_sets_newer_incomplete_ones_aside(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
         assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-10")  # 10 > 9: steps, not names
     [message] = [r.getMessage() for r in caplog.records]
-    assert message.startswith("Skipped checkpoint-100 (no optimizer.pt); checkpoint-11 (model.safetensors is damaged (")
-    assert message.endswith("): kept as _incomplete-checkpoint-N; resuming from checkpoint-10.") and "\n" not in message
+    assert message.startswith(
+        "Skipped checkpoint-100 (no optimizer.pt); checkpoint-11 (model.safetensors is damaged ("
+    )
+    assert (
+        message.endswith("): kept as _incomplete-checkpoint-N; resuming from checkpoint-10.") and "\n" not in message
+    )
     assert sorted(os.listdir(out)) == ["_incomplete-checkpoint-100", "_incomplete-checkpoint-11", "_tmp-checkpoints",
                                        "checkpoint-10", "checkpoint-12a", "checkpoint-2", "checkpoint-9"]
     assert (out / "_incomplete-checkpoint-11" / "model.safetensors").read_bytes() == b"not safetensors"
@@ -797,7 +828,8 @@ def test_publish_moves_a_complete_folder_or_its_files_into_place_weights_last(tm
     # the old weights are gone before anything moves, the new ones come last: never new files with the old weights
     assert [name for name, _ in moved][-1] == "model.safetensors" and not any(present for _, present in moved)
     assert sorted(moved) == sorted((n, False) for n in ("config.json", "model.safetensors", "README.md", "sub"))
-    assert sorted(os.listdir(runs)) == ["README.md", "checkpoint-4", "config.json", "model.safetensors", "old.txt", "sub"]
+    assert sorted(os.listdir(runs)) == ["README.md", "checkpoint-4", "config.json", "model.safetensors", "old.txt",
+                                        "sub"]
     assert [(runs / f).read_text() for f in ("model.safetensors", "README.md", "old.txt", "sub/inner.txt")] == [
         "new model.safetensors", "new README.md", "old old.txt", "new sub/inner.txt"]
     assert os.listdir(runs / "sub") == ["inner.txt"] and not (tmp_path / "s3").exists()
@@ -809,7 +841,8 @@ def test_finished_at_is_the_step_of_a_checkpoint_that_ends_the_run(tmp_path):
 
     folder = write_checkpoint(tmp_path / "checkpoint-6", 6)
     ends = {}
-    for max_steps, saved_max_steps in [(6, None), (5, None), (7, None), (-1, 6), (-1, 8), (-1, None), (-1, 0), (6, 100)]:
+    cases = [(6, None), (5, None), (7, None), (-1, 6), (-1, 8), (-1, None), (-1, 0), (6, 100)]
+    for max_steps, saved_max_steps in cases:
         state = {"global_step": 6, **({"max_steps": saved_max_steps} if saved_max_steps is not None else {})}
         (folder / "trainer_state.json").write_text(json.dumps(state))
         ends[max_steps, saved_max_steps] = finished_at(str(folder), SimpleNamespace(max_steps=max_steps))

@@ -107,7 +107,8 @@ class CharLSTMConfig(PretrainedConfig):
         if self.tie_word_embeddings and self.embedding_size != self.hidden_size:
             raise ValueError(
                 "CharLSTMConfig.tie_word_embeddings=True needs embedding_size == hidden_size "
-                f"(got {self.embedding_size} and {self.hidden_size}); set tie_word_embeddings=False or make them equal."
+                f"(got {self.embedding_size} and {self.hidden_size}); set tie_word_embeddings=False or make them "
+                "equal."
             )
         for name in ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)

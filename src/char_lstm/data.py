@@ -62,7 +62,7 @@ def quiet_progress_bars():
             transformers.utils.logging.enable_progress_bar()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -80,7 +80,9 @@ def read_text_file(path: str, encoding: str = "utf-8") -> str:
             "decoded; convert the file to UTF-8 or pass its encoding, e.g. --encoding latin-1."
         ) from None
     except LookupError:
-        raise DataError(f"Unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1.") from None
+        raise DataError(
+            f"Unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1."
+        ) from None
     if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL next to every ASCII character
         raise DataError(
             f"{path} has NUL characters (the first at character {text.index(chr(0))}): it looks like UTF-16 without a "
@@ -132,7 +134,9 @@ def expand_files(spec: str, option: str) -> list[str]:
     return [spec]
 
 
-def load_files(files: list[str], text_column: str, encoding: str, streaming: bool = False) -> Dataset | IterableDataset:
+def load_files(
+    files: list[str], text_column: str, encoding: str, streaming: bool = False
+) -> Dataset | IterableDataset:
     """Text files (one row per file, exact text) or .jsonl/.json/.csv/.parquet files (rows as they are)."""
     extensions = {os.path.splitext(path)[1].lower() for path in files}
     if all(ext in TEXT_EXTENSIONS or ext == "" for ext in extensions):
@@ -151,7 +155,8 @@ def load_files(files: list[str], text_column: str, encoding: str, streaming: boo
     builders = {BUILDERS.get(ext) for ext in extensions}
     if len(builders) != 1 or None in builders:
         raise DataError(
-            f"Cannot mix or read files with extensions {sorted(extensions)}: use .txt, .jsonl, .json, .csv or .parquet."
+            f"Cannot mix or read files with extensions {sorted(extensions)}: use .txt, .jsonl, .json, .csv or "
+            ".parquet."
         )
     builder = builders.pop()
     builder_log = logging.getLogger("datasets.packaged_modules")
@@ -287,13 +292,13 @@ def load_raw_datasets(
         feature = (dataset.features or {}).get(text_column)
         if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
             raise DataError(
-                f"The {split} data's column {text_column!r} holds {getattr(feature, 'dtype', feature)} values, not text; "
-                "choose the text column with --text_column (or quote the values in the file)."
+                f"The {split} data's column {text_column!r} holds {getattr(feature, 'dtype', feature)} values, not "
+                "text; choose the text column with --text_column (or quote the values in the file)."
             )
     return raw
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Validation split, vocabulary
 
 
@@ -342,7 +347,8 @@ def iter_texts(dataset: Dataset | IterableDataset, column: str) -> Iterator[str]
 def build_tokenizer(train: Dataset | IterableDataset, column: str, separator: str) -> CharLSTMTokenizer:
     """The vocabulary of the training text (plus the document separator's characters), with the document boundary
     token `<eos>` (see `join_documents`)."""
-    return CharLSTMTokenizer.from_corpus(itertools.chain(iter_texts(train, column), [separator]), document_boundary=True)
+    texts = itertools.chain(iter_texts(train, column), [separator])
+    return CharLSTMTokenizer.from_corpus(texts, document_boundary=True)
 
 
 def boundary_id(tokenizer: CharLSTMTokenizer) -> int | None:
@@ -352,7 +358,9 @@ def boundary_id(tokenizer: CharLSTMTokenizer) -> int | None:
     return eos if eos is not None and eos == tokenizer.bos_token_id else None
 
 
-def join_documents(tokenizer: CharLSTMTokenizer, texts: Iterable[str], separator: str, boundary: int | None) -> np.ndarray:
+def join_documents(
+    tokenizer: CharLSTMTokenizer, texts: Iterable[str], separator: str, boundary: int | None
+) -> np.ndarray:
     """Documents as one array of ids. With a boundary token every document starts with it (``<eos> doc1 <eos> doc2``):
     the model learns to end a document with it and to start one after it, which is how clients use a causal LM's
     eos token (lm-evaluation-harness conditions on it and stops at it). Without one (tokenizers saved by earlier
@@ -373,7 +381,7 @@ def count_oov(dataset: Dataset | IterableDataset, column: str, tokenizer: CharLS
     return counts
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Encoding into blocks
 
 
@@ -442,7 +450,7 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Streams for stateful truncated BPTT
 
 
@@ -466,8 +474,8 @@ def stream_layout(num_ids: int, num_streams: int, block_size: int, name: str = "
     windows = stream_length // block_size
     if windows <= 0:
         raise DataError(
-            f"The {name} text ({num_ids} characters) is too short for {num_streams} streams (one per batch row of every "
-            f"process) of at least {block_size + 1} characters: use more text, a smaller "
+            f"The {name} text ({num_ids} characters) is too short for {num_streams} streams (one per batch row of "
+            f"every process) of at least {block_size + 1} characters: use more text, a smaller "
             f"--per_device_{'eval' if name == 'validation' else 'train'}_batch_size or a smaller --block_size."
         )
     stream_starts = np.arange(num_streams, dtype=np.int64) * stream_length
@@ -489,7 +497,9 @@ def encode_streams(
     if block_size <= 0:
         raise DataError(f"--block_size must be a positive number of characters, got {block_size}.")
     if isinstance(dataset, IterableDataset):
-        raise DataError("--stateful needs the length of the text to lay out its streams: it cannot be used with --streaming.")
+        raise DataError(
+            "--stateful needs the length of the text to lay out its streams: it cannot be used with --streaming."
+        )
     ids = encode_text(dataset, tokenizer, column, separator)
     starts = stream_layout(len(ids), num_streams, block_size, name)
     windows = np.lib.stride_tricks.sliding_window_view(ids, block_size + 1)[starts]

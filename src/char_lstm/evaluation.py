@@ -103,7 +103,8 @@ def evaluate_ids(model, ids: np.ndarray, block_size: int, batch_size: int = 64, 
 class EvaluateArguments:
     model_name_or_path: str = field(metadata={"help": "A trained model: a local folder or a Hub id."})
     validation_file: str | None = field(
-        default=None, metadata={"help": "Text to measure: a .txt file, a directory or glob of them, or .jsonl/.csv/.parquet."}
+        default=None,
+        metadata={"help": "Text to measure: a .txt file, a directory or glob of them, or .jsonl/.csv/.parquet."},
     )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Or a dataset (Hub id or local folder laid out like one) ..."}
@@ -173,7 +174,8 @@ def run_evaluate(args: EvaluateArguments) -> dict:
     print(f"{'mode':<10} {'loss (nats/char)':>17} {'bits/char':>10} {'perplexity':>11} {'characters':>11}")
     for mode in modes:
         r = results[mode]
-        print(f"{mode:<10} {r['loss']:>17.4f} {r['bits_per_character']:>10.4f} {r['perplexity']:>11.4f} {r['characters']:>11}")
+        print(f"{mode:<10} {r['loss']:>17.4f} {r['bits_per_character']:>10.4f} {r['perplexity']:>11.4f} "
+              f"{r['characters']:>11}")
     with open(args.output_json, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.output_json}")

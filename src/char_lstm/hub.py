@@ -11,8 +11,12 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import UsageError
-# Imported from here before issue 14; they live in char_lstm.loading
-from .loading import check_model_path, check_vocab_match, load_model_and_tokenizer, missing_folder_message  # noqa: F401
+from .loading import (  # noqa: F401  (check_model_path, check_vocab_match: imported from here before issue 14)
+    check_model_path,
+    check_vocab_match,
+    load_model_and_tokenizer,
+    missing_folder_message,
+)
 
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
@@ -28,7 +32,7 @@ MODEL_CARD_TEMPLATE = next(
 TOKENIZER_FILES = ("vocab.json", "tokenizer_config.json")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Model card
 
 
@@ -170,7 +174,7 @@ def results_from_training(metrics: dict) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The Hub folder and the upload
 
 
@@ -182,14 +186,16 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise HubError(f"Invalid --repo_id {repo_id!r}: {str(error).splitlines()[0]} (expected 'name' or 'user/name').")
+        reason = str(error).splitlines()[0]
+        raise HubError(f"Invalid --repo_id {repo_id!r}: {reason} (expected 'name' or 'user/name').")
 
 
 def check_model_dir(model_dir: str) -> None:
     if not os.path.isdir(model_dir):
         raise HubError(missing_folder_message(model_dir, "--model_dir"))
     missing = [name for name in ("config.json", *TOKENIZER_FILES) if not os.path.isfile(os.path.join(model_dir, name))]
-    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in ("model.safetensors", "model.safetensors.index.json")):
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in weights):
         missing.append("model.safetensors")
     if missing:
         raise HubError(
@@ -212,7 +218,9 @@ def build_hub_folder(
     check_model_dir(model_dir)
     source, target = os.path.realpath(model_dir), os.path.realpath(folder)
     if source == target or source.startswith(target + os.sep):
-        raise HubError(f"--output_dir {folder} would replace the model in --model_dir {model_dir}; choose another folder.")
+        raise HubError(
+            f"--output_dir {folder} would replace the model in --model_dir {model_dir}; choose another folder."
+        )
     model, tokenizer = load_model_and_tokenizer(model_dir)  # before anything is deleted
     if os.path.isdir(folder) and os.listdir(folder):
         if not overwrite:
@@ -297,7 +305,9 @@ def load_eval_results(path: str) -> dict:
                        "scripts/evaluate.py.")
     modes = {mode: raw[mode] for mode in ("fixed", "streaming") if mode in raw}
     if not modes:
-        raise HubError(f"{path} holds no 'fixed' or 'streaming' results: give the JSON written by scripts/evaluate.py.")
+        raise HubError(
+            f"{path} holds no 'fixed' or 'streaming' results: give the JSON written by scripts/evaluate.py."
+        )
     for values in modes.values():
         values.setdefault("data", raw.get("data"))
         values.setdefault("block_size", raw.get("block_size"))

@@ -57,15 +57,15 @@ def check_vocab_match(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
     """Raise a one-line ValueError when `tokenizer` cannot be the tokenizer `config`'s model was trained with."""
     if len(tokenizer) != config.vocab_size:
         raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: they were not "
-            "saved together; load the tokenizer from the model's own folder (or resize the model's embeddings)."
+            f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: they were "
+            "not saved together; load the tokenizer from the model's own folder (or resize the model's embeddings)."
         )
     for name in ("pad_token_id", "unk_token_id"):
         model_id, tokenizer_id = getattr(config, name, None), getattr(tokenizer, name, None)
         if model_id is not None and tokenizer_id is not None and model_id != tokenizer_id:
             raise ValueError(
-                f"The tokenizer's {name} is {tokenizer_id} but the model's is {model_id}: they were not saved together; "
-                "load the tokenizer from the model's own folder."
+                f"The tokenizer's {name} is {tokenizer_id} but the model's is {model_id}: they were not saved "
+                "together; load the tokenizer from the model's own folder."
             )
 
 
@@ -95,7 +95,8 @@ def missing_folder_message(path: str, option: str) -> str:
 
 @functools.lru_cache
 def _hub_unreachable_and_cached(repo_id: str, revision: str | None) -> tuple[str | None, bool]:
-    """Why the Hub cannot give `repo_id` (None: it can), and whether its config is in the cache; asked once a process."""
+    """Why the Hub cannot give `repo_id` (None: it can), and whether its config is in the cache; asked once a
+    process."""
     reason = hub_unreachable_reason(repo_id, repo_type="model")
     cached = reason is not None and isinstance(try_to_load_from_cache(repo_id, CONFIG_NAME, revision=revision), str)
     if cached and reason != "HF_HUB_OFFLINE is set":  # in offline mode transformers goes to the cache by itself
@@ -111,8 +112,9 @@ def hub_cache_only(name_or_path: str, revision: str | None = None, option: str =
         return False
     reason, cached = _hub_unreachable_and_cached(name_or_path, revision)
     if reason is not None and not cached:
-        raise OSError(f"{option} {name_or_path} is no folder here, and it cannot be downloaded from the Hub ({reason}) "
-                      "nor found in the Hugging Face cache: check the name, or give the folder of a saved model.")
+        raise OSError(f"{option} {name_or_path} is no folder here, and it cannot be downloaded from the Hub "
+                      f"({reason}) nor found in the Hugging Face cache: check the name, or give the folder of a saved "
+                      "model.")
     return reason is not None
 
 

@@ -31,7 +31,13 @@ from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLa
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from .configuration_char_lstm import CharLSTMConfig
 
@@ -408,8 +414,8 @@ class CharLSTMDropout(nn.Dropout):
 class _Packing:
     """Where the real tokens of a padded batch are, and how to move them to and from a `PackedSequence`.
 
-    ``mask``: (B, T) with 1 for real tokens. Any pattern works (left, right or interior padding); the real tokens of a row
-    are processed in their order.
+    ``mask``: (B, T) with 1 for real tokens. Any pattern works (left, right or interior padding); the real tokens of a
+    row are processed in their order.
     """
 
     def __init__(self, mask: torch.Tensor):
@@ -708,7 +714,8 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         if cache is not None:
             setattr(cache, _SEEN_TOKENS_ATTR, seen_before + seq_len)
         if not return_dict:
-            return tuple(v for v in (last_hidden_state, cache if use_cache else None, all_hidden_states) if v is not None)
+            outputs = (last_hidden_state, cache if use_cache else None, all_hidden_states)
+            return tuple(v for v in outputs if v is not None)
         return BaseModelOutputWithPast(
             last_hidden_state=last_hidden_state,
             cache=cache if use_cache else None,
@@ -741,7 +748,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def _check_prompt_known(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """A prompt made only of characters the model has never seen (all `<unk>`) gives meaningless text: refuse it."""
+        """A prompt made only of characters the model has never seen (all `<unk>`) gives meaningless text: refuse
+        it."""
         unk_id = self.config.unk_token_id
         if unk_id is None or input_ids.shape[1] == 0 or torch.compiler.is_compiling():
             return
@@ -765,10 +773,10 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         if not is_first_iteration and cache is not None and next_sequence_length is not None:
-            # Every step after the prompt needs only the new token(s) and the state: no mask (padding is already absorbed
-            # in the state), no positions. Building them here skips transformers' generic preparation, which costs
-            # about half a model step per token on a CPU (for a model registered with the Auto classes it inspects
-            # `forward`'s signature on every call; docs/benchmarks.md).
+            # Every step after the prompt needs only the new token(s) and the state: no mask (padding is already
+            # absorbed in the state), no positions. Building them here skips transformers' generic preparation, which
+            # costs about half a model step per token on a CPU (for a model registered with the Auto classes it
+            # inspects `forward`'s signature on every call; docs/benchmarks.md).
             new_ids = input_ids[:, -next_sequence_length:]
             device = self.lm_head.weight.device
             if device.type != "meta" and new_ids.device != device:  # as transformers does (meta: offloaded weights)

@@ -53,7 +53,7 @@ class NumpyCharLSTM:
         return cls(params, config.cell_type, config.num_hidden_layers, config.hidden_size,
                    tied=bool(config.tie_word_embeddings), dtype=dtype)
 
-    # ------------------------------------------------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------------------------------------------
     # Parameters
 
     def _layer(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -71,7 +71,7 @@ class NumpyCharLSTM:
         return [tuple(np.zeros((batch_size, self.hidden_size), self.dtype) for _ in range(n))
                 for _ in range(self.num_layers)]
 
-    # ------------------------------------------------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------------------------------------------
     # One time step of one layer, forward and backward
 
     def _cell_forward(self, k: int, x: np.ndarray, state: tuple) -> tuple[tuple, dict]:
@@ -141,7 +141,7 @@ class NumpyCharLSTM:
             return dx, (dh_prev + dh_direct,)
         return dx, (dh_prev,)
 
-    # ------------------------------------------------------------------------------------------------------------------
+    # -----------------------------------------------------------------------------------------------------------------
     # Whole sequences
 
     def _run(self, input_ids, attention_mask=None, initial_state=None):

@@ -111,14 +111,22 @@ def run_generate(args: GenerateArguments, stdout=None) -> list[str]:
         prompts = [sys.stdin.read()]
     device = pick_device(args.device)
     model, tokenizer = load_model_and_tokenizer(
-        args.model_name_or_path, device=device, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code
+        args.model_name_or_path,
+        device=device,
+        dtype=resolve_dtype(args.dtype),
+        trust_remote_code=args.trust_remote_code,
     )
     check_prompts(tokenizer, prompts, args.unknown_to_unk)
     if args.seed is not None:
         set_seed(args.seed)
     do_sample = args.do_sample and not args.greedy
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, num_return_sequences=args.num_return_sequences,
-                  repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=args.num_return_sequences,
+        repetition_penalty=args.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if do_sample:
         kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     else:

@@ -56,7 +56,9 @@ def _read_vocab_file(path) -> dict[str, int]:
         with open(path, encoding="utf-8") as f:
             vocab = json.load(f)
     except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is not valid JSON ({error}); save the tokenizer again (tokenizer.save_pretrained).") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); save the tokenizer again (tokenizer.save_pretrained)."
+        ) from None
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise ValueError(f"{path} holds a {type(vocab).__name__}, not a mapping of tokens to ids (such as "
                          '{"a": 0, "<unk>": 1}); save the tokenizer again (tokenizer.save_pretrained).')
@@ -77,7 +79,8 @@ class CharLSTMTokenizer(TokenizersBackend):
 
     The one rule for special-token strings typed in a text: **they are the special token** (`"<eos>"` in a text is one
     token, as in every transformers tokenizer); the round trip stays exact as long as `decode` keeps special tokens
-    (its default). Pass `split_special_tokens=True` to read them as characters. `encode_corpus` always reads characters.
+    (its default). Pass `split_special_tokens=True` to read them as characters. `encode_corpus` always reads
+    characters.
 
     Padding is on the right by default, as for most transformers tokenizers: scoring a batch (the `evaluate`
     perplexity metric, lm-evaluation-harness) then equals scoring each text alone. Generation needs left padding:
@@ -132,7 +135,9 @@ class CharLSTMTokenizer(TokenizersBackend):
         if isinstance(vocab, (str, os.PathLike)):
             vocab = _read_vocab_file(vocab)
         if str(unk_token) not in vocab:
-            raise ValueError(f"The vocabulary has no {str(unk_token)!r} token; build it with CharLSTMTokenizer.from_corpus.")
+            raise ValueError(
+                f"The vocabulary has no {str(unk_token)!r} token; build it with CharLSTMTokenizer.from_corpus."
+            )
         # Whether encode adds bos/eos: as the tokenizer.json's template says; folders saved before tokenizer.json
         # existed added every bos/eos token they had.
         from_file = _template_adds(post_processor) if post_processor is not None else (False, False)
@@ -174,7 +179,9 @@ class CharLSTMTokenizer(TokenizersBackend):
         characters: set[str] = set()
         for text in texts:
             if not isinstance(text, str):
-                raise TypeError(f"from_corpus takes a str or an iterable of str, got an item of type {type(text).__name__}.")
+                raise TypeError(
+                    f"from_corpus takes a str or an iterable of str, got an item of type {type(text).__name__}."
+                )
             characters.update(text)
         specials = [PAD_TOKEN, UNK_TOKEN]
         if add_bos_token:

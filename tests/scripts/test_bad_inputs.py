@@ -140,7 +140,11 @@ GENERATE_CASES = {
     "not a device": ([], ["--device", "tpu9"], "--device 'tpu9' is not a device"),
     "config does not fit the weights": (edit_config, [], "do not fit its config.json: "),
     "vocab.json not JSON": (lambda f: old_vocab(f, '{"a": 1,,}'), [], "vocab.json is not valid JSON (Expecting"),
-    "vocab.json a list": (lambda f: old_vocab(f, '["a", "b"]'), [], "vocab.json holds a list, not a mapping of tokens"),
+    "vocab.json a list": (
+        lambda f: old_vocab(f, '["a", "b"]'),
+        [],
+        "vocab.json holds a list, not a mapping of tokens",
+    ),
 }
 
 

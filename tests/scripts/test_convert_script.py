@@ -1,4 +1,5 @@
-"""The plain PyTorch track -> HF: a freshly built plain-PyTorch char LSTM (the course's module) converted and compared."""
+"""The plain PyTorch track -> HF: a freshly built plain-PyTorch char LSTM (the course's module) converted and
+compared."""
 
 import json
 
@@ -101,13 +102,18 @@ def test_refusals_are_precise(original, tmp_path):
     state = module.state_dict()
     broken = {k: v for k, v in state.items() if k != "lstm.bias_hh_l1"}
     torch.save(broken, tmp_path / "missing.pt")
-    missing = call_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "missing.pt"), *base], tmp_path)
+    missing = call_script(
+        "convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "missing.pt"), *base], tmp_path
+    )
     assert missing.returncode == 2 and "missing ['lstm.bias_hh_l1']" in missing.stderr
 
     reshaped = dict(state, **{"fc.weight": torch.zeros(len(chars), 31)})
     torch.save(reshaped, tmp_path / "shape.pt")
     shape = call_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "shape.pt"), *base], tmp_path)
-    assert shape.returncode == 2 and f"fc.weight has shape ({len(chars)}, 31), expected ({len(chars)}, 32)" in shape.stderr
+    assert (
+        shape.returncode == 2
+        and f"fc.weight has shape ({len(chars)}, 31), expected ({len(chars)}, 32)" in shape.stderr
+    )
 
     (tmp_path / "few.json").write_text(json.dumps(chars[:-1]))
     few = call_script("convert_pytorch_checkpoint.py", ["--checkpoint", str(tmp_path / "model.pt"), "--chars",

@@ -50,7 +50,9 @@ def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
     assert "| block (sequence) length | 32 |" in card and "| training steps | 40 |" in card
     # the code snippet of the card runs (on the local folder)
     snippet = card.split("```python\n")[1].split("```")[0].replace("someone/char-tiny", str(folder))
-    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, env=script_env(), timeout=120)
+    ran = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, env=script_env(), timeout=120
+    )
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
 
 

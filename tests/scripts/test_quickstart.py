@@ -50,8 +50,10 @@ def test_quickstart_runs_offline_to_a_sample(tmp_path):
     card = (tmp_path / "shakespeare" / "README.md").read_text()
     assert "name: tiny_shakespeare (bundled)" in card and "- karpathy/tiny_shakespeare" in card
 
-    sampled = subprocess.run([sys.executable, *sample.replace("outputs/shakespeare", out).replace('"', "").split()[1:]],
-                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=150)
+    command = sample.replace("outputs/shakespeare", out).replace('"', "").split()[1:]
+    sampled = subprocess.run(
+        [sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env, timeout=150
+    )
     assert sampled.returncode == 0 and not sampled.stderr, sampled.stderr[-3000:]
     # a continuation (a 20-step model may end its document early: generation stops at <eos>)
     assert sampled.stdout.startswith("ROMEO:") and len(sampled.stdout.strip()) > len("ROMEO:")

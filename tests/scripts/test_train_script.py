@@ -23,7 +23,6 @@ from char_lstm.training import (
     parse_arguments,
     train,
 )
-
 from helpers import SUBPROCESS_TIMEOUT, call_script, shakespeare_like, write_text
 
 
@@ -166,7 +165,9 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_same_weights(tmp_path, 
     assert f"left by process {killed}" in resumed.stderr
     assert "checkpoint-12 is at step 12, where the run ends: no more training" in resumed.stderr
     assert not (out / "checkpoint-13").exists()
-    assert_same_weights(tmp_path / "ref" / "checkpoint-12" / "model.safetensors", out / "checkpoint-12" / "model.safetensors")
+    assert_same_weights(
+        tmp_path / "ref" / "checkpoint-12" / "model.safetensors", out / "checkpoint-12" / "model.safetensors"
+    )
     assert_same_weights(tmp_path / "ref" / "model.safetensors", out / "model.safetensors")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())  # no lock
 
@@ -320,7 +321,8 @@ def test_accelerate_launch_two_processes(tmp_path, corpus):
     # only rank 0 prints samples and writes the outputs
     assert logs.count("----- sample at step 10 -----") == 1
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
-    # the saved folder loads with the Auto classes and generates (without char_lstm: tests/scripts/test_push_to_hub_script.py)
+    # the saved folder loads with the Auto classes and generates
+    # (without char_lstm: tests/scripts/test_push_to_hub_script.py)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     generated = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=10)[0])
@@ -345,7 +347,8 @@ def test_stateful_two_processes_own_their_streams_and_resume_exactly(tmp_path, c
 
     import torch
 
-    two = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no"]
     args = [*TINY, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--stateful", "true",
             "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--sample_every_evals", "0",
             "--load_best_model_at_end", "false"]

@@ -135,7 +135,9 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
             f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
         )
     guard, time_limit, run_callbacks = make_callbacks(training_args, callbacks)
-    trainer = build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args, training_args, prompt, run_callbacks)
+    trainer = build_trainer(
+        model, tokenizer, train_blocks, eval_blocks, data_args, training_args, prompt, run_callbacks
+    )
 
     # 5. Train (a resume of a run that had already ended trains no more)
     train_metrics = run_training(trainer, resume)
@@ -159,7 +161,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # 4. Trainer
 
 
@@ -194,7 +196,11 @@ def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataAr
     """The run's Trainer (`StatefulTrainer` under --stateful), with the sampling callback first, then `callbacks`,
     and progress bars that show numbers at 4 significant digits."""
     sampler = SampleCallback(
-        tokenizer, prompt, training_args.sample_every_evals, training_args.sample_length, training_args.sample_temperature
+        tokenizer,
+        prompt,
+        training_args.sample_every_evals,
+        training_args.sample_length,
+        training_args.sample_temperature,
     )
     trainer_class = StatefulTrainer if data_args.stateful else CharLSTMTrainer
     trainer = trainer_class(
@@ -214,7 +220,7 @@ def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataAr
     return trainer
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # 5. Train
 
 
@@ -234,7 +240,7 @@ def run_training(trainer, resume: str | None) -> dict:
     return trainer.train(resume_from_checkpoint=resume).metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # 6. Evaluate and save
 
 
@@ -265,8 +271,9 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
 def _how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None) -> str:
     state = trainer.state
     if time_limit is not None and time_limit.stopped_at is not None:
+        end = ", its learning-rate schedule ended." if time_limit.schedule_over_time else "."
         return (f"Stopped by --max_train_seconds {time_limit.seconds:g} at step {time_limit.stopped_at} of "
-                f"{state.max_steps}" + (", its learning-rate schedule ended." if time_limit.schedule_over_time else "."))
+                f"{state.max_steps}{end}")
     return f"Training finished: {state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s."
 
 

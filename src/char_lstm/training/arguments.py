@@ -26,8 +26,8 @@ class ModelArguments:
     preset: str | None = field(
         default=None,
         metadata={"help": "Named settings for model and schedule: 'cpu-small' (learns in minutes on 2 CPU cores) or "
-                  "'char-rnn' (the course's 2x512 recipe, for a GPU; 'seed' is its old name). Flags given on the command "
-                  "line win."},
+                  "'char-rnn' (the course's 2x512 recipe, for a GPU; 'seed' is its old name). Flags given on the "
+                  "command line win."},
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Continue from a saved model (folder or Hub id); its tokenizer is reused."}
@@ -70,9 +70,9 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the data (needs --max_steps)."})
     stateful: bool = field(
         default=False,
-        metadata={"help": "Stateful truncated BPTT (char-rnn style): the text is read as batch-size contiguous streams "
-                  "and each step starts from the previous step's final state, so the model learns dependencies "
-                  "longer than one block. Evaluation reads its text the same way."},
+        metadata={"help": "Stateful truncated BPTT (char-rnn style): the text is read as batch-size contiguous "
+                  "streams and each step starts from the previous step's final state, so the model learns "
+                  "dependencies longer than one block. Evaluation reads its text the same way."},
     )
 
 
@@ -84,7 +84,9 @@ def _plateau_defaults() -> dict:
 class CharLSTMTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the char-rnn recipe's defaults, plus sampling and output-directory safety."""
 
-    output_dir: str | None = field(default="outputs/char-lstm", metadata={"help": "Where checkpoints and the model go."})
+    output_dir: str | None = field(
+        default="outputs/char-lstm", metadata={"help": "Where checkpoints and the model go."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete the checkpoints already in --output_dir and start over."}
     )
@@ -98,13 +100,19 @@ class CharLSTMTrainingArguments(TrainingArguments):
     )
     lr_scheduler_kwargs: dict | str | None = field(
         default_factory=_plateau_defaults,
-        metadata={"help": "For the plateau scheduler: factor and patience, e.g. '{\"factor\": 0.5, \"patience\": 3}'."},
+        metadata={
+            "help": "For the plateau scheduler: factor and patience, e.g. '{\"factor\": 0.5, \"patience\": 3}'."
+        },
     )
     eval_strategy: str = field(default="steps", metadata={"help": "Evaluate every --eval_steps."})
     eval_steps: float | None = field(default=250, metadata={"help": "Steps between evaluations."})
     save_steps: float = field(default=250, metadata={"help": "Steps between checkpoints."})
-    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept: the best (eval loss) and the latest ones."})
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the checkpoint with the best eval loss."})
+    save_total_limit: int | None = field(
+        default=3, metadata={"help": "Checkpoints kept: the best (eval loss) and the latest ones."}
+    )
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Keep the checkpoint with the best eval loss."}
+    )
     metric_for_best_model: str | None = field(default="loss", metadata={"help": "Metric for the best checkpoint."})
     logging_steps: float = field(default=50, metadata={"help": "Steps between training-loss logs."})
     logging_nan_inf_filter: bool = field(
@@ -144,9 +152,10 @@ class CharLSTMTrainingArguments(TrainingArguments):
 PRESETS = {
     # The CPU recipe, tuned for quality per CPU second on tiny_shakespeare (2 cores, docs/results.md): a 2x256 LSTM,
     # blocks of 64 (cheaper per character than 100 on CPU, and the length the test measure reads), 48 blocks per step
-    # shared by the processes (48 // processes each), a cosine schedule that ends at 0, AdamW's weight decay against the gap between
-    # training and held-out text, bf16 autocast where the hardware computes bf16 natively. Fastest on 2 cores as 2
-    # processes of 1 thread: `accelerate launch --multi_gpu --num_processes 2 scripts/train.py --preset cpu-small`.
+    # shared by the processes (48 // processes each), a cosine schedule that ends at 0, AdamW's weight decay against
+    # the gap between training and held-out text, bf16 autocast where the hardware computes bf16 natively. Fastest on
+    # 2 cores as 2 processes of 1 thread:
+    # `accelerate launch --multi_gpu --num_processes 2 scripts/train.py --preset cpu-small`.
     "cpu-small": {
         "embedding_size": 64,
         "hidden_size": 256,
@@ -213,7 +222,8 @@ def read_config_file(name: str, parser: HfArgumentParser) -> dict:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UsageError(f"Config file {name} is not valid YAML: {getattr(error, 'problem', None) or error}{where}.") from None
+        problem = getattr(error, "problem", None) or error
+        raise UsageError(f"Config file {name} is not valid YAML: {problem}{where}.") from None
     except UnicodeDecodeError:
         raise UsageError(f"Config file {name} is not UTF-8 text.") from None
     if not isinstance(values, dict):
@@ -223,7 +233,9 @@ def read_config_file(name: str, parser: HfArgumentParser) -> dict:
     for key, value in values.items():
         action = parser._option_string_actions.get(f"--{key}")
         if action is None:
-            raise UsageError(f"Config file {name}: unknown argument {key!r} (python scripts/train.py --help lists them).")
+            raise UsageError(
+                f"Config file {name}: unknown argument {key!r} (python scripts/train.py --help lists them)."
+            )
         if value is None or action.type not in expected:
             continue
         if action.type is string_to_bool:

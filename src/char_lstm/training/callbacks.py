@@ -121,8 +121,8 @@ class DivergenceGuard(TrainerCallback):
             self.logs_above += 1
             control.should_save = False  # logged before this step's save
             if self.logs_above >= self.patience:
-                self._trip(state, control, f"the training loss ({loss:.4g}) stayed above {self.factor:g}x its start or "
-                           f"best ({reference:.4g}) for {self.logs_above} logs in a row")
+                self._trip(state, control, f"the training loss ({loss:.4g}) stayed above {self.factor:g}x its start "
+                           f"or best ({reference:.4g}) for {self.logs_above} logs in a row")
         else:
             self.logs_above = 0
             self.best = min(self.best, loss)
@@ -213,7 +213,8 @@ class LearningRateLogCallback(TrainerCallback):
         lr = optimizer.param_groups[0]["lr"]
         if self.last_lr is not None and lr < self.last_lr and state.is_world_process_zero:
             logger.warning(
-                f"Step {state.global_step}: eval loss stopped improving, learning rate reduced {self.last_lr:.3g} -> {lr:.3g}"
+                f"Step {state.global_step}: eval loss stopped improving, learning rate reduced {self.last_lr:.3g} -> "
+                f"{lr:.3g}"
             )
         self.last_lr = lr
 

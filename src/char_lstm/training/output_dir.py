@@ -63,7 +63,9 @@ class OutputDirLock:
             os.close(fd)
         stale = os.read(fd, 32).decode("ascii", "replace").strip()
         if stale:
-            logger.warning(f"Took over the lock of {self.output_dir} left by process {stale}, which is no longer running.")
+            logger.warning(
+                f"Took over the lock of {self.output_dir} left by process {stale}, which is no longer running."
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -93,7 +95,9 @@ def prepare_output_dir(args: TrainingArguments) -> str | None:
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if resume is True:
         if last is None:
-            raise UsageError(f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from.")
+            raise UsageError(
+                f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from."
+            )
         resume = latest_complete_checkpoint(args.output_dir)
         if resume is None:
             raise UsageError(

@@ -25,7 +25,7 @@ from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # 1. Datasets
 
 
@@ -56,7 +56,7 @@ def load_datasets(data_args: DataArguments, training_args: CharLSTMTrainingArgum
     return data_args, train_raw, eval_raw
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # 2. Tokenizer and model
 
 
@@ -67,7 +67,8 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
         name = model_args.model_name_or_path
         model = CharLSTMForCausalLM.from_pretrained(name, local_files_only=hub_cache_only(name))
         name = model_args.tokenizer_name or name
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=hub_cache_only(name, None, "--tokenizer_name"))
+        cache_only = hub_cache_only(name, None, "--tokenizer_name")
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
     else:
         if model_args.tokenizer_name is not None:
             name = model_args.tokenizer_name
@@ -108,11 +109,13 @@ def warn_unknown_characters(tokenizer, model_args: ModelArguments, data_args: Da
             )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # 3. Blocks of ids
 
 
-def encode_datasets(tokenizer, data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_raw, eval_raw):
+def encode_datasets(
+    tokenizer, data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_raw, eval_raw
+):
     """(training blocks, validation blocks): windows of block_size + 1 ids, or with --stateful one stream per batch
     row of every process (see `stream_layout`); at most --max_eval_samples validation blocks."""
     kwargs = dict(
@@ -149,7 +152,8 @@ def encode_datasets(tokenizer, data_args: DataArguments, training_args: CharLSTM
                 f"The {name} text is shorter than one block ({window} characters): use more text or a smaller "
                 "--block_size."
             )
-    if not data_args.stateful and data_args.max_eval_samples is not None and len(eval_blocks) > data_args.max_eval_samples:
+    most = data_args.max_eval_samples
+    if not data_args.stateful and most is not None and len(eval_blocks) > most:
         eval_blocks = eval_blocks.select(range(data_args.max_eval_samples))
     logger.info(f"{len(train_blocks)} training blocks, {len(eval_blocks)} validation blocks of {window} ids")
     return train_blocks, eval_blocks

@@ -58,8 +58,9 @@ def keep_freed_memory() -> bool:
     With glibc's defaults, large blocks are mmap-ed and unmapped again when freed, and the top of the heap is trimmed,
     so each step's activations and gradients come back as fresh pages that the kernel faults in and zeroes: a quarter
     of a `--preset cpu-small` step on 2 CPU cores (measured: docs/benchmarks.md, "The memory allocator"). After this
-    call blocks up to 32 MB come from the heap and up to 1 GB of freed memory stays there. It changes the whole process, so the training and benchmark scripts call it, not the library
-    functions. Linux with glibc only; elsewhere nothing changes. Returns whether both settings took."""
+    call blocks up to 32 MB come from the heap and up to 1 GB of freed memory stays there. It changes the whole
+    process, so the training and benchmark scripts call it, not the library functions. Linux with glibc only;
+    elsewhere nothing changes. Returns whether both settings took."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -79,7 +80,7 @@ def native_bf16(device_type: str | None = None) -> bool:
 
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The main process decides
 
 
@@ -108,7 +109,7 @@ def on_main_process(args, function):
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM
 
 

@@ -52,7 +52,10 @@ class StatefulTrainer(CharLSTMTrainer):
             cache = DynamicCache(config=self.accelerator.unwrap_model(model).config)
         reset_cache_rows(cache, window == 0)
         loss, outputs = super().compute_loss(
-            model, {**inputs, "cache": cache, "use_cache": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
+            model,
+            {**inputs, "cache": cache, "use_cache": True},
+            return_outputs=True,
+            num_items_in_batch=num_items_in_batch,
         )
         self._stream_caches[mode] = detach_cache(cache)
         return (loss, outputs) if return_outputs else loss
@@ -79,8 +82,8 @@ class StatefulTrainer(CharLSTMTrainer):
         if (rows, world_size) != (self.args.per_device_train_batch_size, self.args.world_size):
             raise UsageError(
                 f"{checkpoint} was trained with {rows} streams per process and {world_size} process(es), this run has "
-                f"{self.args.per_device_train_batch_size} and {self.args.world_size}: resume a --stateful run with the "
-                "same --per_device_train_batch_size and number of processes (the streams are laid out for them)."
+                f"{self.args.per_device_train_batch_size} and {self.args.world_size}: resume a --stateful run with "
+                "the same --per_device_train_batch_size and number of processes (the streams are laid out for them)."
             )
         device = next(self.model.parameters()).device
         states = [tuple(s.to(device) for s in layer) for layer in saved["states"]]

@@ -38,8 +38,8 @@ def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prom
         return f"eval loss {values['eval_loss']:#.4g} nats/char, {bits:#.4g} bits/char"
 
     def generate(folder: str) -> str:
-        return (f"python scripts/generate.py --model_name_or_path {shlex.quote(folder)} --prompt {shlex.quote(prompt)} "
-                "--max_new_tokens 300")
+        return (f"python scripts/generate.py --model_name_or_path {shlex.quote(folder)} "
+                f"--prompt {shlex.quote(prompt)} --max_new_tokens 300")
 
     if metrics is not None:
         lines = [f"Model: {output_dir} ({measured(metrics)}).", f"Sample from it: {generate(output_dir)}"]
