@@ -3,6 +3,7 @@
 
     python benchmarks/benchmark.py --corpus ../shared/data/tinyshakespeare.txt     # a few minutes
     python benchmarks/benchmark.py --quick                                         # about a minute, generated text
+    python benchmarks/benchmark.py --smoke                                         # seconds: checks that it runs
     python benchmarks/benchmark.py --sections training,decode --device cuda        # some sections, on a GPU
 
 Every comparison runs side by side in one process (same machine state, same threads, same weights); the ratios are
@@ -51,6 +52,15 @@ from reference_loop import ReferenceCharDataset, ReferenceCharLSTM, reference_ge
 
 REFERENCE_SHAPES = {"embedding_size": 128, "hidden_size": 512, "num_hidden_layers": 2, "dropout": 0.5}
 BLOCK, BATCH = 100, 64
+SCALE = 1.0  # of the text sizes (generated text, encoded text, the memory section's corpus); --smoke makes it 0.05
+
+
+def use_smoke_sizes() -> None:
+    """--smoke: a 2x32 model on 8x32 batches and 1/20 of the quick mode's text, so that every section runs in
+    seconds (what the test suite checks); the numbers then mean nothing."""
+    global REFERENCE_SHAPES, BLOCK, BATCH, SCALE
+    REFERENCE_SHAPES = {"embedding_size": 16, "hidden_size": 32, "num_hidden_layers": 2, "dropout": 0.5}
+    BLOCK, BATCH, SCALE = 32, 8, 0.05
 
 
 @dataclass
@@ -60,6 +70,8 @@ class BenchmarkArguments:
         default="training,decode,batch,encoding,memory", metadata={"help": "Comma-separated sections to run."}
     )
     quick: bool = field(default=False, metadata={"help": "Fewer steps and smaller sizes: about a minute in all."})
+    smoke: bool = field(default=False, metadata={"help": "--quick with a 2x32 model and little text: checks that "
+                                                         "every section runs, in seconds; the numbers mean nothing."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, mps, or auto (cuda, then mps, then cpu)."})
     output_json: str = field(default="benchmark.json", metadata={"help": "Where to write the results."})
 
@@ -106,7 +118,7 @@ def benchmark_text(path: str | None, quick: bool) -> str:
             return f.read()
     rng = np.random.default_rng(0)
     words = ["the", "king", "and", "queen", "ROMEO:", "speak", "hear", "me", "\n", "thou", "art", "fair"]
-    return " ".join(rng.choice(words, size=40_000 if quick else 200_000))
+    return " ".join(rng.choice(words, size=int((40_000 if quick else 200_000) * SCALE)))
 
 
 def reference_sized_model(tokenizer: CharLSTMTokenizer, device: torch.device) -> CharLSTMForCausalLM:
@@ -301,7 +313,7 @@ def bench_encoding(text: str, device, quick: bool) -> list[dict]:
     """MB/s of `encode_corpus` on ~50 MB (5 MB quick), first call (cold memory) and best of 3, against the
     per-character tokenizer on 1 MB."""
     tokenizer = CharLSTMTokenizer.from_corpus(text)
-    target = 5e6 if quick else 5e7
+    target = (5e6 if quick else 5e7) * SCALE
     big = text * max(1, int(target // max(len(text), 1)))
     megabytes = len(big.encode("utf-8")) / 1e6
     times = []
@@ -352,7 +364,7 @@ _PREPARE = (  # what scripts/train.py runs
 def bench_memory(text: str, device, quick: bool) -> list[dict]:
     """Peak RSS of the training pipeline (`char_lstm.training.train`: load, vocabulary, validation split, encoding,
     then one step of a tiny model) on a generated corpus of 100 MB (20 MB quick), in a subprocess."""
-    megabytes = 20 if quick else 100
+    megabytes = (20 if quick else 100) * SCALE
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
         chars = write_perturbed_corpus(text, corpus, megabytes)
@@ -404,10 +416,13 @@ def run(args: BenchmarkArguments) -> dict:
     if unknown:
         raise ValueError(f"Unknown --sections {unknown}; choose from {sorted(SECTIONS)}.")
     device = pick_device(args.device)
+    if args.smoke:
+        use_smoke_sizes()
+        args.quick = True
     text = benchmark_text(args.corpus, args.quick)
     if "training" not in names:  # the training section applies them itself, after timing the reference loop without
         keep_freed_memory()  # every other section runs under the malloc settings of scripts/train.py
-    results = {"environment": environment(device), "quick": args.quick, "results": []}
+    results = {"environment": environment(device), "quick": args.quick, "smoke": args.smoke, "results": []}
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results["results"] += [{"section": name, **r} for r in SECTIONS[name](text, device, args.quick)]

@@ -1,5 +1,4 @@
-"""benchmarks/benchmark.py (run through scripts/benchmark.py): the --quick mode runs every section (a smoke test: no
-timing is asserted)."""
+"""benchmarks/benchmark.py (run through scripts/benchmark.py): --smoke runs every section (no timing is asserted)."""
 
 import json
 import sys
@@ -13,20 +12,22 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts besid
 from benchmark import meets  # noqa: E402
 
 
-@pytest.mark.timeout(600)  # 144 s measured on 2 shared cores (load ~5)
-def test_benchmark_quick_runs_every_section_and_writes_json(tmp_path):
+@pytest.mark.timeout(600)  # 55 s of CPU in two interpreters; 216 s wall measured on 2 cores at load 8
+def test_benchmark_runs_every_section_and_writes_json(tmp_path):
+    """--smoke: every section of the harness, with a 2x32 model and ~1 MB of text (the numbers mean nothing)."""
     out = tmp_path / "bench.json"
-    result = run_script("benchmark.py", ["--quick", "--output_json", str(out)], cwd=tmp_path, timeout=540)
+    result = run_script("benchmark.py", ["--smoke", "--output_json", str(out)], cwd=tmp_path, timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {row["benchmark"]: row for row in data["results"]}
     assert {row["section"] for row in data["results"]} == {"training", "decode", "batch", "encoding", "memory"}
     for name in ("Trainer (fp32) vs reference loop (fp32)", "Trainer (fp32) vs kernel bound (fp32)",
                  "generate() vs reference loop, time per char", "time per char, 500 vs 50",
-                 "generate() (fp32) vs reference loop, batch 64", "encode_corpus, best of 3", "peak RSS preparing it"):
+                 "generate() (fp32) vs reference loop, batch 8", "encode_corpus, best of 3", "peak RSS preparing it"):
         assert name in rows, name
     assert all(row["value"] > 0 for row in data["results"])
-    assert 15 < rows["corpus prepared"]["value"] < 25  # MB: the quick mode's generated corpus
+    assert 0.5 < rows["corpus prepared"]["value"] < 1.5  # MB: 1/20 of the quick mode's 20 MB
+    assert data["quick"] and data["smoke"]
     assert {"torch", "threads", "cpu", "device"} <= set(data["environment"])
     assert "encode_corpus" in result.stdout and "target" in result.stdout
 
