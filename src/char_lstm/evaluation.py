@@ -18,16 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .data import (
-    DataError,
-    boundary_id,
-    dataset_label,
-    iter_texts,
-    join_documents,
-    load_raw_datasets,
-    resolve_dataset_name,
-)
-from .errors import UsageError
+from .data import dataset_label, load_raw_datasets, resolve_dataset_name
+from .encoding import boundary_id, iter_texts, join_documents
+from .errors import DataError, UsageError
 from .loading import check_model_path, load_model_and_tokenizer, pick_device, resolve_dtype
 from .metrics import load_bits_per_character
 

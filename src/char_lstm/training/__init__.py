@@ -23,7 +23,7 @@ from functools import partial
 from transformers import ProgressCallback, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-from ..data import collate_blocks, collate_stream_blocks
+from ..encoding import collate_blocks, collate_stream_blocks
 from ..errors import UsageError
 from ..hub import RUN_INFO_NAME, results_from_training, write_model_card
 from .arguments import (

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
 
-from ..data import iter_texts
+from ..encoding import iter_texts
 from .summary import run_summary
 
 

@@ -7,16 +7,9 @@ from dataclasses import replace
 from transformers import AutoTokenizer
 
 from ..configuration_char_lstm import CharLSTMConfig
-from ..data import (
-    DataError,
-    build_tokenizer,
-    count_oov,
-    encode_blocks,
-    encode_streams,
-    load_raw_datasets,
-    resolve_dataset_name,
-    split_validation_tail,
-)
+from ..data import load_raw_datasets, resolve_dataset_name, split_validation_tail
+from ..encoding import build_tokenizer, count_oov, encode_blocks, encode_streams
+from ..errors import DataError
 from ..loading import check_vocab_match, hub_cache_only
 from ..modeling_char_lstm import CharLSTMForCausalLM
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
