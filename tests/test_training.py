@@ -647,43 +647,60 @@ def test_keep_freed_memory_takes_on_glibc():
 
 
 def stateful_trainer(out, streams, tokenizer, **overrides):
-    """A StatefulTrainer of a tiny model on 4 streams: 4 steps, evaluation and a checkpoint every 2 steps."""
+    """A StatefulTrainer of a tiny GRU (one state per layer; the LSTM's two are in the end-to-end test above) on 4
+    streams: 4 steps, evaluation and a checkpoint every 2 steps. Dropout draws from the RNG, so a resume is exact only
+    with the RNG state restored too."""
     settings = dict(output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, report_to="none",
                     train_sampling_strategy="sequential", label_names=["shift_labels"], use_cpu=True, max_steps=4,
                     eval_strategy="steps", eval_steps=2, save_steps=2, save_total_limit=None, logging_strategy="no",
                     lr_scheduler_type="constant", learning_rate=1e-2, seed=3, disable_tqdm=True)
     args = CharLSTMTrainingArguments(**{**settings, **overrides})
-    return StatefulTrainer(model=make_model(tokenizer, hidden_size=16, embedding_size=8), args=args,
+    model = make_model(tokenizer, cell_type="gru", hidden_size=16, embedding_size=8, dropout=0.1)
+    return StatefulTrainer(model=model, args=args,
                            train_dataset=streams, eval_dataset=streams.select(range(8)),
                            data_collator=collate_stream_blocks)
 
 
-def test_stateful_checkpoint_saves_and_restores_the_training_streams(tmp_path, caplog):
-    """A run resumed from the step-2 checkpoint ends with the weights of the uninterrupted run (at step 4), the
-    evaluation at step 2 in between leaving the training streams alone. The checkpoints are published as
-    output_dir/checkpoint-N (nothing left in the staging folder) and the best one is named by its final place.
-    Without the saved stream state the resumed run reads on from zero states (a warning) and ends elsewhere; with
-    another number of streams it is refused."""
+class CopyCheckpoint(TrainerCallback):
+    """Copies checkpoint-`step` of the run to `to` once it is saved (before checkpoint rotation can delete it)."""
+
+    def __init__(self, step, to):
+        self.step, self.to, self.saved = step, to, {}
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved[state.global_step] = sorted(os.listdir(args.output_dir))  # what a kill at this point would leave
+        if state.global_step == self.step:
+            name = f"checkpoint-{self.step}"
+            shutil.copytree(os.path.join(args.output_dir, name), self.to / name)
+
+
+def test_stateful_checkpoint_saves_and_restores_the_training_streams(tmp_path, monkeypatch, caplog):
+    """A run resumed from the step-2 checkpoint ends with the weights of the uninterrupted run (at step 4). The
+    checkpoints are staged inside output_dir (nothing written elsewhere, nothing left in the staging folder),
+    published as output_dir/checkpoint-N, rotated at each save (save_total_limit=1: the best, here the last, stays),
+    and the best one is named by its final place. Without the saved stream state the resumed run reads on from zero
+    states (a warning) and ends elsewhere; with another number of streams it is refused."""
+    monkeypatch.chdir(tmp_path)
     text = shakespeare_like(3000)
     tokenizer = CharLSTMTokenizer.from_corpus(text)
     streams = encode_streams(Dataset.from_dict({"text": [text]}), tokenizer, "text", block_size=20, num_streams=4)
 
-    full = stateful_trainer(tmp_path / "full", streams, tokenizer)
+    step2 = tmp_path / "step2"  # a run stopped at step 2 has this checkpoint-2 (same data, seed and steps up to there)
+    full = stateful_trainer(tmp_path / "full", streams, tokenizer, save_total_limit=1)
+    copy = CopyCheckpoint(2, step2)
+    full.add_callback(copy)
     full.train()
-    assert checkpoints(tmp_path / "full") == ["checkpoint-2", "checkpoint-4"]
-    assert not (tmp_path / "full" / "_tmp-checkpoints").exists()
-    best = full.state.best_model_checkpoint
-    assert best in (str(tmp_path / "full" / "checkpoint-2"), str(tmp_path / "full" / "checkpoint-4"))
+    assert copy.saved == {2: ["checkpoint-2"], 4: ["checkpoint-4"]}  # rotated at each save, not only at the end
+    assert full.state.best_model_checkpoint == str(tmp_path / "full" / "checkpoint-4")  # the eval loss went down
+    assert checkpoints(tmp_path / "full") == ["checkpoint-4"]
+    assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint-4"]  # the staging folder is gone
     saved_state = json.loads((tmp_path / "full" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert saved_state["best_model_checkpoint"] == best
+    assert saved_state["best_model_checkpoint"] == full.state.best_model_checkpoint
     expected = load_file(tmp_path / "full" / "checkpoint-4" / "model.safetensors")
 
-    # a run stopped at step 2 has this checkpoint-2 (the same data, seed and steps up to there)
-    step2 = tmp_path / "step2"
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", step2 / "checkpoint-2")
     saved = torch.load(step2 / "checkpoint-2" / "stream_state_0.pt", weights_only=True)
-    assert saved["world_size"] == 1 and len(saved["states"]) == 2  # 2 layers of (h, c), 4 streams of 16 units
-    assert all(len(layer) == 2 and all(s.shape == (4, 16) and s.abs().sum() > 0 for s in layer)
+    assert saved["world_size"] == 1 and len(saved["states"]) == 2  # 2 layers of (h,), 4 streams of 16 units
+    assert all(len(layer) == 1 and layer[0].shape == (4, 16) and layer[0].abs().sum() > 0
                for layer in saved["states"])
     stateful_trainer(tmp_path / "resumed", streams, tokenizer).train(
         resume_from_checkpoint=str(step2 / "checkpoint-2")
@@ -692,11 +709,16 @@ def test_stateful_checkpoint_saves_and_restores_the_training_streams(tmp_path, c
     assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
     with pytest.raises(
-        UsageError, match=r"trained with 4 streams per process and 1 process\(es\), this run has 2 and 1"
+        UsageError,
+        match=r"trained with 4 streams per process and 1 process\(es\), this run has 2 and 1: resume a --stateful "
+        r"run with the same --per_device_train_batch_size and number of processes \(the streams are laid out for "
+        r"them\)\.$",
     ):
         stateful_trainer(tmp_path / "other", streams, tokenizer, per_device_train_batch_size=2).train(
             resume_from_checkpoint=str(step2 / "checkpoint-2"))
     (step2 / "checkpoint-2" / "stream_state_0.pt").unlink()
+    # a staging folder another writer still uses (not empty): left alone
+    (tmp_path / "cold" / "_tmp-checkpoints" / "checkpoint-9").mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="char_lstm.training"):
         stateful_trainer(tmp_path / "cold", streams, tokenizer).train(
             resume_from_checkpoint=str(step2 / "checkpoint-2")
@@ -704,6 +726,8 @@ def test_stateful_checkpoint_saves_and_restores_the_training_streams(tmp_path, c
     assert "checkpoint-2 has no stream state for process 0: the streams continue from a zero state." in caplog.text
     cold = load_file(tmp_path / "cold" / "checkpoint-4" / "model.safetensors")
     assert not all(torch.allclose(expected[k], cold[k], atol=1e-6) for k in expected)
+    assert os.listdir(tmp_path / "cold" / "_tmp-checkpoints") == ["checkpoint-9"]
+    assert sorted(os.listdir(tmp_path)) == ["cold", "full", "other", "resumed", "step2"]  # nothing staged in the cwd
 
 
 def write_checkpoint(folder, step):
@@ -746,13 +770,23 @@ def test_checkpoint_problem_names_what_is_missing_damaged_or_unsafe(tmp_path):
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
 
-    damaged = problem(truncate, "truncated")
-    assert damaged.startswith("model.safetensors is damaged (") and damaged.endswith(")") and "\n" not in damaged
+    damaged = problem(truncate, "truncated")  # safetensors' own reason, its first line
+    assert damaged.startswith("model.safetensors is damaged (Error while deserializing header") and "\n" not in damaged
+    assert damaged.endswith(")")
     marker = tmp_path / "pwned"
     for name in ("rng_state.pth", "optimizer.pt", "stream_state_0.pt"):
         unsafe = problem(lambda f: (f / name).write_bytes(pickle.dumps(Evil(marker))), f"evil-{name}")
-        assert unsafe.startswith(f"{name} cannot be loaded safely (UnpicklingError: ") and "\n" not in unsafe, unsafe
+        assert unsafe.startswith(f"{name} cannot be loaded safely (UnpicklingError: Weights only load failed"), unsafe
+        assert "\n" not in unsafe
     assert not marker.exists()
+    # a file cut short by a kill: empty (an error without a message), or a zip without its directory (a long message:
+    # its first 120 characters)
+    empty = problem(lambda f: (f / "scheduler.pt").write_bytes(b""), "empty")
+    assert empty == "scheduler.pt cannot be loaded safely (EOFError: )"
+    cut = problem(lambda f: (f / "optimizer.pt").write_bytes((f / "optimizer.pt").read_bytes()[:50]), "cut")
+    prefix = "optimizer.pt cannot be loaded safely (RuntimeError: "
+    assert cut.startswith(prefix + "PytorchStreamReader failed reading zip archive")
+    assert len(cut) == len(prefix) + 120 + 1
 
 
 def test_latest_complete_checkpoint_sets_newer_incomplete_ones_aside(tmp_path, caplog):
@@ -806,6 +840,8 @@ def test_publish_moves_a_complete_folder_or_its_files_into_place_weights_last(tm
     runs = tmp_path / "runs"
     runs.mkdir()
     publish_folder(str(staged("s1", "first")), str(runs / "checkpoint-4"))
+    (runs / "_incomplete-checkpoint-4").mkdir()  # set aside by an earlier run: replaced
+    (runs / "_incomplete-checkpoint-4" / "x").write_text("old")
     publish_folder(str(staged("s2", "second")), str(runs / "checkpoint-4"))  # the same step again: replaced whole
     assert os.listdir(runs) == ["checkpoint-4"] and not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
     assert sorted(os.listdir(runs / "checkpoint-4")) == ["README.md", "config.json", "model.safetensors", "sub"]
@@ -833,18 +869,22 @@ def test_publish_moves_a_complete_folder_or_its_files_into_place_weights_last(tm
     assert [(runs / f).read_text() for f in ("model.safetensors", "README.md", "old.txt", "sub/inner.txt")] == [
         "new model.safetensors", "new README.md", "old old.txt", "new sub/inner.txt"]
     assert os.listdir(runs / "sub") == ["inner.txt"] and not (tmp_path / "s3").exists()
+    (tmp_path / "first").mkdir()  # the first model in a folder: no old weights to remove
+    publish_files(str(staged("s4", "first")), str(tmp_path / "first"))
+    assert sorted(os.listdir(tmp_path / "first")) == ["README.md", "config.json", "model.safetensors", "sub"]
 
 
 def test_finished_at_is_the_step_of_a_checkpoint_that_ends_the_run(tmp_path):
-    """--max_steps when given (> 0), else the length the checkpoint's own run had; None while steps are left."""
+    """--max_steps when given (> 0; 0 and -1 mean "not given", as for Trainer), else the length the checkpoint's own
+    run had; None while steps are left."""
     from char_lstm.training import finished_at
 
     folder = write_checkpoint(tmp_path / "checkpoint-6", 6)
     ends = {}
-    cases = [(6, None), (5, None), (7, None), (-1, 6), (-1, 8), (-1, None), (-1, 0), (6, 100)]
+    cases = [(6, None), (5, None), (1, None), (7, None), (-1, 6), (0, 6), (-1, 8), (-1, None), (-1, 0), (6, 100)]
     for max_steps, saved_max_steps in cases:
         state = {"global_step": 6, **({"max_steps": saved_max_steps} if saved_max_steps is not None else {})}
         (folder / "trainer_state.json").write_text(json.dumps(state))
         ends[max_steps, saved_max_steps] = finished_at(str(folder), SimpleNamespace(max_steps=max_steps))
-    assert ends == {(6, None): 6, (5, None): 6, (7, None): None, (-1, 6): 6, (-1, 8): None, (-1, None): None,
-                    (-1, 0): None, (6, 100): 6}
+    assert ends == {(6, None): 6, (5, None): 6, (1, None): 6, (7, None): None, (-1, 6): 6, (0, 6): 6, (-1, 8): None,
+                    (-1, None): None, (-1, 0): None, (6, 100): 6}
