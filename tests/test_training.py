@@ -8,8 +8,6 @@ import os
 import pickle
 import platform
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +26,7 @@ from char_lstm.training import (
     CharLSTMTrainingArguments,
     StatefulTrainer,
     TrainingDiverged,
+    keep_freed_memory,
     parse_arguments,
     train,
 )
@@ -636,10 +635,11 @@ def test_preset_bf16_is_on_exactly_where_the_cpu_flags_say_bf16_is_native():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
 def test_keep_freed_memory_takes_on_glibc():
-    # in a child process: the settings hold for the whole process, and this one should keep its defaults
-    code = "from char_lstm.training import keep_freed_memory; print(keep_freed_memory())"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "True"
+    # in a forked child: the settings hold for the whole process, and this one should keep its defaults
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if keep_freed_memory() is True else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

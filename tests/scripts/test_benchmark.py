@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, run_script
+from helpers import ROOT, call_script, run_script
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts beside each other, not a package
@@ -39,6 +39,6 @@ def test_targets_are_checked_in_both_directions():
 
 
 def test_benchmark_rejects_unknown_section(tmp_path):
-    result = run_script("benchmark.py", ["--sections", "nope"], cwd=tmp_path, timeout=120)
+    result = call_script("benchmark.py", ["--sections", "nope"], tmp_path)
     assert result.returncode == 2
     assert "Unknown --sections ['nope']" in result.stderr

@@ -110,12 +110,14 @@ def test_built_folder_loads_from_the_hub_cache_without_char_lstm(trained_model, 
         (["--model_dir", "{model}", "--repo_id", "a/b"], "No Hugging Face token: log in with `hf auth login`"),
     ],
 )
-def test_push_errors(trained_model, tmp_path, args, message):
+def test_push_errors(trained_model, tmp_path, args, message, monkeypatch):
+    from huggingface_hub import constants
+
     args = [a.format(tmp=tmp_path, model=trained_model) for a in args]
-    if "token" in message:  # a real process: where huggingface_hub looks for a token is fixed when it is imported
-        result = run_script("push_to_hub.py", args, tmp_path, HF_HOME=str(tmp_path / "empty_home"), HF_TOKEN="")
-    else:
-        result = call_script("push_to_hub.py", args, tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # no token anywhere: not in the environment, no saved login
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "empty_home" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "empty_home" / "stored_tokens"))
+    result = call_script("push_to_hub.py", args, tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
 
