@@ -636,6 +636,32 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
             final = tuple(torch.where(keep, s0, s) for s0, s in zip(start, final))
         return x, final
 
+    def _layers_forward(self, x, batch_size, cache, packing, fast_step, table_ids, all_hidden_states):
+        """The layers over `x` (`(B, T, E)`, or packed when `packing`), each starting from its state in `cache` and
+        writing its final state back, with dropout between layers. Returns the last layer's output and
+        `all_hidden_states` with each layer's output added (when it is not None)."""
+        for layer_idx in range(len(self.layers)):
+            initial = _read_state(cache, layer_idx, self.config.number_of_conv_states) if cache is not None else None
+            if initial is not None and initial[0].shape[0] != batch_size:
+                raise ValueError(
+                    f"The cache holds states for a batch of {initial[0].shape[0]} but the inputs have batch size "
+                    f"{batch_size}; use a new `DynamicCache(config=model.config)` for a new batch."
+                )
+            if fast_step:
+                x, final = self._decoding_step(layer_idx, x, initial, table_ids)
+            else:
+                x, final = self._sequence_layer(layer_idx, x, initial, packing)
+            if cache is not None:
+                _write_state(cache, layer_idx, final)
+            if all_hidden_states is not None:
+                all_hidden_states += (packing.unpack(x) if packing is not None else x,)
+            if layer_idx < len(self.layers) - 1:
+                if packing is not None:
+                    x = PackedSequence(self.dropout(x.data), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+                else:
+                    x = self.dropout(x)
+        return x, all_hidden_states
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -689,26 +715,8 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         table_ids = self._decoding_table_ids(input_ids) if fast_step else None
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
         x = packing.pack(inputs_embeds) if packing is not None else inputs_embeds
-        for layer_idx in range(len(self.layers)):
-            initial = _read_state(cache, layer_idx, num_states) if cache is not None else None
-            if initial is not None and initial[0].shape[0] != batch_size:
-                raise ValueError(
-                    f"The cache holds states for a batch of {initial[0].shape[0]} but the inputs have batch size "
-                    f"{batch_size}; use a new `DynamicCache(config=model.config)` for a new batch."
-                )
-            if fast_step:
-                x, final = self._decoding_step(layer_idx, x, initial, table_ids)
-            else:
-                x, final = self._sequence_layer(layer_idx, x, initial, packing)
-            if cache is not None:
-                _write_state(cache, layer_idx, final)
-            if output_hidden_states:
-                all_hidden_states += (packing.unpack(x) if packing is not None else x,)
-            if layer_idx < len(self.layers) - 1:
-                if packing is not None:
-                    x = PackedSequence(self.dropout(x.data), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-                else:
-                    x = self.dropout(x)
+        x, all_hidden_states = self._layers_forward(x, batch_size, cache, packing, fast_step, table_ids,
+                                                    all_hidden_states)
 
         last_hidden_state = packing.unpack(x) if packing is not None else x
         if cache is not None:
