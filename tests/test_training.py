@@ -8,6 +8,7 @@ import os
 import pickle
 import platform
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -72,7 +73,9 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     ]
     for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "README.md"):
         assert (out / name).exists(), name
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     card = (out / "README.md").read_text()
+    assert "### Training results\n\n![Training curves](training_curves.png)\n" in card
     assert f"value: {round(metrics['eval_loss'], 4)}" in card and "| block (sequence) length | 32 |" in card
     # the card tells what this run did: procedure, a training-results table, the data by name (no local path)
     assert "Trained with `transformers.Trainer` for 60 steps" in card
@@ -564,11 +567,14 @@ def test_stateful_refuses_streaming_and_stride(tmp_path):
         run(tmp_path, "--stateful", "true", "--stride", "7", "--max_steps", "2")
 
 
-def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog):
+def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # not installed: the run trains without its picture
     metrics, out = run(tmp_path, "--max_steps", "500", "--eval_steps", "250", "--save_steps", "250",
                        "--sample_every_evals", "0", "--max_train_seconds", "0.001")
     assert metrics["global_step"] == 1
     assert (out / "model.safetensors").exists() and math.isfinite(metrics["eval_loss"])
+    assert not (out / "training_curves.png").exists() and "training_curves.png" not in (out / "README.md").read_text()
+    assert caplog.text.count("matplotlib is not installed: no training_curves.png was drawn") == 1
     assert (out / "checkpoint-1").is_dir()  # the last step is saved (and evaluated), so it can be the best model
 
     # ... but never NaN weights: the divergence guard checks the step the time limit saves

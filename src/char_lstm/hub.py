@@ -20,6 +20,7 @@ from .loading import (  # noqa: F401  (check_model_path, check_vocab_match: impo
 
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
+TRAINING_CURVES_NAME = "training_curves.png"  # drawn by train() (training/curves.py), shown on the model card
 # The card template lives in the checkout's top-level model_cards/; a built wheel packages that folder as
 # char_lstm/model_cards/ (pyproject.toml), so installed copies render cards too.
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -50,9 +51,11 @@ def _metric_rows(results: dict) -> list[dict]:
     return rows
 
 
-def render_model_card(model, run: dict, results: dict, repo_id: str, license: str = "apache-2.0") -> str:
+def render_model_card(model, run: dict, results: dict, repo_id: str, license: str = "apache-2.0",
+                      curves: bool = False) -> str:
     """The model card (README.md): YAML metadata (with the measured results as model-index) and the sections of
-    `model_cards/char_lstm.md`, filled with the model's architecture and `run` (the training run's settings).
+    `model_cards/char_lstm.md`, filled with the model's architecture and `run` (the training run's settings);
+    `curves`: the folder holds training_curves.png, which the card shows.
 
     `results`: {mode: {"loss", "bits_per_character", "perplexity"}} with mode "eval" (validation during training),
     "fixed" and/or "streaming" (scripts/evaluate.py).
@@ -88,6 +91,7 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
         dataset=dataset,
         training_data=run.get("training_data") or f"`{dataset}`",
         procedure=run.get("procedure") or "Trained with `transformers.Trainer` (no record of the run was found).",
+        training_curves=f"![Training curves]({TRAINING_CURVES_NAME})\n\n" if curves else "",
         training_results=_training_results_table(run.get("training_results")),
         prompt=run.get("sample_prompt") or "\n",
         hyperparameters="\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items() if v is not None),
@@ -153,9 +157,11 @@ def _training_results_table(rows: list[dict] | None) -> str:
 def write_model_card(
     output_dir: str, model, run: dict, results: dict, repo_id: str | None = None, license: str = "apache-2.0"
 ) -> str:
-    """Render the model card into `output_dir/README.md`; returns its path."""
+    """Render the model card into `output_dir/README.md` (showing the folder's training_curves.png, if any); returns
+    its path."""
     path = os.path.join(output_dir, "README.md")
-    card = render_model_card(model, run, results, repo_id or os.path.basename(os.path.abspath(output_dir)), license)
+    card = render_model_card(model, run, results, repo_id or os.path.basename(os.path.abspath(output_dir)), license,
+                             curves=os.path.isfile(os.path.join(output_dir, TRAINING_CURVES_NAME)))
     with open(path, "w", encoding="utf-8") as f:
         f.write(card)
     return path
@@ -213,7 +219,8 @@ def build_hub_folder(
     license: str = "apache-2.0",
 ) -> str:
     """Write the complete repository for `repo_id` into `folder`: safetensors weights, config.json with auto_map, the
-    code files for trust_remote_code, tokenizer files, generation_config.json and README.md (the model card)."""
+    code files for trust_remote_code, tokenizer files, generation_config.json, README.md (the model card) and the
+    training curves' picture when the model folder has one."""
     check_repo_id(repo_id)
     check_model_dir(model_dir)
     source, target = os.path.realpath(model_dir), os.path.realpath(folder)
@@ -239,6 +246,8 @@ def build_hub_folder(
     if not results and os.path.isfile(os.path.join(model_dir, "all_results.json")):
         with open(os.path.join(model_dir, "all_results.json"), encoding="utf-8") as f:
             results = results_from_training(json.load(f))
+    if os.path.isfile(os.path.join(model_dir, TRAINING_CURVES_NAME)):
+        shutil.copyfile(os.path.join(model_dir, TRAINING_CURVES_NAME), os.path.join(folder, TRAINING_CURVES_NAME))
     write_model_card(folder, model, run, results, repo_id, license=license)
     return folder
 

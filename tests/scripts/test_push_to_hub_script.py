@@ -32,7 +32,8 @@ def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
     files = set(os.listdir(folder))
     assert files == {"model.safetensors", "config.json", "generation_config.json", "configuration_char_lstm.py",
                      "modeling_char_lstm.py", "tokenization_char_lstm.py", "vocab.json", "tokenizer_config.json",
-                     "tokenizer.json", "README.md"}
+                     "tokenizer.json", "README.md", "training_curves.png"}
+    assert (folder / "training_curves.png").read_bytes() == (trained_model / "training_curves.png").read_bytes()
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
         "modeling_char_lstm.CharLSTMForCausalLM"
     )
@@ -46,6 +47,7 @@ def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
     assert metrics["Bits per character (streaming)"] == round(measured["streaming"]["bits_per_character"], 4)
     for section in ("## How to use", "## Training data", "## Training procedure", "## Evaluation", "## Limitations"):
         assert section in card
+    assert "![Training curves](training_curves.png)" in card
     assert 'from_pretrained("someone/char-tiny", trust_remote_code=True)' in card
     assert "| block (sequence) length | 32 |" in card and "| training steps | 40 |" in card
     # the code snippet of the card runs (on the local folder)

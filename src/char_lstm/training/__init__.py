@@ -12,7 +12,8 @@ only what Trainer does not do by itself:
 * `output_dir`: one run per output folder, and what a run may do with what the folder holds;
 * `stateful`: stateful truncated BPTT (the state carried from batch to batch);
 * `runtime`: the process (CPU DDP launch, console, allocator, bf16 detection, Ctrl-C / SIGTERM);
-* `summary`: the lines a run ends with, and the record of the run the model card is written from.
+* `summary`: the lines a run ends with, and the record of the run the model card is written from;
+* `curves`: training_curves.png, the picture of the run on the model card.
 """
 
 import json
@@ -25,7 +26,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from ..encoding import collate_blocks, collate_stream_blocks
 from ..errors import UsageError
-from ..hub import RUN_INFO_NAME, results_from_training, write_model_card
+from ..hub import RUN_INFO_NAME, TRAINING_CURVES_NAME, results_from_training, write_model_card
 from .arguments import (
     PRESETS,
     CharLSTMTrainingArguments,
@@ -60,6 +61,7 @@ from .checkpoints import (
     publish_folder,
     restore_finished_run,
 )
+from .curves import plot_training_curves, stop_mark
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .output_dir import LOCK_NAME, OutputDirInUse, OutputDirLock, prepare_output_dir
 from .preparation import encode_datasets, load_datasets, load_tokenizer_and_model, warn_unknown_characters
@@ -246,8 +248,9 @@ def run_training(trainer, resume: str | None) -> dict:
 
 def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics: dict, prompt: str,
                      stopped_at: int | None) -> dict:
-    """Evaluate the final model and write it with all_results.json, trainer_state.json, training_run.json and its
-    card into a staging folder, then into output_dir (`publish_files`: complete or absent). Returns the metrics."""
+    """Evaluate the final model and write it with all_results.json, trainer_state.json, training_run.json, its
+    training_curves.png and card into a staging folder, then into output_dir (`publish_files`: complete or absent).
+    Returns the metrics."""
     args = trainer.args
     staged = os.path.join(args.output_dir, FINAL_STAGING_DIR)
     trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with the tokenizer
@@ -262,6 +265,8 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
     run = training_run_info(model_args, data_args, args, metrics, prompt, trainer.state, stopped_at)
     with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as f:
         json.dump(run, f, indent=2)
+    plot_training_curves(trainer.state.log_history, os.path.join(staged, TRAINING_CURVES_NAME),
+                         stop_mark(trainer.state, stopped_at))
     write_model_card(staged, trainer.model, run, results_from_training(metrics),
                      repo_id=args.hub_model_id)  # default: the folder's name, as Trainer's cards
     publish_files(staged, args.output_dir)

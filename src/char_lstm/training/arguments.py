@@ -172,7 +172,10 @@ PRESETS = {
         "bf16": "auto",
         "eval_steps": 1000,
         "save_steps": 1000,
-        "logging_steps": 250,  # 12 loss lines: the run's output fits in one screen
+        # 31 loss lines (the first step's too): the points of training_curves.png, and a slow machine's run that
+        # stops early still logs a few
+        "logging_steps": 100,
+        "logging_first_step": True,
         "max_eval_samples": 256,
     },
     # The char-rnn recipe of the course's model (the defaults, named).
