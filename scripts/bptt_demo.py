@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Vanishing and exploding gradients, measured with the NumPy reference's hand-written BPTT.
 
-    python scripts/bptt_demo.py [--steps 62] [--hidden_size 64] [--seed 0]
+    python scripts/bptt_demo.py [--steps 62] [--hidden_size 64] [--seed 0] [--plot gradient_flow.png]
 
 For freshly initialized one-layer models it prints how much of the gradient of the last prediction reaches the
-hidden state k steps earlier, and the global gradient norm of a whole-sequence loss before and after clipping.
+hidden state k steps earlier, and the global gradient norm of a whole-sequence loss before and after clipping;
+--plot draws both as a PNG (matplotlib).
 """
 
 import argparse
 
-from char_lstm.numpy_reference import gradient_flow_demo
+from char_lstm.numpy_reference import gradient_flow_demo, plot_gradient_flow
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,6 +19,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_norm", type=float, default=1.0)
+    parser.add_argument("--plot", metavar="PNG", help="also draw the figure into this PNG file")
     return parser.parse_args(argv)
 
 
@@ -29,6 +31,9 @@ def main() -> None:
     for row in rows:
         norms = "".join(f"{row['norms_back'][k]:>10.1e}" for k in back)
         print(f"{row['model']:<28}{norms}{row['grad_norm']:>12.2e}{row['clipped_norm']:>10.2f}")
+    if args.plot:
+        plot_gradient_flow(rows, args.plot, args.max_norm)
+        print(f"figure: {args.plot}")
 
 
 if __name__ == "__main__":
