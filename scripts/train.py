@@ -28,6 +28,7 @@ from char_lstm.training import (  # noqa: E402
     STOP_SIGNALS,
     ReportedByMainProcess,
     TrainingDiverged,
+    TrainingOutOfMemory,
     interrupted_message,
     keep_freed_memory,
     parse_arguments,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, ReportedByMainProcess):  # the main process prints it
             return 2
         # bad input (UsageError, DataError: ValueErrors, as the libraries' own), a missing file: one line, no traceback
-        if isinstance(error, (UsageError, TrainingDiverged, ValueError, OSError)):
+        if isinstance(error, (UsageError, TrainingDiverged, TrainingOutOfMemory, ValueError, OSError)):
             print(f"error: {error}", file=sys.stderr)
             return 2
         raise

@@ -68,7 +68,9 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert out_text.rstrip().splitlines()[-3:] == [
         "Training finished: 60 steps in " + out_text.split("Training finished: 60 steps in ")[1].split()[0] + " s.",
         f"Model: {out} (eval loss {metrics['eval_loss']:#.4g} nats/char, "
-        f"{metrics['eval_bits_per_char']:#.4g} bits/char).",
+        f"{metrics['eval_bits_per_char']:#.4g} bits/char, "
+        f"{metrics['unigram_bits_per_char'] - metrics['eval_bits_per_char']:.2f} bits/char better than the data's "
+        "unigram baseline).",
         f"Sample from it: python scripts/generate.py --model_name_or_path {out} --prompt ROMEO: --max_new_tokens 300",
     ]
     for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "README.md"):

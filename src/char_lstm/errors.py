@@ -10,3 +10,12 @@ class UsageError(ValueError):
 
 class DataError(UsageError):
     """A problem with the data: a missing or empty file, text in another encoding, a text too short for one block."""
+
+
+TROUBLESHOOTING = "docs/troubleshooting.md"
+
+
+def see_troubleshooting(section: str) -> str:
+    """The reference every diagnostic message ends with: its section of docs/troubleshooting.md (the README's table
+    links to each)."""
+    return f"See {TROUBLESHOOTING}#{section}."

@@ -1,11 +1,14 @@
 """Sampling text from a trained model with `model.generate()` (what `scripts/generate.py` runs)."""
 
+import logging
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import TextStreamer, set_seed
 
+from .errors import see_troubleshooting
 from .loading import load_model_and_tokenizer, pick_device, resolve_dtype  # noqa: F401  (resolve_dtype: old path)
 
 
@@ -31,6 +34,9 @@ class GenerateArguments:
     )
     stream: bool = field(default=True, metadata={"help": "Print characters as they come (one prompt, one sample)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
+
+
+logger = logging.getLogger(__name__)
 
 
 class CharacterStreamer(TextStreamer):
@@ -81,6 +87,54 @@ def generate_texts(model, tokenizer, prompts: list[str], streamer=None, **genera
         prompts[row // repeats] + tokenizer.decode(out[row, width:], skip_special_tokens=True)
         for row in range(out.shape[0])
     ]
+
+
+def repetition_loop(text: str, min_share: float = 1 / 3, max_period: int = 64, min_repeats: int = 3,
+                    min_length: int = 40) -> tuple[str, float] | None:
+    """A repetition loop in generated `text` (its last 2000 characters): substrings of at most `max_period`
+    characters, each repeated back to back at least `min_repeats` times, that together fill at least `min_share` of
+    the text (a model in a loop often goes from one loop to another). Returns (the substring of the longest loop, the
+    share of the text the loops fill), or None for text without loops (or shorter than `min_length`: too short to
+    tell).
+
+    For each period p, the text is periodic where text[i] == text[i - p]: a stretch of such positions, with the p
+    characters before it, is a loop of period p; the shortest period of the longest loop is the one reported."""
+    text = text[-2000:]
+    if len(text) < min_length:
+        return None
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    in_loop = np.zeros(len(codes), dtype=bool)
+    longest, unit = 0, None
+    for period in range(1, min(max_period, len(codes) // min_repeats) + 1):
+        same = np.concatenate([[False], codes[period:] == codes[:-period], [False]])
+        edges = np.flatnonzero(np.diff(same.astype(np.int8)))  # starts and ends of the stretches, in text[period:]
+        for start, end in zip(edges[0::2], edges[1::2]):
+            length = int(end - start) + period  # the loop: text[start : end + period]
+            if length < min_repeats * period:
+                continue
+            in_loop[start:end + period] = True
+            if length > longest:
+                longest, unit = length, text[start:start + period]
+    share = float(in_loop.mean())
+    if unit is None or share < min_share:
+        return None
+    return unit, share
+
+
+def repetition_warning(text: str, where: str, training: bool = False) -> str | None:
+    """The one-line report of a repetition loop in `text` (the generated characters, without the prompt), or None:
+    what repeats and how much of the text it fills, and the flags that break the loop (`training`: for the samples
+    printed while training, whose temperature is --sample_temperature)."""
+    loop = repetition_loop(text)
+    if loop is None:
+        return None
+    unit, share = loop
+    sampling = ("a higher --sample_temperature (0.8-1.0); scripts/generate.py also has --top_p 0.9 and "
+                "--repetition_penalty 1.2" if training else
+                "a higher --temperature (0.8-1.0), --top_p 0.9 or --repetition_penalty 1.2")
+    return (f"Repeats the same phrase: {where} repeats {unit!r} over {share:.0%} of its characters (a repetition "
+            f"loop). Sample with {sampling}; if it persists, train with more --dropout. "
+            f"{see_troubleshooting('repeats-the-same-phrase')}")
 
 
 def check_generate_arguments(args: GenerateArguments) -> None:
@@ -143,7 +197,18 @@ def run_generate(args: GenerateArguments, stdout=None) -> list[str]:
             if not single:
                 print(f"===== sample {index + 1} of {len(texts)} =====", file=stdout)
             print(text, file=stdout, flush=True)
+    _warn_repetition(texts, prompts, args.num_return_sequences)
     return texts
+
+
+def _warn_repetition(texts: list[str], prompts: list[str], repeats: int) -> None:
+    """One warning for the first sample caught in a repetition loop (the others are likely the same)."""
+    for index, text in enumerate(texts):
+        label = "the sample" if len(texts) == 1 else f"sample {index + 1} of {len(texts)}"
+        warning = repetition_warning(text[len(prompts[index // repeats]):], label)
+        if warning is not None:
+            logger.warning(warning)
+            return
 
 
 run = run_generate  # the name before issue 14 (entry points are run_<command>)

@@ -38,7 +38,10 @@ def test_quickstart_runs_offline_to_a_sample(tmp_path):
                              capture_output=True, text=True, env=env, timeout=420)
     console = trained.stdout + trained.stderr
     assert trained.returncode == 0, console[-3000:]
-    assert "Traceback" not in console and not re.search("warn", console, re.I), console[-3000:]
+    # no warning, but the diagnosis of a 20-step model (it has learned little: docs/troubleshooting.md)
+    warnings = [line for line in console.splitlines() if re.search("warn", line, re.I)
+                and "troubleshooting.md#generates-gibberish" not in line]
+    assert "Traceback" not in console and not warnings, console[-3000:]
     # the bundled copy of the data, said once; the summary at the end, with the command to run next
     assert console.count("karpathy/tiny_shakespeare cannot be reached") == 1
     summary = trained.stdout.rstrip().splitlines()[-3:]

@@ -7,6 +7,8 @@ only what Trainer does not do by itself:
 * `preparation`: the stages before the Trainer: raw texts, tokenizer and model, blocks of ids;
 * `callbacks`: samples while training, the divergence guard (Trainer keeps going with NaN weights), the time budget,
   the log line when the plateau scheduler lowers the learning rate;
+* `diagnostics`: the troubleshooting table, live: each failure mode (stuck loss, overfitting, gibberish, slow
+  training, out of memory, the checklist) reported once with its cause and flags;
 * `metrics`: bits per character and perplexity from the evaluation loss;
 * `checkpoints`: checkpoints and a final model that are complete or absent, and resuming from them;
 * `output_dir`: one run per output folder, and what a run may do with what the folder holds;
@@ -21,10 +23,10 @@ import logging
 import os
 from functools import partial
 
-from transformers import ProgressCallback, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-from ..encoding import collate_blocks, collate_stream_blocks
+from ..encoding import collate_blocks, collate_stream_blocks, iter_texts
 from ..errors import UsageError
 from ..hub import RUN_INFO_NAME, TRAINING_CURVES_NAME, results_from_training, write_model_card
 from .arguments import (
@@ -62,6 +64,17 @@ from .checkpoints import (
     restore_finished_run,
 )
 from .curves import plot_training_curves, stop_mark
+from .diagnostics import (
+    Baselines,
+    TrainingDiagnostics,
+    TrainingOutOfMemory,
+    baseline_gain_warning,
+    bits,
+    describe_grad_norms,
+    is_out_of_memory,
+    out_of_memory_message,
+    recent_grad_norms,
+)
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .output_dir import LOCK_NAME, OutputDirInUse, OutputDirLock, prepare_output_dir
 from .preparation import encode_datasets, load_datasets, load_tokenizer_and_model, warn_unknown_characters
@@ -136,20 +149,30 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
         raise UsageError(
             f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
         )
-    guard, time_limit, run_callbacks = make_callbacks(training_args, callbacks)
+    baselines = Baselines.from_texts(iter_texts(train_raw, data_args.text_column), model.config.vocab_size)
+    diagnostics = TrainingDiagnostics(baselines, model.config.cell_type, model.config.hidden_size,
+                                      data_args.block_size, has_eval_data=eval_blocks is not None,
+                                      early_stopping_patience=training_args.early_stopping_patience)
+    guard, time_limit, run_callbacks = make_callbacks(training_args, callbacks, diagnostics)
     trainer = build_trainer(
         model, tokenizer, train_blocks, eval_blocks, data_args, training_args, prompt, run_callbacks
     )
 
-    # 5. Train (a resume of a run that had already ended trains no more)
-    train_metrics = run_training(trainer, resume)
+    # 5. Train (a resume of a run that had already ended trains no more); an allocation failure is one message
+    try:
+        train_metrics = run_training(trainer, resume)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise TrainingOutOfMemory(out_of_memory_message(error, training_args, data_args.block_size, model)) from None
     if guard.diverged_at is not None:
-        raise TrainingDiverged(guard.message(training_args.output_dir, prompt))
+        norms = describe_grad_norms(recent_grad_norms(trainer.state.log_history), training_args.max_grad_norm)
+        raise TrainingDiverged(guard.message(training_args.output_dir, prompt, norms))
 
     # 6. Evaluate, and save the final model with its results and card (it appears in output_dir complete)
     stopped_at = time_limit.stopped_at if time_limit else None
     metrics = save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics, prompt,
-                               stopped_at)
+                               stopped_at, baselines)
     if training_args.push_to_hub:
         # Trainer.push_to_hub writes its generic card over README.md first; the run's own card stays instead
         trainer.create_model_card = lambda *args, **kwargs: None
@@ -158,6 +181,9 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
 
     # 7. The lines the run ends with
     if trainer.is_world_process_zero():
+        warning = baseline_gain_warning(metrics["eval_loss"], baselines) if "eval_loss" in metrics else None
+        if warning is not None:
+            logger.warning(warning)
         print(run_summary(training_args.output_dir, _how_it_stopped(trainer, metrics, time_limit), metrics, prompt),
               flush=True)
     return metrics
@@ -178,7 +204,8 @@ def set_generation_defaults(model, tokenizer, training_args: CharLSTMTrainingArg
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def make_callbacks(training_args: CharLSTMTrainingArguments, callbacks: list[TrainerCallback] | None):
+def make_callbacks(training_args: CharLSTMTrainingArguments, callbacks: list[TrainerCallback] | None,
+                   diagnostics: TrainingDiagnostics | None = None):
     """(the divergence guard, the time budget or None, the callbacks of the run in their order)."""
     guard = DivergenceGuard()
     time_limit = TimeLimitCallback(training_args.max_train_seconds) if training_args.max_train_seconds else None
@@ -188,6 +215,9 @@ def make_callbacks(training_args: CharLSTMTrainingArguments, callbacks: list[Tra
         guard,
         # only the plateau scheduler's cuts are news; a cosine or linear schedule lowers the LR every step
         *([LearningRateLogCallback()] if scheduler_name(training_args) == "reduce_lr_on_plateau" else []),
+        *([diagnostics] if diagnostics else []),
+        *([EarlyStoppingCallback(training_args.early_stopping_patience)]
+          if training_args.early_stopping_patience else []),
         *(callbacks or []),
     ]
     return guard, time_limit, run_callbacks
@@ -247,14 +277,17 @@ def run_training(trainer, resume: str | None) -> dict:
 
 
 def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics: dict, prompt: str,
-                     stopped_at: int | None) -> dict:
+                     stopped_at: int | None, baselines: Baselines | None = None) -> dict:
     """Evaluate the final model and write it with all_results.json, trainer_state.json, training_run.json, its
     training_curves.png and card into a staging folder, then into output_dir (`publish_files`: complete or absent).
-    Returns the metrics."""
+    Returns the metrics, with the unigram baseline of the data in bits/char (`unigram_bits_per_char`) when
+    `baselines` are given."""
     args = trainer.args
     staged = os.path.join(args.output_dir, FINAL_STAGING_DIR)
     trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with the tokenizer
     metrics = {**train_metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
+    if baselines is not None:
+        metrics["unigram_bits_per_char"] = bits(baselines.unigram)
     if not data_args.streaming:
         metrics["train_blocks"], metrics["eval_blocks"] = len(train_blocks), len(eval_blocks)
     if not trainer.is_world_process_zero():
@@ -305,7 +338,9 @@ __all__ = [
     "SampleCallback",
     "StatefulTrainer",
     "TimeLimitCallback",
+    "TrainingDiagnostics",
     "TrainingDiverged",
+    "TrainingOutOfMemory",
     "check_arguments",
     "checkpoint_problem",
     "checkpoint_step",

@@ -131,6 +131,11 @@ class CharLSTMTrainingArguments(TrainingArguments):
                   "linear...) runs over whichever of the two ends first, so a slow machine still ends its schedule. "
                   "0: no limit."},
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop training after this many evaluations without a better eval loss (transformers' "
+                  "EarlyStoppingCallback; the best checkpoint is loaded at the end). Default: train to the end."},
+    )
     ddp_find_unused_parameters: bool | None = field(
         default=False,
         metadata={"help": "DDP's search for parameters without gradient: every CharLSTM parameter gets one in every "
@@ -293,5 +298,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                 "--stateful needs one process per GPU (DataParallel splits the batch rows): launch with "
                 "`accelerate launch --multi_gpu --num_processes N` instead."
             )
+    if training_args.early_stopping_patience is not None:
+        if training_args.early_stopping_patience < 1:
+            raise UsageError(f"--early_stopping_patience must be at least 1, got "
+                             f"{training_args.early_stopping_patience}.")
+        if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no":
+            raise UsageError("--early_stopping_patience needs evaluations: drop --eval_strategy no.")
     if model_args.model_name_or_path is not None:  # a mistyped folder is said now, not after loading the data
         check_model_path(model_args.model_name_or_path)

@@ -10,6 +10,8 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
 
 from ..encoding import iter_texts
+from ..errors import see_troubleshooting
+from ..sampling import repetition_warning
 from .summary import run_summary
 
 
@@ -18,13 +20,15 @@ logger = logging.getLogger(__name__)
 
 class SampleCallback(TrainerCallback):
     """Every `every` evaluations, print a sample (main process only) and log it to TensorBoard as text; once per
-    step (the evaluation of the final model after training does not print the last step's sample again)."""
+    step (the evaluation of the final model after training does not print the last step's sample again). The first
+    sample caught in a repetition loop is reported (`repetition_warning`), once."""
 
     def __init__(self, tokenizer, prompt: str, every: int, length: int, temperature: float):
         self.tokenizer, self.prompt, self.every = tokenizer, prompt, every
         self.length, self.temperature = length, temperature
         self.evaluations = 0
         self.sampled_step = None
+        self.repetition_said = False
         self.trainer = None  # set by train(), to find the TensorBoard writer
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -37,6 +41,12 @@ class SampleCallback(TrainerCallback):
         text = sample(model, self.tokenizer, self.prompt, self.length, self.temperature)
         # through tqdm, so that the progress bars are cleared first and drawn again after the sample
         tqdm.write(f"----- sample at step {state.global_step} -----\n{text}\n-----")
+        if not self.repetition_said:
+            warning = repetition_warning(text[len(self.prompt):], f"the sample at step {state.global_step}",
+                                         training=True)
+            if warning is not None:
+                self.repetition_said = True
+                logger.warning(warning)
         for callback in self.trainer.callback_handler.callbacks if self.trainer else ():
             writer = getattr(callback, "tb_writer", None)
             if writer is not None:
@@ -67,7 +77,7 @@ def default_sample_prompt(tokenizer, train_raw, column: str) -> str:
 DIVERGENCE_HELP = (
     "Likely causes and fixes: a learning rate too high (try --learning_rate 1e-4), exploding gradients (keep "
     "gradient clipping on: --max_grad_norm 1.0 or lower), or half-precision overflow (train in float32 first: "
-    "drop --fp16/--bf16)."
+    "drop --fp16/--bf16). " + see_troubleshooting("loss-is-nan-or-explodes")
 )
 
 
@@ -127,10 +137,14 @@ class DivergenceGuard(TrainerCallback):
             self.logs_above = 0
             self.best = min(self.best, loss)
 
-    def message(self, output_dir: str, prompt: str) -> str:
+    def message(self, output_dir: str, prompt: str, grad_norms: str = "") -> str:
+        """The run's last lines: what diverged and when (with `grad_norms`, the gradient norms logged before it, from
+        `diagnostics.describe_grad_norms`), the likely causes and fixes, the last good checkpoint."""
+        measured = f" ({grad_norms})" if grad_norms else ""
         return run_summary(
             output_dir,
-            f"Training diverged at step {self.diverged_at}: {self.what}. {DIVERGENCE_HELP} Nothing was overwritten.",
+            f"Training diverged at step {self.diverged_at}: {self.what}{measured}. {DIVERGENCE_HELP} Nothing was "
+            "overwritten.",
             prompt=prompt,
             resume=False,
         )

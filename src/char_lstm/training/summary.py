@@ -35,7 +35,9 @@ def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prom
         if "eval_loss" not in values:
             return "not evaluated"
         bits = values.get("eval_bits_per_char", values["eval_loss"] / math.log(2))
-        return f"eval loss {values['eval_loss']:#.4g} nats/char, {bits:#.4g} bits/char"
+        gain = (f", {values['unigram_bits_per_char'] - bits:.2f} bits/char better than the data's unigram baseline"
+                if "unigram_bits_per_char" in values else "")
+        return f"eval loss {values['eval_loss']:#.4g} nats/char, {bits:#.4g} bits/char{gain}"
 
     def generate(folder: str) -> str:
         return (f"python scripts/generate.py --model_name_or_path {shlex.quote(folder)} "
