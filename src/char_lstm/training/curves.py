@@ -47,7 +47,8 @@ def plot_training_curves(log_history: list[dict], path: str, stop: tuple[int, st
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     fig.subplots_adjust(left=0.1, right=0.9, top=0.94, bottom=0.09, hspace=0.1)  # fixed: a layout engine costs 0.3 s
     dots = "." if len(train_steps) < 60 else None  # where the log is sparse, the points show where it was read
-    ax_loss.plot(train_steps, train_loss, color="tab:blue", marker=dots, linewidth=1.2, label="training loss")
+    ax_loss.plot(train_steps, train_loss, color="tab:blue", marker=dots, linewidth=1.2,
+                 label="training loss (mean since the point before)")
     ax_loss.plot(eval_steps, eval_loss, color="tab:orange", marker="o", markersize=5, linewidth=1.8, zorder=3,
                  label="validation loss")
     losses = [value for value in train_loss + eval_loss if math.isfinite(value) and value > 0]
