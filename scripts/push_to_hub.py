@@ -11,7 +11,9 @@
 Builds the complete repository folder (safetensors weights, config.json with auto_map, the code files for
 trust_remote_code, tokenizer files, generation_config.json, README.md model card) in --output_dir (default
 MODEL_DIR-hub), then uploads it with huggingface_hub (token from HF_TOKEN or `hf auth login`). --dry_run stops after
-building the folder.
+building the folder. --space you/char-demo also builds (in --space_dir, default MODEL_DIR-space) and uploads a Gradio
+Space running demo/app.py on the model: app.py, requirements.txt pinned to the versions tested here, README.md with the
+Spaces header.
 """
 
 import sys

@@ -41,6 +41,11 @@ def benchmark_parser(argv):
     return dataclass_parser(script_function("benchmarks/benchmark.py", "BenchmarkArguments"))(argv)
 
 
+def demo_parser(argv):
+    pytest.importorskip("gradio", reason="demo/app.py imports gradio (pip install -e '.[demo]')")
+    return script_function("demo/app.py", "parse_arguments")(argv)
+
+
 PARSERS = {
     "scripts/train.py": parse_train_arguments,
     "scripts/generate.py": dataclass_parser(GenerateArguments),
@@ -50,6 +55,7 @@ PARSERS = {
     "scripts/bptt_demo.py": lambda argv: script_function("scripts/bptt_demo.py", "parse_arguments")(argv),
     "scripts/benchmark.py": benchmark_parser,
     "benchmarks/benchmark.py": benchmark_parser,
+    "demo/app.py": demo_parser,
 }
 
 

@@ -36,6 +36,9 @@ def test_pyproject_packages_every_subpackage_and_the_card_template():
     folder = ROOT / setuptools["package-dir"]["char_lstm.model_cards"]
     assert folder == ROOT / "model_cards" and (folder / "char_lstm.md").is_file()
     assert setuptools["package-data"]["char_lstm.model_cards"] == ["*.md"]
+    # the demo app, which scripts/push_to_hub.py --space copies into a Space
+    assert ROOT / setuptools["package-dir"]["char_lstm.demo"] / "app.py" == ROOT / "demo" / "app.py"
+    assert setuptools["package-data"]["char_lstm.demo"] == ["app.py"]
 
 
 @pytest.mark.slow
@@ -56,7 +59,7 @@ def test_built_wheel_holds_every_module_and_renders_a_model_card(tmp_path):
     packaged = set(zipfile.ZipFile(wheel).namelist())
     modules = {path.relative_to(ROOT / "src").as_posix() for path in (ROOT / "src").rglob("*.py")}
     assert modules - packaged == set()  # a subpackage missing from pyproject.toml's list shows here
-    assert "char_lstm/model_cards/char_lstm.md" in packaged
+    assert "char_lstm/model_cards/char_lstm.md" in packaged and "char_lstm/demo/app.py" in packaged
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,

@@ -1,8 +1,10 @@
 """Sharing CharLSTM models: the model card, the Hub folder and the upload. (Loading is `char_lstm.loading`.)"""
 
+import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -21,15 +23,19 @@ from .loading import (  # noqa: F401  (check_model_path, check_vocab_match: impo
 
 RUN_INFO_NAME = "training_run.json"  # written by train(): what the model card says about the training
 TRAINING_CURVES_NAME = "training_curves.png"  # drawn by train() (training/curves.py), shown on the model card
-# The card template lives in the checkout's top-level model_cards/; a built wheel packages that folder as
-# char_lstm/model_cards/ (pyproject.toml), so installed copies render cards too.
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-MODEL_CARD_TEMPLATE = next(
-    (path for path in (os.path.join(_PACKAGE, "model_cards", "char_lstm.md"),
-                       os.path.join(os.path.dirname(os.path.dirname(_PACKAGE)), "model_cards", "char_lstm.md"))
-     if os.path.isfile(path)),
-    os.path.join(_PACKAGE, "model_cards", "char_lstm.md"),
-)
+
+
+def _packaged(folder: str, name: str) -> str:
+    """A file of the checkout's top-level `folder` (model_cards/, demo/), which a built wheel packages as
+    char_lstm/`folder`/ (pyproject.toml), so that installed copies find it too."""
+    checkout = os.path.dirname(os.path.dirname(_PACKAGE))
+    paths = (os.path.join(_PACKAGE, folder, name), os.path.join(checkout, folder, name))
+    return next((path for path in paths if os.path.isfile(path)), paths[0])
+
+
+MODEL_CARD_TEMPLATE = _packaged("model_cards", "char_lstm.md")
+SPACE_APP = _packaged("demo", "app.py")  # the Gradio demo, the app of the Space that --space builds
 TOKENIZER_FILES = ("vocab.json", "tokenizer_config.json")
 
 
@@ -188,12 +194,12 @@ class HubError(UsageError):
     """A problem preparing or uploading a Hub repository, in one line with the way out."""
 
 
-def check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, flag: str = "--repo_id") -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         reason = str(error).splitlines()[0]
-        raise HubError(f"Invalid --repo_id {repo_id!r}: {reason} (expected 'name' or 'user/name').")
+        raise HubError(f"Invalid {flag} {repo_id!r}: {reason} (expected 'name' or 'user/name').")
 
 
 def check_model_dir(model_dir: str) -> None:
@@ -252,6 +258,47 @@ def build_hub_folder(
     return folder
 
 
+def tested_versions() -> dict:
+    """The installed gradio, torch and transformers, which a Space is pinned to: the versions tested here."""
+    try:
+        return {name: importlib.metadata.version(name).split("+")[0]  # 2.13.0+cpu: the PyPI release 2.13.0
+                for name in ("gradio", "torch", "transformers")}
+    except importlib.metadata.PackageNotFoundError as error:
+        raise HubError(f"--space needs {error.name} installed, to pin the Space to the version tested here: "
+                       'pip install -e ".[demo]".') from None
+
+
+def build_space_folder(folder: str, space_id: str, model_repo_id: str, overwrite: bool = False) -> str:
+    """Write a ready-to-push Gradio Space for `space_id` into `folder`, running the demo (demo/app.py) on the model
+    `model_repo_id`: app.py with MODEL_ID set, requirements.txt pinned to the installed torch and transformers (the
+    versions tested here) and README.md with the Spaces YAML header (sdk_version: the installed gradio)."""
+    check_repo_id(space_id, "--space")
+    versions = tested_versions()
+    with open(SPACE_APP, encoding="utf-8") as f:
+        app, found = re.subn(r"^MODEL_ID = None\b", f"MODEL_ID = {model_repo_id!r}", f.read(), count=1, flags=re.M)
+    if not found:
+        raise HubError(f"{SPACE_APP} has no `MODEL_ID = None` line to set the model in.")
+    if os.path.isdir(folder) and os.listdir(folder):
+        if not overwrite:
+            raise HubError(f"{folder} is not empty: choose another --space_dir or pass --overwrite_output_dir.")
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "app.py"), "w", encoding="utf-8") as f:
+        f.write(app)
+    with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
+        f.write("# the versions char_lstm's demo was tested with (gradio: sdk_version in README.md)\n"
+                f"torch=={versions['torch']}\ntransformers=={versions['transformers']}\n")
+    header = {"title": space_id.split("/")[-1], "emoji": "\u270d\ufe0f", "colorFrom": "indigo", "colorTo": "gray",
+              "sdk": "gradio", "sdk_version": versions["gradio"], "app_file": "app.py", "models": [model_repo_id],
+              "short_description": "Character-level LSTM language model: type a prompt"}
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n"
+                f"# {header['title']}\n\nA demo of the character-level language model "
+                f"[{model_repo_id}](https://huggingface.co/{model_repo_id}): type a prompt, choose the length, "
+                "temperature, top-p and seed, and watch the characters come.\n")
+    return folder
+
+
 def require_token(token: str | None = None) -> str:
     """`token`, else HF_TOKEN, else the saved login; a one-line error saying how to log in when there is none."""
     token = token or get_token()
@@ -270,14 +317,18 @@ def push_folder(
     revision: str | None = None,
     commit_message: str = "Upload char_lstm model",
     token: str | None = None,
+    repo_type: str = "model",
 ) -> str:
-    """`create_repo` + `upload_folder`; returns the commit URL. The token comes from `token`, HF_TOKEN or the login."""
+    """`create_repo` + `upload_folder`; returns the commit URL. The token comes from `token`, HF_TOKEN or the login.
+    `repo_type="space"` creates a Gradio Space."""
     check_repo_id(repo_id)
     api = HfApi(token=require_token(token))
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type,
+                    space_sdk="gradio" if repo_type == "space" else None)
     if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, commit_message=commit_message)
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
+    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, commit_message=commit_message,
+                               repo_type=repo_type)
     return getattr(commit, "commit_url", str(commit))
 
 
@@ -297,6 +348,12 @@ class PushArguments:
     revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if needed)."})
     commit_message: str = field(default="Upload char_lstm model", metadata={"help": "The commit message."})
     dry_run: bool = field(default=False, metadata={"help": "Build the folder only; upload nothing."})
+    space: str | None = field(
+        default=None, metadata={"help": "Also a Gradio Space 'name' or 'user/name' with the demo of --repo_id."}
+    )
+    space_dir: str | None = field(
+        default=None, metadata={"help": "Where to build the Space's folder (default: MODEL_DIR-space)."}
+    )
 
 
 def load_eval_results(path: str) -> dict:
@@ -324,16 +381,27 @@ def load_eval_results(path: str) -> dict:
 
 
 def run_push(args: PushArguments) -> str:
-    """Build the repository folder and, unless --dry_run, upload it; returns the folder."""
+    """Build the repository folder (and the Space's, with --space) and, unless --dry_run, upload it; returns the
+    folder."""
     check_repo_id(args.repo_id)
     if not args.dry_run:
         require_token()  # before any work
     folder = args.output_dir or os.path.normpath(args.model_dir) + "-hub"
     results = load_eval_results(args.eval_results) if args.eval_results else None
+    space = args.space_dir or os.path.normpath(args.model_dir) + "-space"
+    if args.space:  # before any work
+        check_repo_id(args.space, "--space")
+        tested_versions()
     build_hub_folder(args.model_dir, folder, args.repo_id, results, overwrite=args.overwrite_output_dir,
                      license=args.license)
     print(f"built {folder}: {', '.join(sorted(os.listdir(folder)))}")
+    if args.space:
+        build_space_folder(space, args.space, args.repo_id, overwrite=args.overwrite_output_dir)
+        print(f"built {space}: {', '.join(sorted(os.listdir(space)))}")
     if not args.dry_run:
         url = push_folder(folder, args.repo_id, args.private, args.revision, args.commit_message)
         print(f"pushed to https://huggingface.co/{args.repo_id} ({url})")
+        if args.space:
+            url = push_folder(space, args.space, args.private, commit_message="char_lstm demo", repo_type="space")
+            print(f"pushed to https://huggingface.co/spaces/{args.space} ({url})")
     return folder

@@ -1,5 +1,6 @@
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,34 @@ def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
         [sys.executable, "-c", snippet], capture_output=True, text=True, env=script_env(), timeout=120
     )
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
+
+
+def test_space_dry_run_builds_a_ready_to_push_gradio_space(trained_model, tmp_path):
+    gradio = pytest.importorskip("gradio", reason="--space pins the Space to the installed gradio")
+    import transformers
+
+    space = tmp_path / "space"
+    result = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
+                                            "--output_dir", str(tmp_path / "repo"), "--space", "someone/char-demo",
+                                            "--space_dir", str(space), "--dry_run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(space)) == ["README.md", "app.py", "requirements.txt"]
+    header = front_matter((space / "README.md").read_text())
+    assert header["sdk"] == "gradio" and header["sdk_version"] == gradio.__version__
+    assert header["app_file"] == "app.py" and header["models"] == ["someone/char-tiny"]
+    assert (space / "requirements.txt").read_text().splitlines()[1:] == [
+        f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+    # the Space runs `python app.py` without arguments: the model is the one pushed
+    app = runpy.run_path(str(space / "app.py"), run_name="space_app")
+    assert app["parse_arguments"]([]).model == "someone/char-tiny"
+
+    again = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
+                                           "--output_dir", str(tmp_path / "repo2"), "--space", "someone/char-demo",
+                                           "--space_dir", str(space), "--dry_run"], tmp_path)
+    assert again.returncode == 2 and f"{space} is not empty" in again.stderr  # nothing replaced without asking
+    bad = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
+                                         "--space", "not a//space", "--dry_run"], tmp_path)
+    assert bad.returncode == 2 and "Invalid --space 'not a//space'" in bad.stderr
 
 
 def test_built_folder_loads_from_the_hub_cache_without_char_lstm(trained_model, tmp_path):

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""A demo page for a char_lstm model: type a prompt, set the length, temperature, top-p and seed, and watch the
+characters stream in (Gradio).
+
+    pip install -e ".[demo]"
+    python demo/app.py --model outputs/shakespeare          # a model folder, or a Hub id: you/char-shakespeare
+    # then open http://127.0.0.1:7860
+
+The same file is the app of a Hugging Face Space (`scripts/push_to_hub.py --space NAME` builds the Space's folder,
+with MODEL_ID set to the model's repository). It needs torch, transformers and gradio, not char_lstm: the model
+carries its own code (trust_remote_code).
+"""
+
+import argparse
+import json
+import os
+from threading import Thread
+
+import gradio as gr
+import torch
+from huggingface_hub import hf_hub_download, metadata_load
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+
+MODEL_ID = None  # the model a Space shows (set by scripts/push_to_hub.py --space); --model wins
+# No web fonts: the page looks the same offline (a local model, a test browser without network)
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+class CharStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer, one character at a time: the base class holds text back to the next space (a token can
+    be a piece of a word there), but each token of a char_lstm model is a whole character."""
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.on_finalized_text(self.tokenizer.decode(value.reshape(-1).tolist(), **self.decode_kwargs))
+
+
+def model_file(model: str, name: str) -> str | None:
+    """The path of `name` in a model folder, or downloaded from the Hub repository `model`; None where it has none."""
+    if os.path.isdir(model):
+        path = os.path.join(model, name)
+        return path if os.path.isfile(path) else None
+    try:
+        return hf_hub_download(model, name)
+    except Exception:  # not in the repository, or the Hub unreachable: the page shows what it has
+        return None
+
+
+def card_facts(model: str, network) -> str:
+    """Markdown lines about the model: its size, its training data and its bits per character, from the config, the
+    card's metadata (README.md) and the training run's record (training_run.json, in a folder written by training)."""
+    config = network.config
+    facts = [f"**{config.cell_type.upper()}**, {config.num_hidden_layers} layers of {config.hidden_size} units, "
+             f"{network.num_parameters():,} parameters, a vocabulary of {config.vocab_size} tokens"]
+    card = model_file(model, "README.md")
+    metadata = metadata_load(card) if card else None
+    run_path = model_file(model, "training_run.json")
+    run = {}
+    if run_path:
+        with open(run_path, encoding="utf-8") as f:
+            run = json.load(f)
+    results = ((metadata or {}).get("model-index") or [{}])[0].get("results") or [{}]
+    dataset = run.get("dataset") or results[0].get("dataset", {}).get("name")
+    if dataset:
+        steps = f" ({run['global_step']} steps)" if run.get("global_step") else ""
+        facts.append(f"trained on **{dataset}**{steps}")
+    bits = [metric for metric in results[0].get("metrics", []) if metric.get("type") == "bits_per_character"]
+    if bits:
+        facts.append(f"**{bits[0]['value']:.3f} bits/char** ({bits[0]['name'].split('(')[-1].rstrip(')')})")
+    return "; ".join(facts) + "."
+
+
+def build_demo(model: str) -> gr.Blocks:
+    """The page for `model` (a folder or a Hub id), loaded once."""
+    network = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)
+    name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+    def generate(prompt: str, length: float, temperature: float, top_p: float, seed: float):
+        """Yields the prompt and the characters generated so far, as they come."""
+        ids = tokenizer([prompt], return_tensors="pt")
+        if not prompt or (ids["input_ids"] == tokenizer.unk_token_id).all():
+            raise gr.Error("Type a prompt with characters of the model's training text.")
+        streamer = CharStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failed = []
+
+        def run():  # generate() in a thread, feeding the streamer; an error ends the stream instead of hanging it
+            try:
+                torch.manual_seed(int(seed))
+                network.generate(**ids, max_new_tokens=int(length), do_sample=True, temperature=float(temperature),
+                                 top_p=float(top_p), top_k=0, streamer=streamer)
+            except Exception as error:
+                failed.append(error)
+                streamer.end()
+
+        thread = Thread(target=run)
+        thread.start()
+        text = prompt
+        for piece in streamer:
+            text += piece
+            yield text
+        thread.join()
+        if failed:
+            raise gr.Error(str(failed[0]))
+
+    with gr.Blocks(title=f"{name}: char_lstm demo", analytics_enabled=False) as demo:
+        gr.Markdown(f"# {name}\nA character-level language model (char_lstm): it writes one character at a time, in "
+                    f"the style of its training text.\n\n{card_facts(model, network)}")
+        prompt = gr.Textbox(label="Prompt", value="ROMEO:", lines=2, elem_id="prompt")
+        with gr.Row():
+            length = gr.Slider(1, 2000, value=300, step=1, label="Characters to generate", elem_id="length")
+            temperature = gr.Slider(0.05, 2.0, value=0.8, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        output = gr.Textbox(label="Generated text", lines=14, elem_id="output", interactive=False)
+        button.click(generate, [prompt, length, temperature, top_p, seed], output)
+    return demo
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--model", default=MODEL_ID, required=MODEL_ID is None,
+                        help="a model folder (the --output_dir of scripts/train.py) or a Hub id")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0: everyone)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_arguments()
+    build_demo(args.model).launch(server_name=args.host, server_port=args.port, theme=THEME)
+
+
+if __name__ == "__main__":
+    main()
