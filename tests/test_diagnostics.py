@@ -13,7 +13,7 @@ from char_lstm.doctor import recommended_launch
 from char_lstm.errors import UsageError
 from char_lstm.sampling import repetition_loop
 from char_lstm.training import TrainingDiverged, TrainingOutOfMemory, parse_arguments, train
-from helpers import call_script, shakespeare_like, write_text
+from helpers import ROOT, call_script, shakespeare_like, write_text
 
 
 LINK = "docs/troubleshooting.md#"
@@ -223,3 +223,14 @@ def test_doctor_reports_the_environment_and_the_launch_command(tmp_path):
 )
 def test_doctor_recommends_the_launch_for_the_machine(machine, command):
     assert recommended_launch(*machine).startswith(command)
+
+
+def test_every_message_links_to_a_section_of_the_troubleshooting_doc():
+    doc = (ROOT / "docs" / "troubleshooting.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
+               for title in re.findall(r"^## (.+)$", doc, re.M)}
+    code = "\n".join(path.read_text() for path in (ROOT / "src" / "char_lstm").rglob("*.py"))
+    linked = set(re.findall(r"see_troubleshooting\(['\"]([a-z-]+)['\"]\)", code))
+    assert len(linked) == 8 and linked <= anchors, linked - anchors
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"docs/troubleshooting.md#{anchor}" in readme for anchor in linked - {"overfitting", "the-checklist"})

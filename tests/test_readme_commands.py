@@ -13,6 +13,7 @@ from transformers import HfArgumentParser
 
 from char_lstm.cli import parse_command_line
 from char_lstm.convert import ConvertArguments
+from char_lstm.doctor import DoctorArguments
 from char_lstm.evaluation import EvaluateArguments
 from char_lstm.hub import PushArguments
 from char_lstm.sampling import GenerateArguments
@@ -52,6 +53,7 @@ PARSERS = {
     "scripts/evaluate.py": dataclass_parser(EvaluateArguments),
     "scripts/push_to_hub.py": dataclass_parser(PushArguments),
     "scripts/convert_pytorch_checkpoint.py": dataclass_parser(ConvertArguments),
+    "scripts/doctor.py": dataclass_parser(DoctorArguments),
     "scripts/bptt_demo.py": lambda argv: script_function("scripts/bptt_demo.py", "parse_arguments")(argv),
     "scripts/benchmark.py": benchmark_parser,
     "benchmarks/benchmark.py": benchmark_parser,
