@@ -216,6 +216,15 @@ def check_model_dir(model_dir: str) -> None:
         )
 
 
+def _make_empty(folder: str, flag: str, overwrite: bool) -> bool:
+    """Whether `folder` (given as `flag`) holds files to remove first; without --overwrite_output_dir, a HubError."""
+    if not (os.path.isdir(folder) and os.listdir(folder)):
+        return False
+    if not overwrite:
+        raise HubError(f"{folder} is not empty: choose another {flag} or pass --overwrite_output_dir.")
+    return True
+
+
 def build_hub_folder(
     model_dir: str,
     folder: str,
@@ -235,9 +244,7 @@ def build_hub_folder(
             f"--output_dir {folder} would replace the model in --model_dir {model_dir}; choose another folder."
         )
     model, tokenizer = load_model_and_tokenizer(model_dir)  # before anything is deleted
-    if os.path.isdir(folder) and os.listdir(folder):
-        if not overwrite:
-            raise HubError(f"{folder} is not empty: choose another --output_dir or pass --overwrite_output_dir.")
+    if _make_empty(folder, "--output_dir", overwrite):
         shutil.rmtree(folder)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)  # model.safetensors, config.json (auto_map), generation_config.json, code files
@@ -278,9 +285,7 @@ def build_space_folder(folder: str, space_id: str, model_repo_id: str, overwrite
         app, found = re.subn(r"^MODEL_ID = None\b", f"MODEL_ID = {model_repo_id!r}", f.read(), count=1, flags=re.M)
     if not found:
         raise HubError(f"{SPACE_APP} has no `MODEL_ID = None` line to set the model in.")
-    if os.path.isdir(folder) and os.listdir(folder):
-        if not overwrite:
-            raise HubError(f"{folder} is not empty: choose another --space_dir or pass --overwrite_output_dir.")
+    if _make_empty(folder, "--space_dir", overwrite):
         shutil.rmtree(folder)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "app.py"), "w", encoding="utf-8") as f:
@@ -392,6 +397,7 @@ def run_push(args: PushArguments) -> str:
     if args.space:  # before any work
         check_repo_id(args.space, "--space")
         tested_versions()
+        _make_empty(space, "--space_dir", args.overwrite_output_dir)
     build_hub_folder(args.model_dir, folder, args.repo_id, results, overwrite=args.overwrite_output_dir,
                      license=args.license)
     print(f"built {folder}: {', '.join(sorted(os.listdir(folder)))}")

@@ -81,7 +81,8 @@ def test_space_dry_run_builds_a_ready_to_push_gradio_space(trained_model, tmp_pa
     again = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
                                            "--output_dir", str(tmp_path / "repo2"), "--space", "someone/char-demo",
                                            "--space_dir", str(space), "--dry_run"], tmp_path)
-    assert again.returncode == 2 and f"{space} is not empty" in again.stderr  # nothing replaced without asking
+    assert again.returncode == 2 and f"{space} is not empty: choose another --space_dir" in again.stderr
+    assert not (tmp_path / "repo2").exists()  # refused before any work, and nothing replaced without asking
     bad = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
                                          "--space", "not a//space", "--dry_run"], tmp_path)
     assert bad.returncode == 2 and "Invalid --space 'not a//space'" in bad.stderr
