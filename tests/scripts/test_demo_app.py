@@ -1,6 +1,7 @@
 """The demo page (demo/app.py) in a real browser: the app serves a tiny trained model on 127.0.0.1, a headless
 Chromium driven by Selenium types a prompt, presses Generate and reads the streamed text."""
 
+import importlib.util
 import runpy
 import shutil
 
@@ -16,7 +17,10 @@ DRIVER = shutil.which("chromedriver")
 
 @pytest.fixture
 def browser():
-    pytest.importorskip("selenium", reason="the browser test needs selenium (pip install -e '.[dev]')")
+    """A headless Chromium driven by Selenium; the test is skipped, saying what is missing, before any other work."""
+    for module, extra in (("gradio", "demo"), ("selenium", "dev")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the browser test of the demo page needs {module} (pip install -e '.[{extra}]')")
     if BROWSER is None or DRIVER is None:
         pytest.skip("no Chromium and chromedriver on PATH (Debian: apt-get install -y chromium chromium-driver)")
     from selenium import webdriver
@@ -31,8 +35,7 @@ def browser():
     driver.quit()
 
 
-def test_the_demo_page_streams_a_generation_that_starts_with_the_prompt(trained_model, browser, tmp_path):
-    pytest.importorskip("gradio", reason="the demo page needs gradio (pip install -e '.[demo]')")
+def test_the_demo_page_streams_a_generation_that_starts_with_the_prompt(browser, trained_model, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
