@@ -88,7 +88,8 @@ def test_a_loss_stuck_high_is_reported_once_with_its_cause(tmp_path, caplog, fla
 OVERFIT = [
     "--validation_file", "VALIDATION", "--hidden_size", "128", "--num_hidden_layers", "1", "--stride", "4",
     "--per_device_train_batch_size", "16", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-    "--max_steps", "30", "--eval_steps", "5", "--save_steps", "5", "--logging_steps", "5", "--sample_every_evals", "0",
+    "--max_steps", "30", "--eval_steps", "5", "--save_steps", "10", "--logging_steps", "5",
+    "--sample_every_evals", "0",
 ]
 TRAIN_TEXT = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
               "Arise, fair sun, and kill the envious moon,\nWho is already sick and pale with grief.\n")
@@ -192,7 +193,7 @@ def test_the_checklist_warns_once_each(tmp_path, caplog):
         "--lr_scheduler_type", "cosine", "--sample_every_evals", "0")
     said = [message for message in reports(caplog) if message.endswith(f"{LINK}the-checklist.")]
     assert len(said) == 4, reports(caplog)
-    assert said[0].startswith("Gradient clipping is off (--max_grad_norm 0.0)")
+    assert said[0].startswith("Gradient clipping is off (--max_grad_norm 0)")
     assert said[1].startswith("A vanilla RNN (--cell_type rnn) on blocks of 64 characters")
     assert said[2].startswith("No validation loss during training (--eval_strategy no)")
     assert said[3].startswith("No checkpoints (--save_strategy no)")

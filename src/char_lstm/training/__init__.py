@@ -71,8 +71,7 @@ from .diagnostics import (
     baseline_gain_warning,
     bits,
     describe_grad_norms,
-    is_out_of_memory,
-    out_of_memory_message,
+    out_of_memory_reported,
     recent_grad_norms,
 )
 from .metrics import compute_metrics, preprocess_logits_for_metrics
@@ -159,20 +158,16 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     )
 
     # 5. Train (a resume of a run that had already ended trains no more); an allocation failure is one message
-    try:
+    with out_of_memory_reported(training_args, data_args.block_size, model):
         train_metrics = run_training(trainer, resume)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        raise TrainingOutOfMemory(out_of_memory_message(error, training_args, data_args.block_size, model)) from None
-    if guard.diverged_at is not None:
-        norms = describe_grad_norms(recent_grad_norms(trainer.state.log_history), training_args.max_grad_norm)
-        raise TrainingDiverged(guard.message(training_args.output_dir, prompt, norms))
+        if guard.diverged_at is not None:
+            norms = describe_grad_norms(recent_grad_norms(trainer.state.log_history), training_args.max_grad_norm)
+            raise TrainingDiverged(guard.message(training_args.output_dir, prompt, norms))
 
-    # 6. Evaluate, and save the final model with its results and card (it appears in output_dir complete)
-    stopped_at = time_limit.stopped_at if time_limit else None
-    metrics = save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics, prompt,
-                               stopped_at, baselines)
+        # 6. Evaluate, and save the final model with its results and card (it appears in output_dir complete)
+        stopped_at = time_limit.stopped_at if time_limit else None
+        metrics = save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics, prompt,
+                                   stopped_at, baselines)
     if training_args.push_to_hub:
         # Trainer.push_to_hub writes its generic card over README.md first; the run's own card stays instead
         trainer.create_model_card = lambda *args, **kwargs: None

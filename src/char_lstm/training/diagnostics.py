@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,25 @@ def baseline_gain_warning(eval_loss: float, baselines: Baselines, min_gain_bits:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA, MPS, XPU or CPU allocation failure (accelerate's test, the one --auto_find_batch_size uses)."""
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or should_reduce_batch_size(error)
+    """A CUDA, MPS, XPU or CPU allocation failure (accelerate's test, the one --auto_find_batch_size uses), or
+    --auto_find_batch_size having found no batch size that fits."""
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or should_reduce_batch_size(error)
+            or "No executable batch size found" in str(error))
 
 
 class TrainingOutOfMemory(RuntimeError):
     """An allocation failure while training, told with the sizes in use and the options (`out_of_memory_message`)."""
+
+
+@contextmanager
+def out_of_memory_reported(training_args, block_size: int, model):
+    """Turns an allocation failure in the block into `TrainingOutOfMemory` (one message, no traceback)."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise TrainingOutOfMemory(out_of_memory_message(error, training_args, block_size, model)) from None
 
 
 def out_of_memory_message(error: BaseException, training_args, block_size: int, model) -> str:
@@ -128,8 +142,8 @@ def checklist_warnings(training_args, cell_type: str, block_size: int, has_eval_
     warnings = []
     if not training_args.max_grad_norm or training_args.max_grad_norm <= 0:
         warnings.append(
-            f"Gradient clipping is off (--max_grad_norm {training_args.max_grad_norm}): one exploding gradient can "
-            f"ruin a recurrent network's training; keep --max_grad_norm 1.0 (the default). "
+            f"Gradient clipping is off (--max_grad_norm {training_args.max_grad_norm or 0:g}): one exploding gradient "
+            f"can ruin a recurrent network's training; keep --max_grad_norm 1.0 (the default). "
             f"{see_troubleshooting('the-checklist')}")
     if cell_type == "rnn" and block_size > 50:
         warnings.append(
