@@ -184,13 +184,10 @@ def test_convert_and_push_bad_files_are_named(trained_model, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "hub").exists()
 
 
-def test_the_scripts_themselves_answer_in_one_line(trained_model, tmp_path):
-    """The same errors through real interpreters: scripts/train.py (a config file) and scripts/generate.py."""
+def test_the_script_itself_answers_in_one_line(tmp_path):
+    """The same errors through a real interpreter: scripts/train.py with a broken config file. (generate.py and the
+    other scripts run in real interpreters in their own tests.)"""
     config = write_text(tmp_path / "c.yaml", "learning_rate: [1\n")
     result = run_script("train.py", [str(config)], tmp_path)
     assert result.returncode == 2
     assert "c.yaml is not valid YAML" in the_error_line(result.stderr)
-    result = run_script("generate.py", ["--model_name_or_path", str(trained_model), "--prompt", "A",
-                                        "--num_return_sequences", "0"], tmp_path)
-    assert result.returncode == 2
-    assert "--num_return_sequences must be at least 1" in the_error_line(result.stderr)

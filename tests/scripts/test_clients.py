@@ -8,7 +8,7 @@ import torch
 from torch.nn import CrossEntropyLoss
 
 from char_lstm import load_model_and_tokenizer
-from helpers import run_script, shakespeare_like, write_text
+from helpers import call_script, shakespeare_like, write_text
 
 
 BLOCK = 32
@@ -36,7 +36,7 @@ def test_harness_rolling_loglikelihood_equals_evaluate_py_on_the_same_windows(ha
     text = shakespeare_like(4000)[1000 : 1000 + 5 * BLOCK]
     [rolling] = harness.loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))
     out = tmp_path / "r.json"
-    result = run_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--validation_file",
+    result = call_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--validation_file",
                                         str(write_text(tmp_path / "t.txt", text)), "--block_size", str(BLOCK),
                                         "--modes", "fixed", "--output_json", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

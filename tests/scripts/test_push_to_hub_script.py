@@ -1,16 +1,14 @@
+import contextlib
+import io
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
-import torch
 import yaml
 
-from char_lstm import load_model_and_tokenizer
 from helpers import call_script, run_script, script_env, shakespeare_like, write_text
 
 
@@ -19,16 +17,41 @@ def front_matter(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
-def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
+BLOCK_CHAR_LSTM = """
+import sys
+
+class BlockCharLSTM:
+    def find_spec(self, name, path=None, target=None):
+        if name == "char_lstm" or name.startswith("char_lstm."):
+            raise ImportError("char_lstm is blocked in this process")
+
+sys.meta_path.insert(0, BlockCharLSTM())
+"""
+
+
+def place_in_hub_cache(folder, repo_id, hub_cache):
+    """`folder` where huggingface_hub caches the main revision of the model `repo_id`."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+@pytest.mark.heavy
+def test_dry_run_builds_the_complete_repository_whose_card_snippet_runs_from_the_hub_cache(trained_model, tmp_path):
+    """The built folder holds the model, its code and a card true to the run; placed where huggingface_hub caches
+    someone/char-tiny, the card's code snippet, as written, runs offline in a process where char_lstm cannot be
+    imported, and writes the same text as in this process for the same seed."""
     eval_json = tmp_path / "eval.json"
     evaluation = call_script("evaluate.py", ["--model_name_or_path", str(trained_model), "--validation_file",
                                             str(trained_model.parent / "train.txt"), "--block_size", "32",
                                             "--output_json", str(eval_json)], tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     folder = tmp_path / "repo"
-    result = run_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
-                                           "--output_dir", str(folder), "--eval_results", str(eval_json),
-                                           "--dry_run"], tmp_path)
+    result = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
+                                            "--output_dir", str(folder), "--eval_results", str(eval_json),
+                                            "--dry_run"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     files = set(os.listdir(folder))
     assert files == {"model.safetensors", "config.json", "generation_config.json", "configuration_char_lstm.py",
@@ -51,87 +74,22 @@ def test_dry_run_builds_the_complete_repository(trained_model, tmp_path):
     assert "![Training curves](training_curves.png)" in card
     assert 'from_pretrained("someone/char-tiny", trust_remote_code=True)' in card
     assert "| block (sequence) length | 32 |" in card and "| training steps | 40 |" in card
-    # the code snippet of the card runs (on the local folder)
-    snippet = card.split("```python\n")[1].split("```")[0].replace("someone/char-tiny", str(folder))
-    ran = subprocess.run(
-        [sys.executable, "-c", snippet], capture_output=True, text=True, env=script_env(), timeout=120
-    )
-    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
 
-
-def test_space_dry_run_builds_a_ready_to_push_gradio_space(trained_model, tmp_path):
-    gradio = pytest.importorskip("gradio", reason="--space pins the Space to the installed gradio")
-    import transformers
-
-    space = tmp_path / "space"
-    result = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
-                                            "--output_dir", str(tmp_path / "repo"), "--space", "someone/char-demo",
-                                            "--space_dir", str(space), "--dry_run"], tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(space)) == ["README.md", "app.py", "requirements.txt"]
-    header = front_matter((space / "README.md").read_text())
-    assert header["sdk"] == "gradio" and header["sdk_version"] == gradio.__version__
-    assert header["app_file"] == "app.py" and header["models"] == ["someone/char-tiny"]
-    assert (space / "requirements.txt").read_text().splitlines()[1:] == [
-        f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-    # the Space runs `python app.py` without arguments: the model is the one pushed
-    app = runpy.run_path(str(space / "app.py"), run_name="space_app")
-    assert app["parse_arguments"]([]).model == "someone/char-tiny"
-
-    again = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
-                                           "--output_dir", str(tmp_path / "repo2"), "--space", "someone/char-demo",
-                                           "--space_dir", str(space), "--dry_run"], tmp_path)
-    assert again.returncode == 2 and f"{space} is not empty: choose another --space_dir" in again.stderr
-    assert not (tmp_path / "repo2").exists()  # refused before any work, and nothing replaced without asking
-    bad = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
-                                         "--space", "not a//space", "--dry_run"], tmp_path)
-    assert bad.returncode == 2 and "Invalid --space 'not a//space'" in bad.stderr
-
-
-def test_built_folder_loads_from_the_hub_cache_without_char_lstm(trained_model, tmp_path):
-    """The folder, placed where huggingface_hub caches ORG/NAME, loads offline with trust_remote_code in a process
-    where char_lstm cannot be imported, and generates the same text as the original for the same seed."""
-    folder = tmp_path / "repo"
-    built = call_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someorg/char-tiny",
-                                          "--output_dir", str(folder), "--dry_run"], tmp_path)
-    assert built.returncode == 0, built.stderr[-2000:]
+    # the card's snippet, seeded just before it samples
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert snippet.count("out = model.generate(") == 1
+    sampling = "out = model.generate("
+    seeded = "import torch\n" + snippet.replace(sampling, "torch.manual_seed(77)\n" + sampling)
     hub_cache = tmp_path / "hf_home" / "hub"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = hub_cache / "models--someorg--char-tiny" / "snapshots" / revision
-    shutil.copytree(folder, snapshot)
-    (hub_cache / "models--someorg--char-tiny" / "refs").mkdir()
-    (hub_cache / "models--someorg--char-tiny" / "refs" / "main").write_text(revision)
-
-    model, tokenizer = load_model_and_tokenizer(str(trained_model))
-    torch.manual_seed(77)
-    expected = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=50,
-                                               do_sample=True)[0])
-    script = textwrap.dedent(
-        """
-        import sys
-
-        class BlockCharLSTM:
-            def find_spec(self, name, path=None, target=None):
-                if name == "char_lstm" or name.startswith("char_lstm."):
-                    raise ImportError("blocked")
-
-        sys.meta_path.insert(0, BlockCharLSTM())
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained("someorg/char-tiny", trust_remote_code=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained("someorg/char-tiny", trust_remote_code=True)
-        assert "char_lstm" not in sys.modules
-        torch.manual_seed(77)
-        out = model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=50, do_sample=True)
-        sys.stdout.write("TEXT:" + repr(tokenizer.decode(out[0])))
-        """
-    )
+    place_in_hub_cache(folder, "someone/char-tiny", hub_cache)
     env = script_env(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(hub_cache), PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("TEXT:")[-1] == repr(expected)
+    ran = subprocess.run([sys.executable, "-c", BLOCK_CHAR_LSTM + seeded + "\nassert 'char_lstm' not in sys.modules"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    here = io.StringIO()
+    with contextlib.redirect_stdout(here):
+        exec(seeded.replace("someone/char-tiny", str(folder)), {})
+    assert len(here.getvalue()) > 20 and ran.stdout == here.getvalue()
 
 
 @pytest.mark.parametrize(

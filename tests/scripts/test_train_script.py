@@ -140,6 +140,7 @@ def reference_run(args, out):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(600)  # 4 runs of the script: 90-140 s measured on 2 shared cores (load ~5)
 def test_sigkill_at_any_moment_then_resume_ends_with_the_same_weights(tmp_path, corpus):
     """One run killed three times (each resumed with --resume_from_checkpoint True): while checkpoint-8 is being
@@ -262,6 +263,7 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, corpus):
 OUR_FRAME = re.compile(r'File "[^"]*(scripts/train\.py|char_lstm/)')  # a traceback through our code
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(600)  # two 2-process runs, ~60 s measured on 2 shared cores
 def test_lock_and_sigterm_under_accelerate_two_processes(tmp_path, corpus):
     """Under `accelerate launch` with 2 processes the main one holds the lock, and a second 2-process run into the
@@ -274,9 +276,16 @@ def test_lock_and_sigterm_under_accelerate_two_processes(tmp_path, corpus):
            "no"]
     args = ["--train_file", corpus, *LONG_RUN, "--output_dir", str(out)]
     process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *two, TRAIN, *args], cwd=tmp_path,
-                               env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"))
+                               env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"),
+                               start_new_session=True)
     wait_for(process, out / "checkpoint-4")
-    second = launch(args, tmp_path, accelerate=two)
+    # the running job is paused (launcher and ranks: SIGSTOP to its process group) while the second one starts: it
+    # still holds the lock, and does not spend the cores training meanwhile
+    os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        second = launch(args, tmp_path, accelerate=two)
+    finally:
+        os.killpg(process.pid, signal.SIGCONT)
     assert second.returncode != 0
     refusals = [line for line in second.stderr.splitlines() if "is in use by another training run" in line]
     assert len(refusals) == 1 and refusals[0].startswith("error: "), second.stderr[-3000:]
@@ -299,6 +308,7 @@ def the_error_line(stderr):
     return errors[0]
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(600)  # 60 s measured on 2 shared cores; two processes on 2 cores suffer most from load
 def test_accelerate_launch_two_processes(tmp_path, corpus):
     out = tmp_path / "ddp"
@@ -339,6 +349,7 @@ def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path, corpus)
     assert "accelerate launch --multi_gpu --num_processes N" in result.stderr
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(900)  # two 2-process runs, 84 s together measured on 2 shared cores
 def test_stateful_two_processes_own_their_streams_and_resume_exactly(tmp_path, corpus):
     """--stateful under 2 real processes: each saves the state of its own streams with the checkpoint, and a run
