@@ -96,12 +96,35 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The CPU's widest vector instructions that matter to torch's kernels here: AVX2, AVX-512 (with BF16), AMX."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if not flags:  # not Linux: torch's own view of the CPU
+        return torch.backends.cpu.get_cpu_capability()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE/NEON"
+    if "avx512_bf16" in flags:
+        isa += " + AVX512-BF16"
+    if "amx_tile" in flags:
+        isa += " + AMX"
+    return isa
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
+        "isa": cpu_isa(),
+        "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "onednn": torch.backends.mkldnn.is_available(),
         "device": str(device),
@@ -261,7 +284,28 @@ def _same_weights_check(model, reference, prompts: torch.Tensor) -> None:
                            "models.")
 
 
+def decoding_weight_bytes(model: CharLSTMForCausalLM) -> int:
+    """Bytes of weights one decoding step reads: every parameter but the embedding table, of which it reads one row."""
+    embeddings = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embeddings) + (
+        embeddings.shape[1] * embeddings.element_size()
+    )
+
+
+def streaming_bandwidth(nbytes: int, device, repeats: int = 50) -> float:
+    """Bytes/s of reading a buffer of `nbytes` again and again (as decoding reads its weights at every token: from
+    the cache where they fit), best of `repeats` reductions over it with the process's threads."""
+    buffer = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
+    buffer.sum()  # warm-up: pages touched, caches filled
+    best = float("inf")
+    for _ in range(repeats):
+        best = min(best, _seconds(device, torch.sum, buffer))
+    return buffer.numel() * 4 / best
+
+
 def bench_decode(text: str, device, quick: bool) -> list[dict]:
+    """generate() at batch 1 against the reference loop, and against the floor of a decoding step: the bytes of
+    weights a step reads divided by the bandwidth measured reading a buffer of that size."""
     tokenizer = CharLSTMTokenizer.from_corpus(text)
     model = reference_sized_model(tokenizer, device).eval()
     reference = ReferenceCharLSTM.from_char_lstm(model).eval()
@@ -272,7 +316,14 @@ def bench_decode(text: str, device, quick: bool) -> list[dict]:
     per_char = {n: _seconds(device, _model_generate, model, prompt, n) / n * 1e3 for n in (short, long)}
     reference_seconds = min(_seconds(device, reference_generate, reference, prompt, short) for _ in range(2))
     reference_per_char = reference_seconds / short * 1e3
+    weight_bytes = decoding_weight_bytes(model)
+    bandwidth = streaming_bandwidth(weight_bytes, device)
+    floor_per_char = weight_bytes / bandwidth * 1e3
     return [
+        row("weights read per character", weight_bytes / 1e6, "MB"),
+        row("bandwidth reading them", bandwidth / 1e9, "GB/s"),
+        row("decoding floor (weights / bandwidth)", floor_per_char, "ms/char"),
+        row("generate() vs decoding floor, time per char", per_char[short] / floor_per_char, "ratio", "<= 2.5"),
         row(f"generate(), {short} new chars", per_char[short], "ms/char"),
         row(f"generate(), {long} new chars", per_char[long], "ms/char"),
         row(f"reference generate loop, {short} chars", reference_per_char, "ms/char"),
@@ -428,7 +479,8 @@ def run(args: BenchmarkArguments) -> dict:
         results["results"] += [{"section": name, **r} for r in SECTIONS[name](text, device, args.quick)]
 
     env = results["environment"]
-    print(f"torch {env['torch']}, {env['threads']} threads, {env['cores']} cores, {env['cpu']}, device {env['device']}"
+    print(f"torch {env['torch']}, {env['threads']} threads, {env['cores']} cores, {env['cpu']} ({env['isa']}; torch's "
+          f"CPU kernels: {env['torch_cpu_kernels']}), device {env['device']}"
           + (f" ({env['gpu']})" if "gpu" in env else "") + f", Python {env['python']}")
     print(f"{'section':<9} {'benchmark':<44} {'value':>12}  {'unit':<8} target")
     for r in results["results"]:

@@ -24,13 +24,14 @@ def test_benchmark_runs_every_section_and_writes_json(tmp_path):
     rows = {row["benchmark"]: row for row in data["results"]}
     assert {row["section"] for row in data["results"]} == {"training", "decode", "batch", "encoding", "memory"}
     for name in ("Trainer (fp32) vs reference loop (fp32)", "Trainer (fp32) vs kernel bound (fp32)",
-                 "generate() vs reference loop, time per char", "time per char, 500 vs 50",
+                 "generate() vs reference loop, time per char", "generate() vs decoding floor, time per char",
+                 "time per char, 500 vs 50",
                  "generate() (fp32) vs reference loop, batch 8", "encode_corpus, best of 3", "peak RSS preparing it"):
         assert name in rows, name
     assert all(row["value"] > 0 for row in data["results"])
     assert 0.5 < rows["corpus prepared"]["value"] < 1.5  # MB: 1/20 of the quick mode's 20 MB
     assert data["quick"] and data["smoke"]
-    assert {"torch", "threads", "cpu", "device"} <= set(data["environment"])
+    assert {"torch", "threads", "cpu", "isa", "device"} <= set(data["environment"])
     assert "encode_corpus" in result.stdout and "target" in result.stdout
 
 
