@@ -295,8 +295,8 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
         json.dump(run, f, indent=2)
     plot_training_curves(trainer.state.log_history, os.path.join(staged, TRAINING_CURVES_NAME),
                          stop_mark(trainer.state, stopped_at))
-    write_model_card(staged, trainer.model, run, results_from_training(metrics),
-                     repo_id=args.hub_model_id)  # default: the folder's name, as Trainer's cards
+    write_model_card(staged, trainer.model, run, results_from_training(metrics),  # named as Trainer's cards:
+                     repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))  # not _tmp-final
     publish_files(staged, args.output_dir)
     return metrics
 
