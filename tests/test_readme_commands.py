@@ -118,6 +118,27 @@ def test_command_parses(where, script, argv):
         PARSERS[script](argv)
 
 
+def test_readme_commands_in_order_write_distinct_folders():
+    """Pasted in order, no README command writes into a folder an earlier one wrote, unless it says to rebuild it
+    (a refusal in the reader's terminal otherwise)."""
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    written = set()
+    for where, script, argv in COMMANDS:
+        if not where.startswith("README.md") or argv == ["--help"]:
+            continue
+        folders = [flag(argv, "--output_dir")]
+        if script == "scripts/push_to_hub.py":
+            model_dir = flag(argv, "--model_dir")
+            folders = [folders[0] or f"{model_dir}-hub", flag(argv, "--space") and (flag(argv, "--space_dir")
+                                                                                   or f"{model_dir}-space")]
+        for folder in filter(None, folders):
+            assert folder not in written or "--overwrite_output_dir" in argv, f"{where}: {folder} written before"
+            written.add(folder)
+
+
 def test_readme_python_compiles():
     for snippet in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
         compile(snippet, "README.md", "exec")
