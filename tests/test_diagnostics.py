@@ -226,6 +226,12 @@ def test_doctor_recommends_the_launch_for_the_machine(machine, command):
     assert recommended_launch(*machine).startswith(command)
 
 
+def test_doctor_on_two_cores_recommends_the_readmes_2_process_command():
+    """Word for word, so that pasted after the Quickstart it writes its own folder (not the Quickstart's, refused)."""
+    command = recommended_launch(0, False, 2).split("  #")[0]
+    assert command.replace(" --preset", " \\\n    --preset") + "\n" in (ROOT / "README.md").read_text()
+
+
 def test_every_message_links_to_a_section_of_the_troubleshooting_doc():
     doc = (ROOT / "docs" / "troubleshooting.md").read_text()
     anchors = {re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
