@@ -54,6 +54,15 @@ def log_history(out):
     return json.loads((out / "trainer_state.json").read_text())["log_history"]
 
 
+def test_eval_steps_that_do_not_divide_save_steps_name_both_flags():
+    """--eval_steps 20 alone (checkpoints every 250 steps by default) was refused by Trainer naming neither flag."""
+    message = r"^--save_steps 250 is not a multiple of --eval_steps 20: .*--save_steps 20 "
+    with pytest.raises(ValueError, match=message):
+        parse_arguments(["--eval_steps", "20", "--output_dir", "unused"])
+    parse_arguments(["--eval_steps", "20", "--load_best_model_at_end", "false", "--output_dir", "unused"])
+    parse_arguments(["--eval_steps", "125", "--output_dir", "unused"])
+
+
 def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     metrics, out = run(tmp_path, "--max_steps", "60", "--eval_steps", "20", "--save_steps", "20",
                        "--logging_steps", "10", "--learning_rate", "1e-2")

@@ -146,6 +146,13 @@ class CharLSTMTrainingArguments(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:  # checked here, before any step (Trainer fails later, or divides by zero)
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if (self.load_best_model_at_end and self.eval_strategy == self.save_strategy == "steps" and self.eval_steps
+                and min(self.eval_steps, self.save_steps) >= 1 and self.save_steps % self.eval_steps):
+            # Trainer's own message names neither flag: "requires the saving steps to be a round multiple of ..."
+            raise ValueError(
+                f"--save_steps {self.save_steps:g} is not a multiple of --eval_steps {self.eval_steps:g}: the best "
+                f"checkpoint is kept (--load_best_model_at_end), so each must be evaluated; pass --save_steps "
+                f"{self.eval_steps:g} (or a multiple), or --load_best_model_at_end false.")
         if self.lr_scheduler_type != "reduce_lr_on_plateau" and self.lr_scheduler_kwargs == _plateau_defaults():
             self.lr_scheduler_kwargs = {}
         if not torch.cuda.is_available():  # pinned memory only speeds up copies to a GPU (torch warns otherwise)
