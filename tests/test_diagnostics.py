@@ -219,7 +219,7 @@ def test_doctor_reports_the_environment_and_the_launch_command(tmp_path):
         ((1, False, 16, True), "accelerate launch scripts/train.py --preset char-rnn --bf16 "),
         ((0, False, 2, False), "accelerate launch --config_file configs/accelerate-2processes.yaml scripts/train.py "),
         ((0, False, 8, False), "OMP_NUM_THREADS=4 accelerate launch --config_file configs/accelerate-2processes.yaml"),
-        ((0, False, 1, False), "accelerate launch --config_file configs/accelerate-1process.yaml scripts/train.py "),
+        ((0, False, 1, False), "accelerate launch -q --config_file configs/accelerate-1process.yaml scripts/train"),
     ],
 )
 def test_doctor_recommends_the_launch_for_the_machine(machine, command):

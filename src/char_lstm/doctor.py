@@ -73,7 +73,7 @@ def recommended_launch(cuda_devices: int, mps: bool, cores: int, gpu_bf16: bool 
         return (f"{threads}accelerate launch --config_file configs/accelerate-2processes.yaml scripts/train.py "
                 "--preset cpu-small --output_dir outputs/shakespeare-2proc  # 2 processes"
                 + (f" of {cores // 2} threads" if cores > 2 else " of one thread"))
-    return ("accelerate launch --config_file configs/accelerate-1process.yaml scripts/train.py --preset cpu-small "
+    return ("accelerate launch -q --config_file configs/accelerate-1process.yaml scripts/train.py --preset cpu-small "
             "--output_dir outputs/shakespeare")
 
 
