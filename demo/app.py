@@ -14,10 +14,12 @@ carries its own code (trust_remote_code).
 import argparse
 import json
 import os
+import sys
 from threading import Thread
 
 import gradio as gr
 import torch
+import transformers
 from huggingface_hub import hf_hub_download, metadata_load
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
@@ -130,9 +132,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_arguments()
-    build_demo(args.model).launch(server_name=args.host, server_port=args.port, theme=THEME)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for one small model
+    try:
+        demo = build_demo(args.model)
+    except OSError as error:  # a mistyped folder is first of all not a folder (not "cannot connect to the Hub")
+        where = "" if os.path.isdir(args.model) else "no such folder, and no Hub model loaded either: "
+        print(f"error: --model {args.model}: {where}{str(error).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    demo.launch(server_name=args.host, server_port=args.port, theme=THEME)
 
 
 if __name__ == "__main__":
