@@ -16,6 +16,7 @@ import sys
 import tarfile
 import tempfile
 import unittest
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -93,11 +94,13 @@ if _reason is not None:
 for _module in ("parameterized",):
     pytest.importorskip(_module, reason=f"transformers' common tests need {_module} (pip install {_module})")
 sys.path.insert(0, str(CACHE))
-common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
-config_common = importlib.import_module(f"{PACKAGE}.test_configuration_common")
-tokenization_common = importlib.import_module(f"{PACKAGE}.test_tokenization_common")
-training_mixin = importlib.import_module(f"{PACKAGE}.test_training_mixin")
-generation_stand_in = importlib.import_module(f"{PACKAGE}.generation.test_utils")
+with warnings.catch_warnings():  # their marks (accelerate_tests, flash_attn_test...) are registered in their conftest:
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)  # ~50 warnings at the end of every suite run
+    common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
+    config_common = importlib.import_module(f"{PACKAGE}.test_configuration_common")
+    tokenization_common = importlib.import_module(f"{PACKAGE}.test_tokenization_common")
+    training_mixin = importlib.import_module(f"{PACKAGE}.test_training_mixin")
+    generation_stand_in = importlib.import_module(f"{PACKAGE}.generation.test_utils")
 
 import torch  # noqa: E402
 
