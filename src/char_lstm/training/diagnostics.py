@@ -25,6 +25,7 @@ import torch
 from accelerate.utils.memory import should_reduce_batch_size
 from transformers import TrainerCallback
 
+from ..doctor import usable_cores
 from ..errors import see_troubleshooting
 
 
@@ -176,7 +177,7 @@ def slow_training_causes(training_args, block_size: int, local_processes: int) -
         if not native_bf16("cpu"):
             causes.append("--bf16 on a CPU without native bf16 (no AVX512-BF16/AMX) is emulated, slower than "
                           "float32: drop --bf16")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if on_cpu and torch.get_num_threads() * local_processes * 4 <= cores:
         causes.append(f"{torch.get_num_threads()} thread(s) in {local_processes} process(es) on {cores} cores: unset "
                       f"OMP_NUM_THREADS, or launch one process per core or two (accelerate launch --multi_gpu "
@@ -213,6 +214,7 @@ class TrainingDiagnostics(TrainerCallback):
         self.train_loss: float | None = None
         self.start = None
         self.start_step = 0
+        self.slow_checked = False  # training speed is measured once, at the first training-loss log
 
     def _say(self, state, symptom: str, message: str) -> None:
         if symptom in self.said:
@@ -232,18 +234,17 @@ class TrainingDiagnostics(TrainerCallback):
         if loss is None:
             return
         self.train_loss = loss
-        if "slow" not in self.said and self.start is not None:
-            self.said["slow"] = ""  # measured once, at the first log
-            steps = state.global_step - self.start_step
-            seconds = time.perf_counter() - self.start
-            causes = slow_training_causes(args, self.block_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            if causes and steps > 0 and seconds > 0:
-                characters = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
-                characters *= args.world_size * self.block_size
-                del self.said["slow"]
-                self._say(state, "slow", f"Training very slow: {characters / seconds:,.0f} characters/s over the "
-                          f"first {steps} steps, because {'; '.join(causes)}. "
-                          f"{see_troubleshooting('training-very-slow')}")
+        if self.slow_checked or self.start is None:
+            return
+        self.slow_checked = True
+        steps = state.global_step - self.start_step
+        seconds = time.perf_counter() - self.start
+        causes = slow_training_causes(args, self.block_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if causes and steps > 0 and seconds > 0:
+            characters = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            characters *= args.world_size * self.block_size
+            self._say(state, "slow", f"Training very slow: {characters / seconds:,.0f} characters/s over the "
+                      f"first {steps} steps, because {'; '.join(causes)}. {see_troubleshooting('training-very-slow')}")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         eval_loss = (metrics or {}).get("eval_loss")
