@@ -189,3 +189,150 @@ def test_generate_from_inputs_embeds(tokenizer, model):
     from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False)
     from_ids = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(from_embeds, from_ids[:, -8:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lean decoding loop (CharLSTMForCausalLM._sample on a CPU) against transformers' own loop
+
+
+class transformers_loop:
+    """Within it, generate() runs transformers' own `_sample` loop: a forward hook on the head (here doing nothing)
+    is one of the things the lean loop leaves to it."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.handle = self.model.lm_head.register_forward_hook(lambda module, args, out: None)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def both_loops(model, seed=0, **kwargs):
+    """generate(**kwargs) by the lean loop and by transformers' loop, from the same random state."""
+    torch.manual_seed(seed)
+    lean = model.generate(**kwargs)
+    with transformers_loop(model):
+        torch.manual_seed(seed)
+        reference = model.generate(**kwargs)
+    return lean, reference
+
+
+def count_forward_calls(model):
+    """Wrap the instance's forward (what `model(...)` runs) to count its calls; returns the list of call counts."""
+    calls, forward = [], model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    return calls
+
+
+def test_the_lean_loop_calls_the_model_for_the_prompt_only(tokenizer, model):
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    calls = count_forward_calls(model)
+    torch.manual_seed(0)
+    lean = model.generate(**prompt, max_new_tokens=30, do_sample=True)
+    assert len(calls) == 1  # the prompt; the 29 steps after it ran in the lean loop
+    with transformers_loop(model):
+        torch.manual_seed(0)
+        reference = model.generate(**prompt, max_new_tokens=30, do_sample=True)
+    assert len(calls) == 1 + 30
+    assert torch.equal(lean, reference)
+    # what the lean loop leaves to transformers' loop: scores to return, training mode
+    del calls[:]
+    model.generate(**prompt, max_new_tokens=5, return_dict_in_generate=True, output_scores=True)
+    assert len(calls) == 5
+    model.train()
+    model.generate(**prompt, max_new_tokens=5)
+    assert len(calls) == 10
+
+
+@pytest.mark.parametrize("options", [
+    dict(do_sample=True, temperature=0.8),
+    dict(do_sample=True, temperature=1.3, top_k=5, top_p=0.9, repetition_penalty=1.3, min_new_tokens=10),
+    dict(do_sample=False),
+    dict(do_sample=False, no_repeat_ngram_size=2),
+])
+def test_the_lean_loop_generates_what_transformers_loop_generates(tokenizer, cell_type, options):
+    model = make_model(tokenizer, cell_type, hidden_size=32)
+    batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True, padding_side="left")
+    lean, reference = both_loops(model, **batch, max_new_tokens=40, **options)
+    assert torch.equal(lean, reference)
+
+
+def test_the_lean_loop_stops_rows_at_eos_and_pads_them_as_transformers_does(tokenizer, model):
+    batch = tokenizer(["ROMEO:", "All:", "First"], return_tensors="pt", padding=True, padding_side="left")
+    reference_free = model.generate(**batch, max_new_tokens=30, do_sample=False)
+    width = batch["input_ids"].shape[1]
+    eos = int(reference_free[0, width + 3])  # the 4th greedy character of row 0: row 0 stops there
+    lean, reference = both_loops(model, **batch, max_new_tokens=30, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(lean, reference)
+    assert lean.shape[1] < width + 30 or (lean[0, width + 4 :] == tokenizer.pad_token_id).all()
+    assert (lean[0, width + 4 :] == tokenizer.pad_token_id).all()
+
+
+def test_the_lean_loop_honours_other_stopping_criteria(tokenizer, model):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AfterLength(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 17, dtype=torch.bool)
+
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    lean, reference = both_loops(model, **prompt, max_new_tokens=40, do_sample=True,
+                                 stopping_criteria=StoppingCriteriaList([AfterLength()]))
+    assert lean.shape[1] == 17
+    assert torch.equal(lean, reference)
+
+
+def test_the_lean_loop_streams_and_leaves_the_cache_as_transformers_loop_does(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type, hidden_size=32)
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    results = []
+    for loop in (lambda: torch.enable_grad(), lambda: transformers_loop(model)):  # enable_grad: a no-op context
+        cache, streamed = DynamicCache(config=model.config), []
+
+        class Recorder:
+            def put(self, value):
+                streamed.append(value.tolist())
+
+            def end(self):
+                streamed.append("end")
+
+        with loop():
+            torch.manual_seed(3)
+            out = model.generate(**prompt, cache=cache, max_new_tokens=12, do_sample=True, streamer=Recorder())
+            more = model.generate(out, cache=cache, attention_mask=torch.ones_like(out), max_new_tokens=5,
+                                  do_sample=False)
+        states = [tuple(s.clone() for s in layer.recurrent_states.values()) for layer in cache.layers]
+        results.append((out, more, streamed, states))
+    (out, more, streamed, states), (out_ref, more_ref, streamed_ref, states_ref) = results
+    assert torch.equal(out, out_ref) and torch.equal(more, more_ref)
+    assert streamed == streamed_ref and streamed[-1] == "end"
+    for layer, layer_ref in zip(states, states_ref):
+        for state, state_ref in zip(layer, layer_ref):
+            torch.testing.assert_close(state, state_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_the_lean_loop_without_the_input_table(tokenizer):
+    """A vocabulary too large for the first layer's lookup table: the lean loop embeds and multiplies instead."""
+    from char_lstm.modeling_char_lstm import _INPUT_TABLE_MAX_ELEMENTS
+
+    model = make_model(tokenizer, "lstm", hidden_size=8, embedding_size=4)
+    model.resize_token_embeddings(_INPUT_TABLE_MAX_ELEMENTS // (4 * 8) + 1)
+    assert model.model._decoding_table_ids(torch.zeros(1, 1, dtype=torch.long)) is None
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    lean, reference = both_loops(model, **prompt, max_new_tokens=20, do_sample=False)
+    assert torch.equal(lean, reference)
+
+
+def test_the_lean_loop_in_bfloat16(tokenizer, model):
+    model = model.to(torch.bfloat16)
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    lean, reference = both_loops(model, **prompt, max_new_tokens=20, do_sample=True)
+    assert torch.equal(lean, reference)

@@ -17,6 +17,7 @@ left-padded batch gives exactly what each prompt gives alone, and a right-padded
 real token.
 """
 
+import inspect
 import math
 import os
 import warnings
@@ -28,6 +29,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -308,14 +310,22 @@ def _single_step(
     neither), for the first layer, to look its input projection up instead of computing it. Returns (output (B, 1, H),
     new state)."""
     x = x[:, 0]
-    hidden = rnn.hidden_size
     if state is None:
-        zeros = x.new_zeros(x.shape[0], hidden)
+        zeros = x.new_zeros(x.shape[0], rnn.hidden_size)
         state = (zeros, zeros) if cell_type == "lstm" else (zeros,)
+    weights = _step_weights(rnn, cell_type, embeddings)
+    h, state = _cell_step(weights, cell_type, x, state, input_ids[:, 0] if weights[0] is not None else None)
+    return h.unsqueeze(1), state
+
+
+def _cell_step(weights: tuple, cell_type: str, x: torch.Tensor | None, state: tuple[torch.Tensor, ...], ids):
+    """The cell's arithmetic for one step, from the weights `_step_weights` laid out: x (B, in) (None when the input
+    projection is looked up by `ids` (B,) in the table), state ((B, H), ...). Returns (h (B, H), new state)."""
+    table, input_linear, hidden_linear = weights
     h = state[0]
-    table, input_linear, hidden_linear = _step_weights(rnn, cell_type, embeddings)
+    hidden = h.shape[1]
     if table is not None:
-        gi = table.index_select(0, input_ids[:, 0])  # (B, G*H): the input projection, bias included
+        gi = table.index_select(0, ids)  # (B, G*H): the input projection, bias included
     elif input_linear is not None:
         gi = input_linear(x)
     if cell_type == "gru":
@@ -325,7 +335,7 @@ def _single_step(
         r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
         n = _tanh(i_n + r * h_n)
         h = n + z * (h - n)
-        return h.unsqueeze(1), (h,)
+        return h, (h,)
     gates = gi + hidden_linear(h) if table is not None else hidden_linear(torch.cat([x, h], dim=1))
     if cell_type == "lstm":
         # In place on the fresh (B, 4H) gates, to allocate little: input, forget, cell, output.
@@ -333,9 +343,9 @@ def _single_step(
         i, f, _, o = gates.sigmoid_().chunk(4, dim=1)
         c = (f * state[1]).addcmul_(i, g)
         h = _tanh(c).mul_(o)
-        return h.unsqueeze(1), (h, c)
+        return h, (h, c)
     h = _tanh(gates)
-    return h.unsqueeze(1), (h,)
+    return h, (h,)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -731,6 +741,32 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         )
 
 
+def _lean_plan(model: "CharLSTMForCausalLM", input_ids: torch.Tensor) -> tuple:
+    """What `_lean_step` needs, read once per generate(): each layer's step weights, the cell type, the embedding
+    module (None when the first layer looks its input projection up by id) and the head's weight and bias."""
+    use_table = model.model._decoding_table_ids(input_ids) is not None
+    cell_type = model.config.cell_type
+    weights = [
+        _step_weights(rnn, cell_type, model.model.embeddings if idx == 0 and use_table else None)
+        for idx, rnn in enumerate(model.model.layers)
+    ]
+    embeddings = None if use_table else model.model.embeddings
+    return weights, cell_type, embeddings, model.lm_head.weight, model.lm_head.bias
+
+
+def _lean_step(plan: tuple, tokens: torch.Tensor, states: list) -> torch.Tensor:
+    """One token through the layers and the head as forward computes it for a (B, 1) input in eval mode (dropout is
+    the identity then): tokens (B,); `states` (one tuple per layer) updated in the list. Returns logits (B, V) in
+    float32."""
+    weights, cell_type, embeddings, head_weight, head_bias = plan
+    x = embeddings(tokens) if embeddings is not None else None
+    for layer_idx, layer_weights in enumerate(weights):
+        ids = tokens if layer_idx == 0 and embeddings is None else None
+        x, states[layer_idx] = _cell_step(layer_weights, cell_type, x, states[layer_idx], ids)
+    logits = nn.functional.linear(x, head_weight, head_bias)
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
 class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     """CharLSTMModel + dropout + a linear head over the vocabulary."""
 
@@ -818,6 +854,96 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         return model_inputs
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # generate()'s sampling and greedy loop, lean on a CPU
+
+    def _lean_decoding_possible(self, logits_processor, generation_config, synced_gpus: bool, model_kwargs) -> bool:
+        """Whether `_sample` may run its lean loop: plain sampling or greedy search on a CPU in eval mode, returning
+        only the sequences, with no hooks on the modules and logits processors that take no extra arguments. Anything
+        else (scores or a cache to return, several devices, a GPU, training mode) runs transformers' own loop."""
+        if (
+            synced_gpus
+            or self.training
+            or generation_config.return_dict_in_generate
+            or generation_config.is_assistant
+            or not model_kwargs.get("use_cache", True)
+            or self.lm_head.weight.device.type != "cpu"
+            or not self.model._weights_in_place()
+            or nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks
+            or any(module._forward_hooks or module._forward_pre_hooks for module in self.modules())
+        ):
+            return False
+        # LogitsProcessorList passes no keyword arguments here: it would refuse a processor that needs some.
+        return all(len(inspect.signature(processor.__call__).parameters) <= 2 for processor in logits_processor)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """generate()'s loop for sampling and greedy search. On a CPU, per token, transformers' own loop costs about
+        as much as this model's step (it inspects every logits processor's signature, builds the stopping criteria's
+        tensors and the model's output objects, goes through the cache); the lean loop here does the same
+        arithmetic, in the same order, with the same random draws, so its sequences are those of transformers' loop
+        (tested), and falls back to that loop for everything it does not cover (`_lean_decoding_possible`)."""
+        if not self._lean_decoding_possible(logits_processor, generation_config, synced_gpus, model_kwargs):
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        pad_token_id = generation_config._pad_token_tensor
+        if pad_token_id is not None:
+            pad_token_id = pad_token_id.to(input_ids.device)
+        has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        # A plain MaxLengthCriteria is a comparison of lengths; every other criterion is called as transformers does.
+        max_length = None
+        other_criteria = []
+        for criteria in stopping_criteria:
+            if type(criteria) is MaxLengthCriteria and criteria.max_position_embeddings is None:
+                max_length = criteria.max_length if max_length is None else min(max_length, criteria.max_length)
+            else:
+                other_criteria.append(criteria)
+        unfinished_sequences = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+
+        outputs = self._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+        model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        del outputs
+        cache = model_kwargs["cache"]
+        num_states = self.config.number_of_conv_states
+        states = [_read_state(cache, layer_idx, num_states) for layer_idx in range(len(self.model.layers))]
+        seen = _seen_tokens(cache)
+        plan = _lean_plan(self, input_ids)
+        steps = 0
+        try:
+            while True:
+                scores = logits
+                for processor in logits_processor:
+                    scores = processor(input_ids, scores)
+                if generation_config.do_sample:
+                    probs = nn.functional.softmax(scores, dim=-1)
+                    next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+                else:
+                    next_tokens = torch.argmax(scores, dim=-1)
+                if has_eos_stopping_criteria:
+                    next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
+                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                done = max_length is not None and input_ids.shape[1] >= max_length
+                if other_criteria and not done:
+                    for criteria in other_criteria:
+                        unfinished_sequences = unfinished_sequences & ~criteria(input_ids, None)
+                    done = bool(unfinished_sequences.max() == 0)
+                if done:
+                    break
+                logits = _lean_step(plan, next_tokens, states)
+                steps += 1
+        finally:
+            # The cache holds what transformers' loop leaves in it: the state after the last token fed to the model.
+            for layer_idx, state in enumerate(states):
+                _write_state(cache, layer_idx, state)
+            setattr(cache, _SEEN_TOKENS_ATTR, seen + steps)
+        if streamer is not None:
+            streamer.end()
+        return input_ids
 
     def forward(
         self,
