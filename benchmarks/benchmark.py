@@ -86,14 +86,23 @@ def sync(device: torch.device) -> None:
 
 
 def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers: a virtual machine may report only "AMD EPYC" for CPUs
+    generations apart (family 25 is Zen 3/4, 26 is Zen 5)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if not line.strip():  # the first processor is enough
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    if "cpu family" not in info or "model" not in info:
+        return info["model name"]
+    return f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
 
 
 def cpu_isa() -> str:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, TextStreamer
 
+from char_lstm import CharLSTMForCausalLM
 from helpers import make_model
 
 
@@ -219,21 +220,22 @@ def both_loops(model, seed=0, **kwargs):
     return lean, reference
 
 
-def count_forward_calls(model):
-    """Wrap the instance's forward (what `model(...)` runs) to count its calls; returns the list of call counts."""
-    calls, forward = [], model.forward
+def count_forward_calls(monkeypatch):
+    """Count the calls of CharLSTMForCausalLM.forward (wrapped on the class: a wrapper on the instance, as accelerate
+    puts there, sends generate() to transformers' loop). Returns the list that grows by one per call."""
+    calls, forward = [], CharLSTMForCausalLM.forward
 
-    def counted(*args, **kwargs):
+    def counted(self, *args, **kwargs):
         calls.append(1)
-        return forward(*args, **kwargs)
+        return forward(self, *args, **kwargs)
 
-    model.forward = counted
+    monkeypatch.setattr(CharLSTMForCausalLM, "forward", counted)
     return calls
 
 
-def test_the_lean_loop_calls_the_model_for_the_prompt_only(tokenizer, model):
+def test_the_lean_loop_calls_the_model_for_the_prompt_only(tokenizer, model, monkeypatch):
     prompt = tokenizer(["ROMEO:"], return_tensors="pt")
-    calls = count_forward_calls(model)
+    calls = count_forward_calls(monkeypatch)
     torch.manual_seed(0)
     lean = model.generate(**prompt, max_new_tokens=30, do_sample=True)
     assert len(calls) == 1  # the prompt; the 29 steps after it ran in the lean loop
@@ -336,3 +338,23 @@ def test_the_lean_loop_in_bfloat16(tokenizer, model):
     prompt = tokenizer(["ROMEO:"], return_tensors="pt")
     lean, reference = both_loops(model, **prompt, max_new_tokens=20, do_sample=True)
     assert torch.equal(lean, reference)
+
+
+def test_a_forward_wrapped_in_autocast_as_accelerate_does_runs_transformers_loop(tokenizer, model):
+    """A bf16 training run samples text from the model accelerate prepared: its forward, wrapped on the instance in
+    autocast, computes in bf16; the lean loop, which would compute outside it, leaves such a model to transformers'
+    loop (it failed there with a dtype mismatch)."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    prompt = tokenizer(["ROMEO:"], return_tensors="pt")
+    torch.manual_seed(0)
+    plain = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    forward = torch.autocast(device_type="cpu", dtype=torch.bfloat16)(CharLSTMForCausalLM.forward)
+    model.forward = MethodType(convert_outputs_to_fp32(forward), model)
+    out = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert out.shape == plain.shape
+    with transformers_loop(model):
+        reference = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, reference)

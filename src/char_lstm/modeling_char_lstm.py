@@ -860,8 +860,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
 
     def _lean_decoding_possible(self, logits_processor, generation_config, synced_gpus: bool, model_kwargs) -> bool:
         """Whether `_sample` may run its lean loop: plain sampling or greedy search on a CPU in eval mode, returning
-        only the sequences, with no hooks on the modules and logits processors that take no extra arguments. Anything
-        else (scores or a cache to return, several devices, a GPU, training mode) runs transformers' own loop."""
+        only the sequences, with no hooks on the modules, `forward` not wrapped, and logits processors that take no
+        extra arguments. Anything else (scores or a cache to return, several devices, a GPU, training mode, a model
+        prepared by accelerate for mixed precision) runs transformers' own loop."""
         if (
             synced_gpus
             or self.training
@@ -870,6 +871,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             or not model_kwargs.get("use_cache", True)
             or self.lm_head.weight.device.type != "cpu"
             or not self.model._weights_in_place()
+            or "forward" in self.__dict__  # wrapped on the instance (accelerate's autocast for mixed precision...)
             or nn.modules.module._global_forward_hooks
             or nn.modules.module._global_forward_pre_hooks
             or any(module._forward_hooks or module._forward_pre_hooks for module in self.modules())
