@@ -350,3 +350,15 @@ def test_encode_corpus_reads_a_lone_surrogate_as_unk():
     tokenizer = CharLSTMTokenizer.from_corpus("ab")
     assert tokenizer.encode_corpus("a\udcffb\ud800").tolist() == [2, 1, 3, 1]
     assert tokenizer.oov_characters("a\udcffb") == ["\udcff"]
+
+
+def test_loading_options_are_not_saved_with_the_tokenizer(tmp_path):
+    """from_pretrained(..., local_files_only=True) (as the scripts load a folder when the Hub cannot be reached)
+    then save_pretrained (push_to_hub.py's folder) wrote "is_local" and "local_files_only" into
+    tokenizer_config.json."""
+    CharLSTMTokenizer.from_corpus("hello world").save_pretrained(tmp_path / "first")
+    loaded = CharLSTMTokenizer.from_pretrained(tmp_path / "first", local_files_only=True)
+    loaded.save_pretrained(tmp_path / "second")
+    config = json.loads((tmp_path / "second" / "tokenizer_config.json").read_text())
+    assert "is_local" not in config and "local_files_only" not in config
+    assert config["tokenizer_class"] == "CharLSTMTokenizer"

@@ -448,17 +448,22 @@ def test_tensorboard_gets_metrics_and_samples(tmp_path):
 class RecordTrainingForwards(TrainerCallback):
     """Records, for every forward of the model in training mode, the batch size and the dtype the output layer
     computes the logits in (accelerate hands the model's outputs back in float32 on some CPUs, so the model's own
-    output dtype says nothing about autocast)."""
+    output dtype says nothing about autocast). Its hook is on the head from the start of each optimizer step to its
+    end only, so evaluation and the samples printed at evaluations see the model as a run without it does (a hook
+    sends generate() to transformers' own loop)."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.handle = [], None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         def hook(module, inputs, output):
             if module.training:
                 self.calls.append((output.shape[0], output.dtype))
 
-        model.lm_head.register_forward_hook(hook)
+        self.handle = model.lm_head.register_forward_hook(hook)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.handle.remove()
 
 
 def test_bf16_autocast_computes_the_training_forward_in_bf16_and_accumulation_runs_two_batches_per_step(tmp_path):

@@ -117,6 +117,10 @@ class CharLSTMTokenizer(TokenizersBackend):
     ):
         tokenizer_file = kwargs.pop("tokenizer_file", None)
         kwargs.pop("special_tokens_pattern", None)  # written by versions before tokenizer.json; not used here
+        # Loading options that transformers 5.24 passes on as init arguments (from_pretrained(..., local_files_only=
+        # True)) and would write into tokenizer_config.json at the next save: they describe a load, not the tokenizer.
+        kwargs.pop("is_local", None)
+        kwargs.pop("local_files_only", None)
         post_processor = kwargs.get("post_processor")
         # A vocab.json alone (given by path): a folder saved before tokenizer.json existed.
         legacy_folder = tokenizer_file is None and post_processor is None and (
