@@ -911,3 +911,16 @@ def test_finished_at_is_the_step_of_a_checkpoint_that_ends_the_run(tmp_path):
         ends[max_steps, saved_max_steps] = finished_at(str(folder), SimpleNamespace(max_steps=max_steps))
     assert ends == {(6, None): 6, (5, None): 6, (1, None): 6, (7, None): None, (-1, 6): 6, (0, 6): 6, (-1, 8): None,
                     (-1, None): None, (-1, 0): None, (6, 100): 6}
+
+
+def test_the_cards_training_results_show_no_training_loss_where_none_was_logged_since_the_evaluation_before():
+    """A time-budget stop at step 1036, just after the evaluation at 1000: its row has no training loss of its own
+    (it repeated step 1000's), and the final model's evaluation at the same step is not a row of its own."""
+    from char_lstm.training import training_results
+
+    history = [{"loss": 2.0, "step": 500}, {"loss": 1.5, "step": 1000}, {"eval_loss": 1.6, "step": 1000},
+               {"eval_loss": 1.55, "step": 1036}, {"eval_loss": 1.55, "step": 1036}]
+    rows = training_results(history)
+    assert [(row["step"], row["training_loss"], row["validation_loss"]) for row in rows] == [
+        (1000, 1.5, 1.6), (1036, None, 1.55)]
+    assert rows[0]["bits_per_char"] == pytest.approx(1.6 / math.log(2))

@@ -99,7 +99,8 @@ def _describe_schedule(training_args, max_steps: int, stopped_at: int | None) ->
 
 def training_results(log_history: list[dict]) -> list[dict]:
     """The card's training-results table, as Trainer's own cards have it: one row per evaluation during training
-    (step, the last training loss logged by then, validation loss, bits per character)."""
+    (step, the last training loss logged since the evaluation before, or None, which the card shows as "no log", as
+    Trainer's do; validation loss, bits per character)."""
     rows, train_loss, steps = [], None, set()
     for entry in log_history:
         train_loss = entry.get("loss", train_loss)
@@ -107,6 +108,7 @@ def training_results(log_history: list[dict]) -> list[dict]:
             steps.add(entry.get("step"))
             rows.append({"step": entry.get("step"), "training_loss": train_loss, "validation_loss": entry["eval_loss"],
                          "bits_per_char": entry.get("eval_bits_per_char", entry["eval_loss"] / math.log(2))})
+            train_loss = None  # a time-budget stop right after an evaluation has no new training loss of its own
     return rows
 
 
