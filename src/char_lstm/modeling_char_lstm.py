@@ -159,6 +159,9 @@ def cache_from_states(config: CharLSTMConfig, states: list[tuple[torch.Tensor, .
 # Keyword arguments `CharLSTMForCausalLM.forward` hands to transformers' causal-LM loss (Trainer passes
 # `num_items_in_batch`; stateful training passes `shift_labels`). Any other unknown keyword is an error.
 _LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
+# Keyword arguments of generate() that transformers 5.24 passes on to the decoding loop with the model's own
+# (`stop_strings=` needs `tokenizer=`); the model never reads them.
+_GENERATE_ONLY_KWARGS = ("tokenizer", "assistant_tokenizer")
 
 
 # The names transformers used for a recurrent state before `cache=` (Mamba's `cache_params`, attention models'
@@ -742,8 +745,9 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
 
 
 def _lean_plan(model: "CharLSTMForCausalLM", input_ids: torch.Tensor) -> tuple:
-    """What `_lean_step` needs, read once per generate(): each layer's step weights, the cell type, the embedding
-    module (None when the first layer looks its input projection up by id) and the head's weight and bias."""
+    """What `_lean_layers` and `_lean_head` need, read once per generate(): each layer's step weights, the cell type,
+    the embedding module (None when the first layer looks its input projection up by id), the head's weight and
+    bias."""
     use_table = model.model._decoding_table_ids(input_ids) is not None
     cell_type = model.config.cell_type
     weights = [
@@ -754,16 +758,20 @@ def _lean_plan(model: "CharLSTMForCausalLM", input_ids: torch.Tensor) -> tuple:
     return weights, cell_type, embeddings, model.lm_head.weight, model.lm_head.bias
 
 
-def _lean_step(plan: tuple, tokens: torch.Tensor, states: list) -> torch.Tensor:
-    """One token through the layers and the head as forward computes it for a (B, 1) input in eval mode (dropout is
-    the identity then): tokens (B,); `states` (one tuple per layer) updated in the list. Returns logits (B, V) in
-    float32."""
-    weights, cell_type, embeddings, head_weight, head_bias = plan
+def _lean_layers(plan: tuple, tokens: torch.Tensor, states: list) -> torch.Tensor:
+    """One token through the layers as forward computes it for a (B, 1) input in eval mode (dropout is the identity
+    then): tokens (B,); `states` (one tuple per layer) updated in the list. Returns the last layer's output (B, H)."""
+    weights, cell_type, embeddings, _, _ = plan
     x = embeddings(tokens) if embeddings is not None else None
     for layer_idx, layer_weights in enumerate(weights):
         ids = tokens if layer_idx == 0 and embeddings is None else None
         x, states[layer_idx] = _cell_step(layer_weights, cell_type, x, states[layer_idx], ids)
-    logits = nn.functional.linear(x, head_weight, head_bias)
+    return x
+
+
+def _lean_head(plan: tuple, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's logits (B, V) in float32 from the last layer's output (B, H)."""
+    logits = nn.functional.linear(hidden, plan[3], plan[4])
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
@@ -816,6 +824,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
+        for name in _GENERATE_ONLY_KWARGS:  # generate() passes them on to here; they are not the model's inputs
+            kwargs.pop(name, None)
         if not is_first_iteration and cache is not None and next_sequence_length is not None:
             # Every step after the prompt needs only the new token(s) and the state: no mask (padding is already
             # absorbed in the state), no positions. Building them here skips transformers' generic preparation, which
@@ -860,12 +870,18 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
 
     def _lean_decoding_possible(self, logits_processor, generation_config, synced_gpus: bool, model_kwargs) -> bool:
         """Whether `_sample` may run its lean loop: plain sampling or greedy search on a CPU in eval mode, returning
-        only the sequences, with no hooks on the modules, `forward` not wrapped, and logits processors that take no
-        extra arguments. Anything else (scores or a cache to return, several devices, a GPU, training mode, a model
-        prepared by accelerate for mixed precision) runs transformers' own loop."""
+        only the sequences, every module in eval mode, a plain embedding and head, no hooks, `forward` neither wrapped
+        nor compiled, no autocast, and logits processors that take no extra arguments. Anything else (scores or a
+        cache to return, several devices, a GPU, dropout on, a model prepared by accelerate for mixed precision)
+        runs transformers' own loop."""
         if (
             synced_gpus
-            or self.training
+            or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")  # a user's autocast: the cache keeps bf16 states between steps
+            or any(module.training for module in self.modules())  # dropout on, in any module (MC dropout sampling)
+            or type(self.lm_head) is not nn.Linear  # a subclass, an adapter: its forward runs in forward
+            or type(self.model.embeddings) is not nn.Embedding
+            or getattr(self, "_compiled_call_impl", None) is not None  # model.compile(): the compiled forward
             or generation_config.return_dict_in_generate
             or generation_config.is_assistant
             or not model_kwargs.get("use_cache", True)
@@ -878,6 +894,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         ):
             return False
         # LogitsProcessorList passes no keyword arguments here: it would refuse a processor that needs some.
+        pad = generation_config._pad_token_tensor
+        if pad is not None and not 0 <= int(pad) < self.model.embeddings.num_embeddings:
+            return False  # a pad id the model cannot read: forward's own error, in transformers' loop
         return all(len(inspect.signature(processor.__call__).parameters) <= 2 for processor in logits_processor)
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
@@ -927,17 +946,18 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
                 if has_eos_stopping_criteria:
                     next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
                 input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+                # As transformers' loop: every criterion at every step, then the streamer, then the stop test.
+                for criteria in other_criteria:
+                    unfinished_sequences = unfinished_sequences & ~criteria(input_ids, None)
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
-                done = max_length is not None and input_ids.shape[1] >= max_length
-                if other_criteria and not done:
-                    for criteria in other_criteria:
-                        unfinished_sequences = unfinished_sequences & ~criteria(input_ids, None)
-                    done = bool(unfinished_sequences.max() == 0)
-                if done:
+                if max_length is not None and input_ids.shape[1] >= max_length:
                     break
-                logits = _lean_step(plan, next_tokens, states)
-                steps += 1
+                if other_criteria and bool(unfinished_sequences.max() == 0):
+                    break
+                hidden = _lean_layers(plan, next_tokens, states)
+                steps += 1  # the states now hold this token, as the cache's count does in forward
+                logits = _lean_head(plan, hidden)
         finally:
             # The cache holds what transformers' loop leaves in it: the state after the last token fed to the model.
             for layer_idx, state in enumerate(states):
