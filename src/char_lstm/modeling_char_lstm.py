@@ -893,10 +893,10 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             or any(module._forward_hooks or module._forward_pre_hooks for module in self.modules())
         ):
             return False
-        # LogitsProcessorList passes no keyword arguments here: it would refuse a processor that needs some.
         pad = generation_config._pad_token_tensor
         if pad is not None and not 0 <= int(pad) < self.model.embeddings.num_embeddings:
             return False  # a pad id the model cannot read: forward's own error, in transformers' loop
+        # LogitsProcessorList passes no keyword arguments here: it would refuse a processor that needs some.
         return all(len(inspect.signature(processor.__call__).parameters) <= 2 for processor in logits_processor)
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
