@@ -771,7 +771,8 @@ def _lean_layers(plan: tuple, tokens: torch.Tensor, states: list) -> torch.Tenso
 
 def _lean_head(plan: tuple, hidden: torch.Tensor) -> torch.Tensor:
     """The head's logits (B, V) in float32 from the last layer's output (B, H)."""
-    logits = nn.functional.linear(hidden, plan[3], plan[4])
+    _, _, _, head_weight, head_bias = plan
+    logits = nn.functional.linear(hidden, head_weight, head_bias)
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
@@ -878,7 +879,6 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             synced_gpus
             or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu")  # a user's autocast: the cache keeps bf16 states between steps
-            or any(module.training for module in self.modules())  # dropout on, in any module (MC dropout sampling)
             or type(self.lm_head) is not nn.Linear  # a subclass, an adapter: its forward runs in forward
             or type(self.model.embeddings) is not nn.Embedding
             or getattr(self, "_compiled_call_impl", None) is not None  # model.compile(): the compiled forward
@@ -890,7 +890,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             or "forward" in self.__dict__  # wrapped on the instance (accelerate's autocast for mixed precision...)
             or nn.modules.module._global_forward_hooks
             or nn.modules.module._global_forward_pre_hooks
-            or any(module._forward_hooks or module._forward_pre_hooks for module in self.modules())
+            # dropout on in any module (MC dropout sampling), or a hook that expects to see the calls
+            or any(module.training or module._forward_hooks or module._forward_pre_hooks for module in self.modules())
         ):
             return False
         pad = generation_config._pad_token_tensor
