@@ -44,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     stop_on_signals()
     output_dir = prompt = None
+    parsing = True
     try:
         prepare_launch_environment()
         keep_freed_memory()  # a quarter faster CPU steps: no page faults for every step's fresh tensors
         model_args, data_args, training_args = parse_arguments(argv)
+        parsing = False
         output_dir, prompt = training_args.output_dir, training_args.sample_prompt
         # char_lstm's few info lines on the main process only (other processes: --log_level_replica, warning)
         console_logging(logging.INFO if training_args.should_log and training_args.log_level == "passive"
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # bad input (UsageError, DataError: ValueErrors, as the libraries' own), a missing file: one line, no traceback
         if isinstance(error, (UsageError, TrainingDiverged, TrainingOutOfMemory, ValueError, OSError)):
-            print(f"error: {error}", file=sys.stderr)
+            # every process parses the same command line, so the first one alone says what is wrong with it
+            if not parsing or os.environ.get("RANK", "0") == "0":
+                print(f"error: {error}", file=sys.stderr)
             return 2
         raise
     finally:

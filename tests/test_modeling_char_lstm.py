@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel
-from char_lstm.modeling_char_lstm import _STEP_WEIGHTS, cache_from_states
+from char_lstm.modeling_char_lstm import _STEP_WEIGHTS, _StepLinear, cache_from_states
 from helpers import CORPUS, make_model
 
 
@@ -282,7 +282,8 @@ def test_backprop_through_the_cache_across_calls(tokenizer, cell_type):
 
 
 @pytest.mark.parametrize(
-    "hidden_size, embedding_size, num_layers, batch", [(24, 12, 2, 1), (40, 40, 1, 3), (64, 16, 3, 5)]
+    "hidden_size, embedding_size, num_layers, batch",
+    [(24, 12, 2, 1), (40, 40, 1, 3), (64, 16, 3, 5), (128, 16, 2, 40)],  # the last: float32 CPU tanh via sigmoid
 )
 def test_fast_single_step_decode_equals_the_sequence_kernel(
     tokenizer, cell_type, hidden_size, embedding_size, num_layers, batch
@@ -297,6 +298,32 @@ def test_fast_single_step_decode_equals_the_sequence_kernel(
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert all(layer in _STEP_WEIGHTS for layer in model.model.layers)  # the fast path did run
     assert _STEP_WEIGHTS[model.model.layers[0]][1][0] is not None  # the first layer looked its input projection up
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 64])
+@pytest.mark.parametrize("kernel", ["plain", "onednn"])
+@pytest.mark.parametrize("with_bias, with_add, sigmoid", [(True, False, False), (True, False, True),
+                                                          (False, True, True), (True, True, False)])
+def test_the_decoding_steps_product_with_its_fused_addition_and_sigmoid(rows, kernel, with_bias, with_add, sigmoid):
+    """Both kernels of `_StepLinear` (torch's matmul, taken for up to `mkl_rows` rows, and oneDNN's prepacked product
+    with the addition or sigmoid fused) compute sigmoid?(x @ W.T + b + add), at any number of rows."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 40, generator=generator)
+    bias = torch.randn(96, generator=generator) if with_bias else None
+    add = torch.randn(rows, 96, generator=generator) if with_add else None
+    x = torch.randn(rows, 40, generator=generator)
+    linear = _StepLinear(weight, bias)
+    if kernel == "onednn" and linear.packed is False:
+        pytest.skip("this torch has no oneDNN linear")
+    linear.mkl_rows = 0 if kernel == "onednn" else rows  # the kernel each CPU would pick, forced here
+    expected = x.double() @ weight.double().T
+    expected = expected + (bias.double() if with_bias else 0) + (add.double() if with_add else 0)
+    expected = expected.sigmoid() if sigmoid else expected
+    got = linear(x, add=add, sigmoid=sigmoid)
+    assert got.dtype == torch.float32 and got.shape == (rows, 96)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # oneDNN's weights are packed on first use only: the plain kernel never pays for it
+    assert (linear.packed is None) == (kernel == "plain")
 
 
 @pytest.mark.parametrize("edit", ["layer0.weight_hh", "layer1.bias_ih", "embeddings"])

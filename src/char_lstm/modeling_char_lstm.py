@@ -17,9 +17,11 @@ left-padded batch gives exactly what each prompt gives alone, and a right-padded
 real token.
 """
 
+import functools
 import inspect
 import math
 import os
+import platform
 import warnings
 import weakref
 
@@ -220,34 +222,78 @@ def _onednn_linear_usable() -> bool:
     )
 
 
-class _StepLinear:
-    """``x @ weight.T + bias`` for the decoding step: weight ``(out, in)``, bias ``(out,)`` or None.
+@functools.cache
+def _cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" when it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: Windows names the vendor here ("Intel64 Family 6 ..., GenuineIntel")
+        pass
+    return platform.processor()
 
-    For float32 on a CPU the weight is prepacked once for oneDNN and the product runs there: torch's float32 matmul
-    goes through MKL, whose AVX2 path on non-Intel CPUs is several times slower (measured: docs/benchmarks.md). Any
-    other dtype or device, or a torch without oneDNN, uses `torch.nn.functional.linear`."""
+
+# Up to this many rows, the decoding step's float32 products go through torch's matmul (MKL) on Intel CPUs, where
+# MKL takes its own fast paths: one row, 2x512 LSTM, Intel Xeon (AVX-512 + AMX): 0.45 ms per character against 0.59
+# through oneDNN; at 4 rows and more oneDNN's prepacked product is faster (docs/benchmarks.md). On other CPUs MKL
+# takes a generic AVX2 path, slower than oneDNN at every batch size (AMD EPYC: 0.10 against 0.06 ms for one row).
+_MKL_MAX_ROWS = 2
+
+
+class _StepLinear:
+    """``x @ weight.T + bias (+ add)``, then optionally a sigmoid, for the decoding step: x ``(B, in)``, weight
+    ``(out, in)``, bias ``(out,)`` or None, add ``(B, out)`` or None.
+
+    For float32 on a CPU the weight is prepacked once for oneDNN and the product runs there, with the addition and the
+    sigmoid fused into it: torch's float32 matmul goes through MKL, whose AVX2 path on non-Intel CPUs is several times
+    slower (measured: docs/benchmarks.md). On an Intel CPU MKL is faster for one or two rows (`_MKL_MAX_ROWS`) and
+    takes those. Any other dtype or device, or a torch without oneDNN, uses torch's own products."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias, self.packed = weight, bias, None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear_usable():
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-                probe = weight.new_zeros(1, weight.shape[1])
-                torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
-                self.packed = packed
-            except RuntimeError:  # an older or partial oneDNN build: the plain product is always correct
-                self.packed = None
+        self.weight, self.bias = weight, bias
+        # packed on first use (None: not yet; False: oneDNN cannot take it), so that one-row decoding on an Intel CPU
+        # never pays for it
+        usable = weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear_usable()
+        self.packed = None if usable else False
+        self.mkl_rows = _MKL_MAX_ROWS if usable and torch.backends.mkl.is_available() and "Intel" in _cpu_vendor() else 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast (a bf16 training run sampling text) `linear` is the op that casts to the autocast dtype.
+    def _pack(self):
+        weight, bias = self.weight, self.bias
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+            probe = weight.new_zeros(1, weight.shape[1])
+            torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+            torch.ops.mkldnn._linear_pointwise.binary(probe, weight.new_zeros(1, weight.shape[0]), packed, bias, "add")
+            self.packed = packed
+        except RuntimeError:  # an older or partial oneDNN build: the plain product is always correct
+            self.packed = False
+        return self.packed
+
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None, sigmoid: bool = False) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
         if (
-            self.packed is not None
+            self.packed is not False
             and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+            and x.shape[0] > self.mkl_rows
+            and not autocast
             and torch.backends.mkldnn.enabled  # `torch.backends.mkldnn.flags(enabled=False)` is honoured
+            and (self.packed is not None or self._pack() is not False)
         ):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return nn.functional.linear(x, self.weight, self.bias)
+            if add is None:
+                return torch.ops.mkldnn._linear_pointwise(
+                    x, self.packed, self.bias, "sigmoid" if sigmoid else "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, self.bias, "add")
+        elif add is None or autocast:
+            # Under autocast (a bf16 training run sampling text) `linear` is the op that casts to the autocast dtype;
+            # the addition then keeps the float32 of `add`.
+            y = nn.functional.linear(x, self.weight, self.bias)
+            if add is not None:
+                y = add + y
+        else:
+            y = torch.addmm(add if self.bias is None else add + self.bias, x, self.weight.t())
+        return y.sigmoid_() if sigmoid else y
 
 
 def _step_weights(rnn: nn.RNNBase, cell_type: str, embeddings: nn.Embedding | None):
@@ -271,6 +317,12 @@ def _step_weights(rnn: nn.RNNBase, cell_type: str, embeddings: nn.Embedding | No
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     w_ih, w_hh, b_ih, b_hh = (p.detach() for p in params[:4])
+    if cell_type == "lstm":
+        # The cell gate's rows times -2, exactly (a power of two): one sigmoid over all the gates then gives
+        # sigmoid(-2 g), from which `_cell_step` gets tanh(g) = 1 - 2 sigmoid(-2 g) (docs/design.md).
+        scale = torch.ones(w_ih.shape[0], 1, dtype=w_ih.dtype, device=w_ih.device)
+        scale[2 * rnn.hidden_size : 3 * rnn.hidden_size] = -2
+        w_ih, w_hh, b_ih, b_hh = w_ih * scale, w_hh * scale, b_ih * scale[:, 0], b_hh * scale[:, 0]
     table = input_linear = None
     if embeddings is not None:
         # GRU keeps b_hh with the hidden product (its candidate gate scales it by r); LSTM/RNN fold it in here.
@@ -326,7 +378,6 @@ def _cell_step(weights: tuple, cell_type: str, x: torch.Tensor | None, state: tu
     projection is looked up by `ids` (B,) in the table), state ((B, H), ...). Returns (h (B, H), new state)."""
     table, input_linear, hidden_linear = weights
     h = state[0]
-    hidden = h.shape[1]
     if table is not None:
         gi = table.index_select(0, ids)  # (B, G*H): the input projection, bias included
     elif input_linear is not None:
@@ -339,14 +390,21 @@ def _cell_step(weights: tuple, cell_type: str, x: torch.Tensor | None, state: tu
         n = _tanh(i_n + r * h_n)
         h = n + z * (h - n)
         return h, (h,)
-    gates = gi + hidden_linear(h) if table is not None else hidden_linear(torch.cat([x, h], dim=1))
     if cell_type == "lstm":
-        # In place on the fresh (B, 4H) gates, to allocate little: input, forget, cell, output.
-        g = _tanh(gates[:, 2 * hidden : 3 * hidden])
-        i, f, _, o = gates.sigmoid_().chunk(4, dim=1)
-        c = (f * state[1]).addcmul_(i, g)
-        h = _tanh(c).mul_(o)
+        # The products with their addition and sigmoid fused (`_StepLinear`), over gates laid out as (input, forget,
+        # -2 x cell, output) by `_step_weights`; with tanh(x) = 1 - 2 sigmoid(-2x) the rest is five ops:
+        # c' = f c + i tanh(g) = (i - 2 i sigmoid(-2g)) + f c, and h = o tanh(c') = o - 2 o sigmoid(-2c').
+        if table is not None:
+            gates = hidden_linear(h, add=gi, sigmoid=True)
+        else:
+            gates = hidden_linear(torch.cat([x, h], dim=1), sigmoid=True)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.addcmul(i, i, g, value=-2)
+        # in place unless the state has the wider dtype (bf16 gates under autocast, a float32 state)
+        c = c.addcmul_(f, state[1]) if c.dtype == state[1].dtype else torch.addcmul(c, f, state[1])
+        h = torch.addcmul(o, o, torch.mul(c, -2).sigmoid_(), value=-2)
         return h, (h, c)
+    gates = gi + hidden_linear(h) if table is not None else hidden_linear(torch.cat([x, h], dim=1))
     h = _tanh(gates)
     return h, (h,)
 
@@ -934,6 +992,10 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         seen = _seen_tokens(cache)
         plan = _lean_plan(self, input_ids)
         steps = 0
+        # The sequences grow in one buffer (a view of its first columns is input_ids), not by a copy per token.
+        length = input_ids.shape[1]
+        buffer = input_ids.new_empty(input_ids.shape[0], max(max_length or 0, length + 64))
+        buffer[:, :length] = input_ids
         try:
             while True:
                 scores = logits
@@ -946,7 +1008,11 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
                     next_tokens = torch.argmax(scores, dim=-1)
                 if has_eos_stopping_criteria:
                     next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
-                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+                if length == buffer.shape[1]:  # no max_length: twice the room
+                    buffer = torch.cat([buffer, torch.empty_like(buffer)], dim=1)
+                buffer[:, length] = next_tokens
+                length += 1
+                input_ids = buffer[:, :length]
                 # As transformers' loop: every criterion at every step, then the streamer, then the stop test.
                 for criteria in other_criteria:
                     unfinished_sequences = unfinished_sequences & ~criteria(input_ids, None)
@@ -966,7 +1032,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             setattr(cache, _SEEN_TOKENS_ATTR, seen + steps)
         if streamer is not None:
             streamer.end()
-        return input_ids
+        return input_ids.contiguous()
 
     def forward(
         self,

@@ -339,6 +339,17 @@ def test_accelerate_launch_two_processes(tmp_path, corpus):
     assert generated.startswith("ROMEO:") and len(generated) > len("ROMEO:")
 
 
+def test_a_bad_flag_under_two_processes_is_said_once(tmp_path, corpus):
+    """Both processes parse the command line; the first one alone prints what is wrong with it."""
+    result = launch(["--train_file", corpus, "--output_dir", str(tmp_path / "o"), *TINY, "--learning_rat", "1e-3"],
+                    tmp_path, accelerate=["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                          "--mixed_precision", "no", "--dynamo_backend", "no"])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: Unknown argument(s) --learning_rat 1e-3: write flags in full, without abbreviation "
+                      "(train.py --help lists them)."], result.stderr[-3000:]
+
+
 def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path, corpus):
     """accelerate's --cpu starts one process whatever --num_processes says: say so instead of training alone."""
     result = launch(["--train_file", corpus, "--output_dir", str(tmp_path / "o"), *TINY], tmp_path,
