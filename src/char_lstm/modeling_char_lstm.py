@@ -257,7 +257,8 @@ class _StepLinear:
         # never pays for it
         usable = weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear_usable()
         self.packed = None if usable else False
-        self.mkl_rows = _MKL_MAX_ROWS if usable and torch.backends.mkl.is_available() and "Intel" in _cpu_vendor() else 0
+        intel_mkl = torch.backends.mkl.is_available() and "Intel" in _cpu_vendor()
+        self.mkl_rows = _MKL_MAX_ROWS if usable and intel_mkl else 0
 
     def _pack(self):
         weight, bias = self.weight, self.bias
