@@ -179,8 +179,10 @@ PRESETS = {
         "weight_decay": 0.1,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.02,
-        "max_steps": 3000,
-        "max_train_seconds": 155,  # the time budget: a slow or busy machine stops early (the LR is nearly 0 by then)
+        # The time budget decides: the cosine schedule runs over the 155 s, so a faster machine turns its speed into
+        # more steps (2 CPU cores: 2600-3700 steps, docs/results.md) and only a GPU-fast one reaches max_steps.
+        "max_steps": 5000,
+        "max_train_seconds": 155,
         "bf16": "auto",
         "eval_steps": 1000,
         "save_steps": 1000,
