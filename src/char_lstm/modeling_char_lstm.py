@@ -260,7 +260,7 @@ class _StepLinear:
         intel_mkl = torch.backends.mkl.is_available() and "Intel" in _cpu_vendor()
         self.mkl_rows = _MKL_MAX_ROWS if usable and intel_mkl else 0
 
-    def _pack(self):
+    def _pack(self) -> None:
         weight, bias = self.weight, self.bias
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
@@ -270,18 +270,19 @@ class _StepLinear:
             self.packed = packed
         except RuntimeError:  # an older or partial oneDNN build: the plain product is always correct
             self.packed = False
-        return self.packed
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None, sigmoid: bool = False) -> torch.Tensor:
         autocast = torch.is_autocast_enabled(x.device.type)
-        if (
+        onednn = (
             self.packed is not False
             and x.dtype == torch.float32
             and x.shape[0] > self.mkl_rows
             and not autocast
             and torch.backends.mkldnn.enabled  # `torch.backends.mkldnn.flags(enabled=False)` is honoured
-            and (self.packed is not None or self._pack() is not False)
-        ):
+        )
+        if onednn and self.packed is None:
+            self._pack()
+        if onednn and self.packed is not False:
             if add is None:
                 return torch.ops.mkldnn._linear_pointwise(
                     x, self.packed, self.bias, "sigmoid" if sigmoid else "none", [], "")
@@ -391,21 +392,21 @@ def _cell_step(weights: tuple, cell_type: str, x: torch.Tensor | None, state: tu
         n = _tanh(i_n + r * h_n)
         h = n + z * (h - n)
         return h, (h,)
-    if cell_type == "lstm":
-        # The products with their addition and sigmoid fused (`_StepLinear`), over gates laid out as (input, forget,
-        # -2 x cell, output) by `_step_weights`; with tanh(x) = 1 - 2 sigmoid(-2x) the rest is five ops:
-        # c' = f c + i tanh(g) = (i - 2 i sigmoid(-2g)) + f c, and h = o tanh(c') = o - 2 o sigmoid(-2c').
-        if table is not None:
-            gates = hidden_linear(h, add=gi, sigmoid=True)
-        else:
-            gates = hidden_linear(torch.cat([x, h], dim=1), sigmoid=True)
+    # LSTM: the product with its addition and sigmoid fused (`_StepLinear`), over gates laid out as (input, forget,
+    # -2 x cell, output) by `_step_weights`; with tanh(x) = 1 - 2 sigmoid(-2x) the rest is five ops:
+    # c' = f c + i tanh(g) = (i - 2 i sigmoid(-2g)) + f c, and h = o tanh(c') = o - 2 o sigmoid(-2c').
+    lstm = cell_type == "lstm"
+    if table is not None:
+        gates = hidden_linear(h, add=gi, sigmoid=lstm)
+    else:
+        gates = hidden_linear(torch.cat([x, h], dim=1), sigmoid=lstm)
+    if lstm:
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.addcmul(i, i, g, value=-2)
         # in place unless the state has the wider dtype (bf16 gates under autocast, a float32 state)
         c = c.addcmul_(f, state[1]) if c.dtype == state[1].dtype else torch.addcmul(c, f, state[1])
         h = torch.addcmul(o, o, torch.mul(c, -2).sigmoid_(), value=-2)
         return h, (h, c)
-    gates = gi + hidden_linear(h) if table is not None else hidden_linear(torch.cat([x, h], dim=1))
     h = _tanh(gates)
     return h, (h,)
 
