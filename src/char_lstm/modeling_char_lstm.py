@@ -1017,7 +1017,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
                 input_ids = buffer[:, :length]
                 # As transformers' loop: every criterion at every step, then the streamer, then the stop test.
                 for criteria in other_criteria:
-                    unfinished_sequences = unfinished_sequences & ~criteria(input_ids, scores)
+                    unfinished_sequences = unfinished_sequences & ~criteria(input_ids, None)
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
                 if max_length is not None and input_ids.shape[1] >= max_length:
