@@ -401,7 +401,8 @@ def test_the_lean_loop_calls_criteria_before_the_streamer_at_every_step(tokenize
 
         class Logged(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                log.append(("criteria", input_ids.shape[1]))
+                # what transformers' loop passes as `scores` (None unless scores are returned) is passed the same
+                log.append(("criteria", input_ids.shape[1], type(scores)))
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
         class Streamer:
