@@ -273,9 +273,48 @@ def test_mistyped_model_folder_is_reported_before_the_data_are_loaded(tmp_path, 
                                 "--output_dir", "out", *TINY]))
 
 
-def test_resume_true_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(UsageError, match="holds no checkpoint to resume from"):
-        run(tmp_path, "--max_steps", "2", "--resume_from_checkpoint", "True")
+def test_resume_true_without_checkpoint_starts_from_the_beginning_unless_the_folder_holds_a_model(tmp_path, caplog):
+    """A job that always resumes (or a run killed before its first checkpoint): the folder holds nothing yet, and
+    `--resume_from_checkpoint True` trains from step 0. A folder that holds a model but no checkpoint is refused."""
+    args = ("--max_steps", "2", "--eval_steps", "2", "--save_strategy", "no", "--sample_every_evals", "0",
+            "--load_best_model_at_end", "false")
+    (tmp_path / "out" / "runs").mkdir(parents=True)  # what a killed run leaves: TensorBoard files, the lock
+    (tmp_path / "out" / "_train.lock").write_text("12345\n")
+    with caplog.at_level(logging.WARNING, logger="char_lstm"):
+        metrics, out = run(tmp_path, *args, "--resume_from_checkpoint", "True")
+    assert metrics["global_step"] == 2 and (out / "model.safetensors").exists()
+    assert "holds no checkpoint yet; training from the start" in caplog.text
+    with pytest.raises(UsageError, match="holds no checkpoint to resume from \\(it holds model.safetensors, "
+                       "all_results.json, config.json.*--model_name_or_path .*out with another --output_dir"):
+        run(tmp_path, *args, "--resume_from_checkpoint", "True")
+
+
+def test_a_folder_with_a_model_or_other_files_but_no_checkpoint_is_not_written_over_unasked(tmp_path, caplog):
+    args = ("--max_steps", "2", "--eval_steps", "2", "--save_strategy", "no", "--sample_every_evals", "0",
+            "--load_best_model_at_end", "false")
+    _, out = run(tmp_path, *args)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="already holds files \\(model.safetensors, all_results.json, config.json"
+                       " and \\d+ more\\) and no checkpoint: .*--overwrite_output_dir"):
+        run(tmp_path, *args)
+    assert (out / "model.safetensors").read_bytes() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    with pytest.raises(UsageError, match="mine already holds files \\(notes.txt\\)"):
+        run(tmp_path, *args, out="mine")
+    # asked: the previous model's weights go when the run starts (a run stopped early leaves no stale model beside
+    # its checkpoints); the user's own files stay
+    (out / "notes.txt").write_text("my notes")
+
+    class WeightsAtFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            self.present = (out / "model.safetensors").exists()
+
+    seen = WeightsAtFirstStep()
+    with caplog.at_level(logging.WARNING, logger="char_lstm"):
+        run(tmp_path, *args, "--overwrite_output_dir", "true", "--seed", "1", callbacks=[seen])
+    assert seen.present is False and "deleted the previous model's weights" in caplog.text
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "model.safetensors").read_bytes() != before
 
 
 class Evil:

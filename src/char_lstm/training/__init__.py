@@ -56,7 +56,6 @@ from .checkpoints import (
     CharLSTMTrainer,
     checkpoint_problem,
     checkpoint_step,
-    delete_old_checkpoints,
     finished_at,
     latest_complete_checkpoint,
     publish_files,
@@ -75,7 +74,7 @@ from .diagnostics import (
     recent_grad_norms,
 )
 from .metrics import compute_metrics, preprocess_logits_for_metrics
-from .output_dir import LOCK_NAME, OutputDirInUse, OutputDirLock, prepare_output_dir
+from .output_dir import LOCK_NAME, OutputDirInUse, OutputDirLock, delete_previous_run, prepare_output_dir
 from .preparation import encode_datasets, load_datasets, load_tokenizer_and_model, warn_unknown_characters
 from .runtime import (
     STOP_SIGNALS,
@@ -159,7 +158,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
 
     # 5. Train (a resume of a run that had already ended trains no more); an allocation failure is one message
     with out_of_memory_reported(training_args, data_args.block_size, model):
-        train_metrics = run_training(trainer, resume)
+        train_metrics = run_training(trainer, resume, model_args.model_name_or_path)
         if guard.diverged_at is not None:
             norms = describe_grad_norms(recent_grad_norms(trainer.state.log_history), training_args.max_grad_norm)
             raise TrainingDiverged(guard.message(training_args.output_dir, prompt, norms))
@@ -251,7 +250,7 @@ def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataAr
 # 5. Train
 
 
-def run_training(trainer, resume: str | None) -> dict:
+def run_training(trainer, resume: str | None, started_from: str | None = None) -> dict:
     """`trainer.train()` from `resume` (or from scratch); a checkpoint where the run already ends (killed while
     writing the final model) is restored instead, without a step more. Returns the train metrics."""
     args = trainer.args
@@ -262,7 +261,7 @@ def run_training(trainer, resume: str | None) -> dict:
                            "model from it.")
         return restore_finished_run(trainer, resume)
     if resume is None and args.overwrite_output_dir:
-        delete_old_checkpoints(args)
+        delete_previous_run(args, started_from)
     trainer.accelerator.wait_for_everyone()
     return trainer.train(resume_from_checkpoint=resume).metrics
 
@@ -341,7 +340,7 @@ __all__ = [
     "checkpoint_step",
     "compute_metrics",
     "default_sample_prompt",
-    "delete_old_checkpoints",
+    "delete_previous_run",
     "finished_at",
     "interrupted_message",
     "keep_freed_memory",

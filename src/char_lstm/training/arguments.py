@@ -88,7 +88,9 @@ class CharLSTMTrainingArguments(TrainingArguments):
         default="outputs/char-lstm", metadata={"help": "Where checkpoints and the model go."}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Delete the checkpoints already in --output_dir and start over."}
+        default=False,
+        metadata={"help": "Start over in --output_dir: delete its checkpoints and the previous model's weights (its "
+                  "other files are written over at the end)."},
     )
     learning_rate: float = field(default=2e-3, metadata={"help": "Adam learning rate."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Blocks per batch per device."})

@@ -199,14 +199,3 @@ def finished_at(checkpoint: str, args: TrainingArguments) -> int | None:
         state = json.load(f)
     target = args.max_steps if args.max_steps > 0 else state.get("max_steps") or 0
     return state["global_step"] if target and state["global_step"] >= target else None
-
-
-def delete_old_checkpoints(args: TrainingArguments) -> None:
-    """--overwrite_output_dir: remove the previous run's checkpoints, once everything else is known to work."""
-    if args.process_index == 0 and os.path.isdir(args.output_dir):
-        old = [name for name in os.listdir(args.output_dir) if name.startswith("checkpoint-")]
-        for name in old:
-            shutil.rmtree(os.path.join(args.output_dir, name))
-        if old:
-            logger.warning(f"--overwrite_output_dir: deleted the checkpoints in {args.output_dir}")
-

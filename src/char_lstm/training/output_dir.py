@@ -7,10 +7,17 @@ import os
 import shutil
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 from ..errors import UsageError
-from .checkpoints import FINAL_STAGING_DIR, STAGING_DIR, checkpoint_problem, latest_complete_checkpoint
+from .checkpoints import (
+    FINAL_STAGING_DIR,
+    SET_ASIDE_PREFIX,
+    STAGING_DIR,
+    checkpoint_problem,
+    latest_complete_checkpoint,
+)
 
 
 try:
@@ -82,10 +89,37 @@ class OutputDirLock:
                 os.rmdir(self.output_dir)
 
 
+# What a run leaves in its folder besides checkpoints and the final model, none of it a result: the lock, the staging
+# folders of saves cut short, checkpoints a resume set aside, TensorBoard's event files. Dot files (.DS_Store, .git)
+# are not results either.
+_RUN_LEFTOVERS = (LOCK_NAME, STAGING_DIR, FINAL_STAGING_DIR, "runs")
+# The final model's weights: --overwrite_output_dir removes them when the new run starts, so that a run stopped before
+# its end never leaves the old model beside the new checkpoints (the old model's other files are replaced at the end).
+_FINAL_WEIGHTS = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
+
+
+def _results_in(output_dir: str) -> list[str]:
+    """The entries of `output_dir` that a run must not write over unasked: everything but checkpoints and the
+    leftovers of runs (a model's weights first, then by name; [] for a folder that does not exist)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(
+        (name for name in os.listdir(output_dir)
+         if not name.startswith((PREFIX_CHECKPOINT_DIR + "-", SET_ASIDE_PREFIX, ".")) and name not in _RUN_LEFTOVERS),
+        key=lambda name: (name not in _FINAL_WEIGHTS, name.lower()),
+    )
+
+
+def _described(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def prepare_output_dir(args: TrainingArguments) -> str | None:
     """With the folder's lock held (main process): remove what interrupted saves left, refuse to clobber a previous
-    run (nothing else is deleted here), and return the checkpoint to resume from (or None): with
-    `--resume_from_checkpoint True` the newest complete one, incomplete or damaged ones being skipped."""
+    run or files of the user's (nothing is deleted here), and return the checkpoint to resume from (or None): with
+    `--resume_from_checkpoint True` the newest complete one, incomplete or damaged ones being skipped; a folder that
+    holds nothing yet (a run killed before its first checkpoint, a first run of a job that always resumes) starts
+    from the beginning, with one warning line."""
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true" or None
@@ -93,11 +127,19 @@ def prepare_output_dir(args: TrainingArguments) -> str | None:
         for name in (STAGING_DIR, FINAL_STAGING_DIR):  # what a killed run was writing: never complete, never used
             shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    results = _results_in(args.output_dir)
     if resume is True:
         if last is None:
-            raise UsageError(
-                f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from."
-            )
+            if results:
+                model = (f" To train the model it holds further: --model_name_or_path {args.output_dir} with another "
+                         "--output_dir." if os.path.isfile(os.path.join(args.output_dir, CONFIG_NAME)) else "")
+                raise UsageError(
+                    f"--resume_from_checkpoint True, but {args.output_dir} holds no checkpoint to resume from (it "
+                    f"holds {_described(results)}).{model}"
+                )
+            logger.warning(f"--resume_from_checkpoint True: {args.output_dir} holds no checkpoint yet; training "
+                           "from the start.")
+            return None
         resume = latest_complete_checkpoint(args.output_dir)
         if resume is None:
             raise UsageError(
@@ -118,5 +160,34 @@ def prepare_output_dir(args: TrainingArguments) -> str | None:
             f"{args.output_dir} already holds checkpoints ({os.path.basename(last)}): resume with "
             "--resume_from_checkpoint True, start over with --overwrite_output_dir, or choose another --output_dir."
         )
+    elif results and not args.overwrite_output_dir:
+        raise UsageError(
+            f"{args.output_dir} already holds files ({_described(results)}) and no checkpoint: choose another "
+            "--output_dir, or pass --overwrite_output_dir to write this run's model over them."
+        )
     return resume
 
+
+def delete_previous_run(args: TrainingArguments, started_from: str | None = None) -> None:
+    """--overwrite_output_dir: remove the previous run's checkpoints and its final model's weights, once everything
+    else is known to work. Other files stay until the new final model replaces them. The weights stay when the run
+    started from them (`started_from`, its --model_name_or_path, is the output folder): until the new model is
+    written they are the only copy."""
+    if args.process_index != 0 or not os.path.isdir(args.output_dir):
+        return
+    keep_weights = started_from is not None and os.path.isdir(started_from) and os.path.samefile(
+        started_from, args.output_dir)
+    deleted = []
+    old = [name for name in os.listdir(args.output_dir) if name.startswith(PREFIX_CHECKPOINT_DIR + "-")]
+    for name in old:
+        shutil.rmtree(os.path.join(args.output_dir, name))
+    if old:
+        deleted.append("the checkpoints")
+    weights = [name for name in _FINAL_WEIGHTS
+               if not keep_weights and os.path.isfile(os.path.join(args.output_dir, name))]
+    for name in weights:
+        os.remove(os.path.join(args.output_dir, name))
+    if weights:
+        deleted.append("the previous model's weights")
+    if deleted:
+        logger.warning(f"--overwrite_output_dir: deleted {' and '.join(deleted)} in {args.output_dir}")
