@@ -29,6 +29,7 @@ from char_lstm.training import (  # noqa: E402
     ReportedByMainProcess,
     TrainingDiverged,
     TrainingOutOfMemory,
+    close_progress_bars,
     interrupted_message,
     keep_freed_memory,
     parse_arguments,
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, (UsageError, TrainingDiverged, TrainingOutOfMemory, ValueError, OSError)):
             # every process parses the same command line, so the first one alone says what is wrong with it
             if not parsing or os.environ.get("RANK", "0") == "0":
+                close_progress_bars()
                 print(f"error: {error}", file=sys.stderr)
             return 2
         raise

@@ -260,6 +260,54 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, corpus):
     assert not list(out.glob("checkpoint-*")) or assert_checkpoints_complete(out)
 
 
+def with_file_size_limit(limit):
+    """A preexec_fn that makes every file write past `limit` bytes fail (EFBIG), as a full disk makes them fail
+    (ENOSPC), for any user: RLIMIT_FSIZE, with SIGXFSZ (which would kill the process) ignored."""
+    import resource
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_writes
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX file size limits")
+@pytest.mark.parametrize("what", ["a checkpoint", "the final model"])
+def test_a_save_that_fails_for_lack_of_space_is_one_line_and_leaves_the_previous_run_as_it_was(tmp_path, corpus,
+                                                                                                  what):
+    """A write that fails (a full disk; here a file size limit, which fails the same way for any user) is one
+    `error:` line with exit code 2 naming what could not be written and how to go on. The half-written folder is
+    removed and what the folder held before is unchanged: a resume goes on from the last complete checkpoint."""
+    out = tmp_path / "out"
+    big = [*TINY, "--hidden_size", "256", "--sample_every_evals", "0"]  # 3.8 MB of weights
+    saves = ["--eval_steps", "2", "--save_steps", "2"] if what == "a checkpoint" else [
+        "--eval_steps", "2", "--save_strategy", "no", "--load_best_model_at_end", "false"]
+    train(*parse_arguments(["--train_file", corpus, "--output_dir", str(out), *big, *saves, "--max_steps", "2"]))
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    again = ["--resume_from_checkpoint", "True"] if what == "a checkpoint" else ["--overwrite_output_dir", "true"]
+    result = subprocess.run(
+        [sys.executable, TRAIN, "--train_file", corpus, "--output_dir", str(out), *big, *saves, "--max_steps", "4",
+         *again], capture_output=True, text=True, cwd=tmp_path, env=env(), timeout=SUBPROCESS_TIMEOUT,
+        preexec_fn=with_file_size_limit(2_000_000),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    if what == "a checkpoint":
+        assert line.startswith(f"error: Could not write checkpoint-4 into {out} (File too large; "), line
+        assert "checkpoint-2 and the checkpoints before it are complete and unchanged" in line
+        assert "--resume_from_checkpoint True" in line
+        after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+        assert after == before  # nothing half written is left, nothing there before was touched
+        assert checkpoint_problem(str(out / "checkpoint-2")) is None
+    else:
+        assert line.startswith(f"error: Could not write the final model into {out} (File too large; "), line
+        assert "No checkpoint had been written yet" in line
+        assert not (out / FINAL_STAGING_DIR).exists() and not (out / "model.safetensors").exists()
+        assert (out / "config.json").read_bytes() == before[Path("config.json")]  # asked to go: only the weights
+
+
 OUR_FRAME = re.compile(r'File "[^"]*(scripts/train\.py|char_lstm/)')  # a traceback through our code
 
 

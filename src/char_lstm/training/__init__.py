@@ -54,13 +54,16 @@ from .checkpoints import (
     SET_ASIDE_PREFIX,
     STAGING_DIR,
     CharLSTMTrainer,
+    SaveFailed,
     checkpoint_problem,
     checkpoint_step,
+    failed_save_reported,
     finished_at,
     latest_complete_checkpoint,
     publish_files,
     publish_folder,
     restore_finished_run,
+    save_failed,
 )
 from .curves import plot_training_curves, stop_mark
 from .diagnostics import (
@@ -89,7 +92,14 @@ from .runtime import (
     training_console,
 )
 from .stateful import STREAM_STATE_NAME, StatefulTrainer
-from .summary import interrupted_message, run_summary, scheduler_name, training_results, training_run_info
+from .summary import (
+    close_progress_bars,
+    interrupted_message,
+    run_summary,
+    scheduler_name,
+    training_results,
+    training_run_info,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -278,7 +288,9 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
     `baselines` are given."""
     args = trainer.args
     staged = os.path.join(args.output_dir, FINAL_STAGING_DIR)
-    trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with the tokenizer
+    staging = staged if trainer.is_world_process_zero() else None
+    with failed_save_reported("the final model", args.output_dir, staging):
+        trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with tokenizer
     metrics = {**train_metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
     if baselines is not None:
         metrics["unigram_bits_per_char"] = bits(baselines.unigram)
@@ -286,17 +298,19 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
         metrics["train_blocks"], metrics["eval_blocks"] = len(train_blocks), len(eval_blocks)
     if not trainer.is_world_process_zero():
         return metrics
-    with open(os.path.join(staged, "all_results.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=4, sort_keys=True)
-    trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-    run = training_run_info(model_args, data_args, args, metrics, prompt, trainer.state, stopped_at)
-    with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as f:
-        json.dump(run, f, indent=2)
-    plot_training_curves(trainer.state.log_history, os.path.join(staged, TRAINING_CURVES_NAME),
-                         stop_mark(trainer.state, stopped_at))
-    write_model_card(staged, trainer.model, run, results_from_training(metrics),  # named as Trainer's cards:
-                     repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))  # not _tmp-final
-    publish_files(staged, args.output_dir)
+    with failed_save_reported("the final model", args.output_dir, staging):
+        with open(os.path.join(staged, "all_results.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=4, sort_keys=True)
+        trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        run = training_run_info(model_args, data_args, args, metrics, prompt, trainer.state, stopped_at)
+        with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as f:
+            json.dump(run, f, indent=2)
+        plot_training_curves(trainer.state.log_history, os.path.join(staged, TRAINING_CURVES_NAME),
+                             stop_mark(trainer.state, stopped_at))
+        # the card is named as Trainer's cards are: after the output folder, not _tmp-final
+        write_model_card(staged, trainer.model, run, results_from_training(metrics),
+                         repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+        publish_files(staged, args.output_dir)
     return metrics
 
 
@@ -329,6 +343,7 @@ __all__ = [
     "STAGING_DIR",
     "STOP_SIGNALS",
     "STREAM_STATE_NAME",
+    "SaveFailed",
     "SampleCallback",
     "StatefulTrainer",
     "TimeLimitCallback",
@@ -336,11 +351,13 @@ __all__ = [
     "TrainingDiverged",
     "TrainingOutOfMemory",
     "check_arguments",
+    "close_progress_bars",
     "checkpoint_problem",
     "checkpoint_step",
     "compute_metrics",
     "default_sample_prompt",
     "delete_previous_run",
+    "failed_save_reported",
     "finished_at",
     "interrupted_message",
     "keep_freed_memory",
@@ -358,6 +375,7 @@ __all__ = [
     "restore_finished_run",
     "run_summary",
     "sample",
+    "save_failed",
     "scheduler_name",
     "stop_on_signals",
     "train",

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 
@@ -80,6 +80,59 @@ def publish_files(staged: str, folder: str, last: str = SAFE_WEIGHTS_NAME) -> No
         os.replace(os.path.join(staged, name), target)
     _fsync(folder)
     os.rmdir(staged)
+
+
+class SaveFailed(OSError):
+    """A checkpoint or the final model could not be written: a full disk, a quota, a file size limit, permissions.
+    What was half written is removed; what was written before stays as it was."""
+
+
+def _io_reason(error: BaseException) -> str:
+    """What went wrong, in a few words: the OS error behind `error` when there is one (torch.save says only "file write
+    failed", safetensors wraps it in its own error), else the first line of its message."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    message = (str(error).splitlines() or [type(error).__name__])[0]
+    code = re.search(r"os error (\d+)", message)  # safetensors: "I/O error: No space left on device (os error 28)"
+    return os.strerror(int(code.group(1))) if code else message[:160]
+
+
+def _free_space(folder: str) -> str:
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        free = shutil.disk_usage(folder or ".").free
+    except OSError:
+        return ""
+    return f"; {free / 1e6:.1f} MB free there" if free < 1e9 else f"; {free / 1e9:.1f} GB free there"
+
+
+def save_failed(what: str, output_dir: str, error: BaseException) -> SaveFailed:
+    """The one-line error of a save that failed (`what`: "checkpoint-N", "the final model"), with what is left and
+    how to go on."""
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    kept = (f"{os.path.basename(last)} and the checkpoints before it are complete and unchanged: free some space "
+            "(or lower --save_total_limit, or choose an --output_dir on another disk), then run the same command with "
+            "--resume_from_checkpoint True." if last else
+            "No checkpoint had been written yet: free some space or choose an --output_dir on another disk, then run "
+            "the command again.")
+    return SaveFailed(f"Could not write {what} into {output_dir} ({_io_reason(error)}{_free_space(output_dir)}). "
+                      + kept)
+
+
+@contextlib.contextmanager
+def failed_save_reported(what: str, output_dir: str, staging: str | None):
+    """A write in the block that fails (a full disk...) becomes one `SaveFailed` line, and the folder `staging` it
+    was writing is removed: half written, it could never be used and would only fill the disk more."""
+    try:
+        yield
+    except Exception as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise save_failed(what, output_dir, error) from error
 
 
 def checkpoint_step(folder: str) -> int | None:
@@ -161,17 +214,19 @@ class CharLSTMTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging_root = os.path.join(run_dir, STAGING_DIR)
         staged, final = os.path.join(self._staging_root, name), os.path.join(run_dir, name)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        if self.state.best_model_checkpoint == staged:  # this step is the best: its final place goes in the state
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        with failed_save_reported(name, run_dir, self._staging_root if self.args.should_save else None):
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            if self.state.best_model_checkpoint == staged:  # this step is the best: its final place goes in the state
+                self.state.best_model_checkpoint = final
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, stream state)
         if self.args.should_save:
-            publish_folder(staged, final)
+            with failed_save_reported(name, run_dir, os.path.join(run_dir, STAGING_DIR)):
+                publish_folder(staged, final)
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(run_dir, STAGING_DIR))
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)

@@ -57,11 +57,16 @@ def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prom
     return "\n".join([stopped, *lines])
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a stop cut short, so that the line printed next stands alone (not glued to a bar)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def interrupted_message(signum: int, output_dir: str | None, prompt: str | None = None) -> str:
     """The line printed when a signal stops the run: `run_summary` (what is kept, how to go on) on one line. The
     progress bars the signal cut short are closed first, so that the line is the last one and stands alone."""
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
+    close_progress_bars()
     stopped = f"Stopped by {STOP_SIGNALS[signum][0]}; checkpoints are complete (a save cut short is discarded)."
     if not output_dir:
         return stopped
