@@ -19,6 +19,7 @@ from char_lstm import (
     check_vocab_match,
     load_model_and_tokenizer,
 )
+from char_lstm.hub import write_model_card
 from helpers import CORPUS, make_model
 
 
@@ -142,6 +143,43 @@ def test_pipeline_text_generation(saved, tokenizer):
         model.eval().generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=20, do_sample=False)[0]
     )
     assert result[0]["generated_text"] == expected
+
+
+def card_snippet(card: str) -> str:
+    return card.split("```python\n")[1].split("```")[0]
+
+
+def test_a_local_folders_card_lists_the_tokenizers_special_tokens_and_loads_the_folder(tmp_path, monkeypatch):
+    """The card written for a folder that is not on the Hub (a training run without --hub_model_id): its vocabulary
+    sentence names the tokenizer's own special tokens (`<eos>` too, for a tokenizer with document boundaries), and
+    its snippet, run as written from where the folder was given, loads that folder and generates."""
+    tokenizer = CharLSTMTokenizer.from_corpus(CORPUS, document_boundary=True)
+    model = make_model(tokenizer, hidden_size=8, embedding_size=4, num_layers=1)
+    monkeypatch.chdir(tmp_path)
+    folder = os.path.join("outputs", "shakespeare")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    card = open(write_model_card(folder, model, run={}, results={}, repo_id="shakespeare", model_path=folder)).read()
+    assert f"a vocabulary of\n{len(tokenizer)} tokens (one per character, plus `<pad>`, `<unk>` and `<eos>`)." in card
+    assert "# shakespeare\n" in card and "The folder carries its own code" in card
+    snippet = card_snippet(card).replace("max_new_tokens=300", "max_new_tokens=5")
+    assert f'from_pretrained("{folder}", trust_remote_code=True)' in snippet
+    scope = {}
+    exec(snippet, scope)  # noqa: S102  (the card's own code, as a reader pastes it)
+    assert scope["out"].shape[1] == scope["inputs"]["input_ids"].shape[1] + 5
+    # no repo id at all: the folder itself; a plain tokenizer: no <eos> claimed
+    plain = CharLSTMTokenizer.from_corpus(CORPUS)
+    plain.save_pretrained(folder)
+    card = open(write_model_card(folder, make_model(plain), run={}, results={})).read()
+    assert "tokens (one per character, plus `<pad>` and `<unk>`)." in card and "<eos>" not in card
+    assert f'from_pretrained("{folder}", trust_remote_code=True)' in card_snippet(card)
+
+
+def test_a_hub_cards_snippet_loads_the_repo_id(saved, tmp_path):
+    folder, model = saved
+    card = open(write_model_card(str(folder), model, run={}, results={}, repo_id="you/char-tiny")).read()
+    assert 'from_pretrained("you/char-tiny", trust_remote_code=True)' in card_snippet(card)
+    assert "The repository carries its own code" in card
 
 
 def test_load_model_and_tokenizer_gives_the_saved_weights_in_eval_mode_with_dtype_and_device(saved, tokenizer):

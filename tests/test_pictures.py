@@ -24,3 +24,18 @@ def test_bptt_demo_draws_the_gradient_flow_figure(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == f"figure: {figure}"
     assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bptt_demo_does_not_draw_over_a_file_that_exists(tmp_path):
+    pytest.importorskip("matplotlib", reason="the figure is drawn with matplotlib")
+    figure = tmp_path / "flow.png"
+    figure.write_bytes(b"the reader's own picture")
+    argv = ["--steps", "12", "--hidden_size", "8", "--plot", str(figure)]
+    result = call_script("bptt_demo.py", argv, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: --plot {figure} exists; choose another file, or pass --overwrite to "
+                                     "replace it.")
+    assert figure.read_bytes() == b"the reader's own picture"
+    result = call_script("bptt_demo.py", [*argv, "--overwrite"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -5,6 +5,7 @@ README compiles. What the commands do is tested by the script tests."""
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -137,6 +138,20 @@ def test_readme_commands_in_order_write_distinct_folders():
         for folder in filter(None, folders):
             assert folder not in written or "--overwrite_output_dir" in argv, f"{where}: {folder} written before"
             written.add(folder)
+
+
+def test_no_readme_command_writes_over_a_file_of_the_checkout():
+    """A file a README command writes (--plot, --output_json), pasted at the checkout's root, is none the checkout
+    tracks: the reader's clone stays as it came (bptt_demo's example used to redraw docs/gradient_flow.png)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = set(listed.stdout.splitlines())
+    for where, _, argv in COMMANDS:
+        for flag in ("--plot", "--output_json"):
+            if where.startswith("README.md") and flag in argv:
+                path = argv[argv.index(flag) + 1]
+                assert path not in tracked, f"{where}: {flag} {path} would overwrite the checkout's {path}"
 
 
 def test_readme_python_compiles():

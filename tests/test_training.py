@@ -98,8 +98,8 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
         loss = next(e["loss"] for e in history if e.get("step") == step and "loss" in e)
         assert (f"| {step} | {loss:.4f} | {evaluation['eval_loss']:.4f} | "
                 f"{evaluation['eval_bits_per_char']:.4f} |") in card
-    assert "`train.txt`" in card and str(tmp_path) not in card
-    assert f"# {out.name}\n" in card and f'from_pretrained("{out.name}"' in card  # the folder, not its staging copy
+    assert "`train.txt`" in card and str(tmp_path / "train.txt") not in card
+    assert f"# {out.name}\n" in card and f'from_pretrained("{out}"' in card  # the folder, not its staging copy
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.generation_config.do_sample and model.generation_config.temperature == 0.8

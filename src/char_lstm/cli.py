@@ -1,5 +1,6 @@
 """What the command-line scripts share: parse one dataclass of arguments, run, turn bad input into one line."""
 
+import difflib
 import logging
 import sys
 from collections.abc import Callable
@@ -24,12 +25,34 @@ def console_logging(level: int = logging.INFO) -> None:
 
 def parse_command_line(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
     """The dataclasses of `parser` from `argv`; an argument that is not a flag (a typo, an abbreviation: prefix
-    matching is off, so --learning_rat is not --learning_rate) is a one-line UsageError."""
+    matching is off, so --learning_rat is not --learning_rate) is a one-line UsageError, naming the closest flags."""
     *dataclasses, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
-        raise UsageError(f"Unknown argument(s) {' '.join(remaining)}: write flags in full, without abbreviation "
-                         f"({parser.prog} --help lists them).")
+        raise UsageError(f"Unknown argument(s) {' '.join(remaining)}{_did_you_mean(parser, remaining)}: write flags "
+                         f"in full, without abbreviation ({parser.prog} --help lists them).")
     return tuple(dataclasses)
+
+
+def _did_you_mean(parser, remaining: list[str]) -> str:
+    """" (did you mean --learning_rate?)" for the unknown flags of `remaining` that resemble the parser's own flags
+    (difflib's closest match, and any as close; each flag once, by its first name, not its --dashed-alias); "" when
+    none does."""
+    flags = [next((o for o in action.option_strings if o.startswith("--")), None) for action in parser._actions]
+    flags = [flag for flag in flags if flag]
+    guesses = {}
+    for word in remaining:
+        name = word.split("=", 1)[0]
+        if not name.startswith("--") or name in guesses:
+            continue
+        scored = sorted(((difflib.SequenceMatcher(None, name, flag).ratio(), flag) for flag in flags), reverse=True)
+        close = [flag for score, flag in scored if score >= max(0.6, scored[0][0] - 0.05)] if scored else []
+        if close:
+            guesses[name] = " or ".join(close[:3])
+    if not guesses:
+        return ""
+    if len(guesses) == 1:
+        return f" (did you mean {next(iter(guesses.values()))}?)"
+    return " (did you mean " + ", ".join(f"{guess} for {name}" for name, guess in guesses.items()) + "?)"
 
 
 def run_command(arguments_class: type, run: Callable, argv: list[str] | None = None) -> int:

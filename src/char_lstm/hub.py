@@ -57,11 +57,27 @@ def _metric_rows(results: dict) -> list[dict]:
     return rows
 
 
+def vocabulary_note(tokenizer=None) -> str:
+    """What the card says the vocabulary is: one token per character plus the tokenizer's own multi-character tokens
+    (`<pad>`, `<unk>`, and `<eos>`/`<bos>` where it has them), in id order; without a tokenizer, "its special
+    tokens"."""
+    if tokenizer is None:
+        return "one per character, plus its special tokens"
+    vocab = tokenizer.get_vocab()
+    specials = [f"`{token}`" for token in sorted(vocab, key=vocab.get) if len(token) != 1]
+    if not specials:
+        return "one per character"
+    listed = specials[0] if len(specials) == 1 else ", ".join(specials[:-1]) + f" and {specials[-1]}"
+    return f"one per character, plus {listed}"
+
+
 def render_model_card(model, run: dict, results: dict, repo_id: str, license: str = "apache-2.0",
-                      curves: bool = False) -> str:
+                      curves: bool = False, tokenizer=None, model_path: str | None = None) -> str:
     """The model card (README.md): YAML metadata (with the measured results as model-index) and the sections of
     `model_cards/char_lstm.md`, filled with the model's architecture and `run` (the training run's settings);
-    `curves`: the folder holds training_curves.png, which the card shows.
+    `curves`: the folder holds training_curves.png, which the card shows; `tokenizer`: the model's, whose special
+    tokens the card lists; `model_path`: a local folder that the card's snippet loads, instead of the Hub repository
+    `repo_id` (a card written for a folder that is not on the Hub).
 
     `results`: {mode: {"loss", "bits_per_character", "perplexity"}} with mode "eval" (validation during training),
     "fixed" and/or "streaming" (scripts/evaluate.py).
@@ -87,6 +103,9 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
     return template.format(
         metadata="---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---",
         repo_id=repo_id,
+        load_id=json.dumps(model_path or repo_id),  # a Python string literal, double-quoted
+        carrier="folder" if model_path else "repository",
+        vocabulary=vocabulary_note(tokenizer),
         cell_type=config.cell_type.upper(),
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
@@ -161,13 +180,22 @@ def _training_results_table(rows: list[dict] | None) -> str:
 
 
 def write_model_card(
-    output_dir: str, model, run: dict, results: dict, repo_id: str | None = None, license: str = "apache-2.0"
+    output_dir: str, model, run: dict, results: dict, repo_id: str | None = None, license: str = "apache-2.0",
+    tokenizer=None, model_path: str | None = None,
 ) -> str:
     """Render the model card into `output_dir/README.md` (showing the folder's training_curves.png, if any); returns
-    its path."""
+    its path. `tokenizer`: default, the one saved in `output_dir` (its special tokens are listed). The snippet loads
+    `model_path` if given, else the Hub repository `repo_id`, else (no `repo_id`) `output_dir` itself."""
     path = os.path.join(output_dir, "README.md")
+    if tokenizer is None and all(os.path.isfile(os.path.join(output_dir, name)) for name in TOKENIZER_FILES):
+        from .tokenization_char_lstm import CharLSTMTokenizer
+
+        tokenizer = CharLSTMTokenizer.from_pretrained(output_dir)
+    if repo_id is None and model_path is None:
+        model_path = output_dir
     card = render_model_card(model, run, results, repo_id or os.path.basename(os.path.abspath(output_dir)), license,
-                             curves=os.path.isfile(os.path.join(output_dir, TRAINING_CURVES_NAME)))
+                             curves=os.path.isfile(os.path.join(output_dir, TRAINING_CURVES_NAME)),
+                             tokenizer=tokenizer, model_path=model_path)
     with open(path, "w", encoding="utf-8") as f:
         f.write(card)
     return path
@@ -261,7 +289,7 @@ def build_hub_folder(
             results = results_from_training(json.load(f))
     if os.path.isfile(os.path.join(model_dir, TRAINING_CURVES_NAME)):
         shutil.copyfile(os.path.join(model_dir, TRAINING_CURVES_NAME), os.path.join(folder, TRAINING_CURVES_NAME))
-    write_model_card(folder, model, run, results, repo_id, license=license)
+    write_model_card(folder, model, run, results, repo_id, license=license, tokenizer=tokenizer)
     return folder
 
 

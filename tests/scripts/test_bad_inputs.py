@@ -95,10 +95,23 @@ def test_train_bad_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys
 
 def test_argument_prefixes_are_not_flags(tmp_path, train_main, capsys):
     assert train_main(["--learning_rat", "0.05", "--output_dir", str(tmp_path / "o")]) == 2
-    assert "Unknown argument(s) --learning_rat 0.05: write flags in full" in the_error_line(capsys.readouterr().err)
+    assert ("Unknown argument(s) --learning_rat 0.05 (did you mean --learning_rate?): write flags in full"
+            in the_error_line(capsys.readouterr().err))
     assert run_command(GenerateArguments, run_generate, ["--model_name_or_path", "m", "--max_new_tok", "5"]) == 2
-    assert "Unknown argument(s) --max_new_tok 5" in the_error_line(capsys.readouterr().err)
+    assert "Unknown argument(s) --max_new_tok 5 (did you mean --max_new_tokens?)" in the_error_line(
+        capsys.readouterr().err)
+    assert run_command(GenerateArguments, run_generate, ["--model_name_or_path", "m", "--zzzqqq"]) == 2
+    assert "Unknown argument(s) --zzzqqq: write flags in full" in the_error_line(capsys.readouterr().err)  # no guess
     assert not (tmp_path / "o").exists()
+
+
+def test_a_misspelled_flag_is_answered_with_the_closest_flags(tmp_path):
+    """A real interpreter: scripts/evaluate.py with two misspelled flags names the flag meant for each."""
+    result = run_script("evaluate.py", ["--model_name_or_path", "m", "--block_siz", "64", "--moodes=fixed"], tmp_path)
+    assert result.returncode == 2
+    assert the_error_line(result.stderr) == (
+        "error: Unknown argument(s) --block_siz 64 --moodes=fixed (did you mean --block_size for --block_siz, --modes "
+        "for --moodes?): write flags in full, without abbreviation (evaluate.py --help lists them).")
 
 
 def test_streaming_with_max_eval_samples_trains(tmp_path):

@@ -9,7 +9,7 @@ from helpers import ROOT, call_script
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts beside each other, not a package
-from benchmark import meets  # noqa: E402
+from benchmark import benchmark_text, meets  # noqa: E402
 
 
 @pytest.mark.heavy
@@ -45,3 +45,29 @@ def test_benchmark_rejects_unknown_section(tmp_path):
     result = call_script("benchmark.py", ["--sections", "nope"], tmp_path)
     assert result.returncode == 2
     assert "Unknown --sections ['nope']" in result.stderr
+
+
+def test_smoke_shows_targets_without_verdicts(tmp_path):
+    """--smoke's numbers mean nothing: a row with a target says "n/a (smoke)", never "ok" or "MISSED"."""
+    out = tmp_path / "bench.json"
+    result = call_script("benchmark.py", ["--smoke", "--sections", "encoding", "--output_json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    targeted = [line for line in result.stdout.splitlines() if line.startswith("encoding ") and ">= 50" in line]
+    assert len(targeted) == 2 and all(line.endswith(">= 50 n/a (smoke)") for line in targeted), result.stdout
+    assert "MISSED" not in result.stdout and " ok" not in result.stdout
+    assert json.loads(out.read_text())["corpus"] == "generated text"
+
+
+def test_a_missing_corpus_is_one_line_naming_the_flag_and_the_bundled_default(tmp_path):
+    result = call_script("benchmark.py", ["--corpus", "../shared/data/tinyshakespeare.txt", "--smoke"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --corpus ../shared/data/tinyshakespeare.txt is not a file: give a text file, or leave --corpus out to "
+        "measure on the tiny Shakespeare bundled with char_lstm.")
+    assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_the_full_run_measures_on_the_bundled_tiny_shakespeare_by_default():
+    text = benchmark_text(None, quick=False)
+    assert len(text) == 1_115_394 and text.startswith("First Citizen:\nBefore we proceed any further")
+    assert benchmark_text(None, quick=True) != text  # --quick and --smoke: generated text, as before

@@ -307,9 +307,11 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
             json.dump(run, f, indent=2)
         plot_training_curves(trainer.state.log_history, os.path.join(staged, TRAINING_CURVES_NAME),
                              stop_mark(trainer.state, stopped_at))
-        # the card is named as Trainer's cards are: after the output folder, not _tmp-final
+        # the card is named as Trainer's cards are, after the output folder (not _tmp-final), and its snippet loads
+        # that folder, unless the model goes to the Hub
         write_model_card(staged, trainer.model, run, results_from_training(metrics),
-                         repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+                         repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                         model_path=None if args.hub_model_id or args.push_to_hub else args.output_dir)
         publish_files(staged, args.output_dir)
     return metrics
 
