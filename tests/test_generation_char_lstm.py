@@ -437,3 +437,24 @@ def test_a_pad_id_outside_the_vocabulary_gets_forwards_message(tokenizer, model)
     with pytest.raises(ValueError, match="outside"):
         model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=eos,
                        pad_token_id=model.config.vocab_size + 3)
+
+
+def test_a_forward_hook_on_a_recurrent_layer_sees_every_token_generate_feeds(tokenizer, cell_type):
+    """generate() feeds the new tokens one by one; the one-token step, which computes the layers itself, stands aside
+    for a layer with a forward hook, so the hook sees every call (it saw the prompt only), each with the output the
+    whole sequence gives at that position, and the text is the one generated without the hook."""
+    model = make_model(tokenizer, cell_type)
+    prompt = tokenizer(["ROMEO:\nBut"], return_tensors="pt")
+    length = prompt["input_ids"].shape[1]
+    expected = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    seen = []
+    handle = model.model.layers[-1].register_forward_hook(lambda module, args, output: seen.append(output[0][:, -1]))
+    try:
+        out = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    finally:
+        handle.remove()
+    assert torch.equal(out, expected)
+    assert len(seen) == 10  # the prompt, then the first nine new tokens (the tenth is not fed)
+    with torch.no_grad():
+        hidden = model.model(input_ids=out[:, :-1]).last_hidden_state  # (1, length + 9, H)
+    torch.testing.assert_close(torch.stack(seen, dim=1), hidden[:, length - 1 :], rtol=1e-5, atol=1e-5)

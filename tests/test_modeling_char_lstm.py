@@ -1,6 +1,7 @@
 """Forward pass, loss, cache and padding of CharLSTMForCausalLM (generation has its own file)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -625,7 +626,9 @@ def test_gradient_checkpointing_gives_the_plain_gradients(tokenizer, cell_type):
 
     start = [tuple(torch.randn(2, model.config.hidden_size) for _ in range(model.config.number_of_conv_states))] * 2
     plain, plain_from_state = gradients(), gradients(start)
-    model.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.24's name, not its deprecated alias
+        model.activation_checkpointing_enable()
     assert model.is_activation_checkpointing and all(layer.gradient_checkpointing for layer in model.model.layers)
     checkpointed, checkpointed_from_state = gradients(), gradients(start)
     for name in plain:
@@ -677,3 +680,173 @@ def test_decoding_step_of_an_inference_mode_model_follows_in_place_edits(tokeniz
         expected = model(input_ids=ids).logits  # prepared from the edited weights
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+def decode_token_by_token(model, ids, prompt_length=3):
+    """The logits of `ids` fed as a prompt of `prompt_length` tokens, then one token per call (the decoding step)."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = [model(input_ids=ids[:, :prompt_length], cache=cache, use_cache=True).logits]
+        for t in range(prompt_length, ids.shape[1]):
+            logits.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1)
+
+
+HOOK_PLACES = ["layer", "layer pre", "global", "global pre", "embeddings", "embeddings pre"]
+
+
+@pytest.mark.parametrize("place", HOOK_PLACES)
+def test_hooks_on_the_modules_the_decoding_step_bypasses_fire_and_count(tokenizer, cell_type, place):
+    """The one-token step computes the layers itself, and looks the first layer's input projection up in a table by
+    character id instead of using the embedding's output. A forward hook or pre-hook on a layer, on every module
+    (`register_module_forward_hook`), or on the embeddings still fires at every step, and what it returns counts:
+    token by token gives what the whole sequence gives with the same hook (it was skipped)."""
+    model = make_model(tokenizer, cell_type)
+    ids = torch.randint(2, len(tokenizer), (2, 8), generator=torch.Generator().manual_seed(0))
+    embeddings = model.model.embeddings
+    target = embeddings if place.startswith("embeddings") else model.model.layers[1]
+    without_hook = model(input_ids=ids).logits
+    calls = []
+
+    def forward_hook(module, args, output):
+        if module is not target:  # a global hook sees every module
+            return None
+        calls.append(args[0].shape[1])
+        # a layer returns (output, *final states): the output changes, the state in the cache does not
+        return output * 0.5 if module is embeddings else (output[0] * 0.5, *output[1:])
+
+    def pre_hook(module, args):
+        if module is not target:
+            return None
+        calls.append(args[0].shape[1])
+        return ((args[0] + 1) % len(tokenizer),) if module is embeddings else (args[0] * 0.5, *args[1:])
+
+    hook = pre_hook if place.endswith("pre") else forward_hook
+    if place.startswith("global"):
+        register = (torch.nn.modules.module.register_module_forward_pre_hook if place.endswith("pre")
+                    else torch.nn.modules.module.register_module_forward_hook)
+        handle = register(hook)
+    else:
+        handle = (target.register_forward_pre_hook if place.endswith("pre") else target.register_forward_hook)(hook)
+    try:
+        full = model(input_ids=ids).logits
+        assert calls == [8]
+        calls.clear()
+        stepped = decode_token_by_token(model, ids, prompt_length=3)
+        assert calls == [3] + [1] * 5  # the prompt, then every single token
+    finally:
+        handle.remove()
+    assert not torch.allclose(full, without_hook, atol=1e-3)  # the hook changes the outputs
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+    # without the hook, the decoding step (and its table) is back
+    torch.testing.assert_close(decode_token_by_token(model, ids), without_hook, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft reads it
+def test_lora_on_the_embeddings_with_peft(tokenizer, cell_type):
+    """peft's LoRA puts the embedding in its own module, which has no `num_embeddings` (reading it was an
+    AttributeError): forward, the one-token step (without the per-id table, which would skip the adapter) and
+    generate() give what the merged model gives, on a vocabulary enlarged by `resize_token_embeddings`, and ids
+    outside it still get the clear error."""
+    peft = pytest.importorskip("peft")
+    model = make_model(tokenizer, cell_type)
+    vocab = len(tokenizer) + 3
+    model.resize_token_embeddings(vocab, mean_resizing=False)  # the config follows: vocab_size is the new size
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["embeddings"], r=4, init_lora_weights=False))
+    assert not isinstance(model.model.embeddings, torch.nn.Embedding)
+    ids = torch.randint(2, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = vocab - 1  # an id of the enlarged vocabulary
+    prompt = ids[:, :4]
+    with torch.no_grad():
+        full = lora(input_ids=ids).logits
+        with lora.disable_adapter():
+            assert not torch.allclose(full, lora(input_ids=ids).logits, atol=1e-3)
+    stepped = decode_token_by_token(lora, ids)
+    generated = lora.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                              do_sample=False)
+    with pytest.raises(ValueError, match=f"outside \\[0, {vocab - 1}\\] \\(vocab_size={vocab}\\)"):
+        lora(input_ids=torch.tensor([[vocab]]))
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+    merged = lora.merge_and_unload()
+    assert type(merged.model.embeddings) is torch.nn.Embedding
+    torch.testing.assert_close(merged(input_ids=ids).logits, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(
+        merged.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False),
+        generated,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft reads it
+def test_lora_on_the_recurrent_weights_with_peft_target_parameters(tokenizer, cell_type):
+    """peft's `target_parameters` puts each targeted layer in a `ParamWrapper` (nested for two weights of one layer)
+    whose forward applies the adapter to the weight through `torch.nn.utils.parametrize` around the layer's call.
+    The one-token step read the wrapped layer's weights (AttributeError in forward and generate()); it now stands
+    aside, and forward, token by token decoding and generate() give what the merged model gives."""
+    peft = pytest.importorskip("peft", minversion="0.17")  # target_parameters: peft 0.17
+    model = make_model(tokenizer, cell_type)
+    targets = ["model.layers.0.weight_hh_l0", "model.layers.1.weight_ih_l0", "model.layers.1.weight_hh_l0"]
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_parameters=targets, r=4, init_lora_weights=False))
+    assert type(model.model.layers[0]).__name__ == "ParamWrapper"
+    ids = torch.randint(2, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    prompt = ids[:, :4]
+    with torch.no_grad():
+        full = lora(input_ids=ids).logits
+        with lora.disable_adapter():
+            assert not torch.allclose(full, lora(input_ids=ids).logits, atol=1e-3)
+    stepped = decode_token_by_token(lora, ids)
+    greedy = lora.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)
+    torch.manual_seed(1)
+    sampled = lora.generate(input_ids=prompt, max_new_tokens=12, do_sample=True)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+    merged = lora.merge_and_unload()
+    assert all(type(layer).__name__ == f"CharLSTM{cell_type.upper()}Layer" for layer in merged.model.layers)
+    torch.testing.assert_close(merged(input_ids=ids).logits, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged.generate(input_ids=prompt, max_new_tokens=12, do_sample=False), greedy)
+    torch.manual_seed(1)
+    assert torch.equal(merged.generate(input_ids=prompt, max_new_tokens=12, do_sample=True), sampled)
+
+
+class ScaledWeight(torch.nn.Module):
+    """A parametrization: the weight times a learnable scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, weight):
+        return weight * self.scale
+
+
+def test_a_parametrized_recurrent_weight_is_read_through_its_parametrization(tokenizer, cell_type):
+    """`torch.nn.utils.parametrize` on a layer's weight (the mechanism of peft's `target_parameters`): the weight is
+    recomputed at every read, so the one-token step, which caches the weights it prepares by their storage, stands
+    aside. An edit of the parametrization's own parameter between two tokens is followed (the step could reuse the
+    previous weights when the new tensor landed where the old one was), and generate() gives what the model with the
+    parametrized weight written in gives."""
+    from torch.nn.utils import parametrize
+
+    model = make_model(tokenizer, cell_type)
+    layer = model.model.layers[0]
+    parametrize.register_parametrization(layer, "weight_hh_l0", ScaledWeight())
+    scale = layer.parametrizations.weight_hh_l0[0].scale
+    ids = torch.randint(2, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scale.fill_(1.5)
+    torch.testing.assert_close(decode_token_by_token(model, ids), model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    for trial in range(5):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            scale.fill_(1.0)
+            model(input_ids=ids[:, :4], cache=cache, use_cache=True)
+            model(input_ids=ids[:, 4:5], cache=cache, use_cache=True)
+            scale.fill_(2.0 + trial)
+            reference_cache = copy.deepcopy(cache)
+            step = model(input_ids=ids[:, 5:6], cache=cache, use_cache=True).logits
+        reference = model(input_ids=ids[:, 5:6], cache=reference_cache, use_cache=True).logits  # autograd on: the
+        torch.testing.assert_close(step, reference.detach(), rtol=1e-5, atol=1e-5)  # layer's own forward
+    generated = model.generate(input_ids=ids[:, :4], max_new_tokens=12, do_sample=False)
+    parametrize.remove_parametrizations(layer, "weight_hh_l0", leave_parametrized=True)
+    assert type(layer) is type(model.model.layers[1])  # the layer's own class again: the decoding step is back
+    assert torch.equal(model.generate(input_ids=ids[:, :4], max_new_tokens=12, do_sample=False), generated)

@@ -464,6 +464,8 @@ class CharLSTMRNNLayer(_RecurrentLayer, nn.RNN):
 
 
 _RNN_CLASSES = {"lstm": CharLSTMLSTMLayer, "gru": CharLSTMGRULayer, "rnn": CharLSTMRNNLayer}
+# The layer classes whose forward the decoding step reproduces (exactly these: `CharLSTMModel._weights_in_place`).
+_LAYER_CLASSES = frozenset(_RNN_CLASSES.values())
 
 
 class CharLSTMDropout(nn.Dropout):
@@ -631,11 +633,31 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         self.embeddings = new_embeddings
 
     def _weights_in_place(self) -> bool:
-        """False when accelerate hooks manage the layers (a `device_map`, offloading: weights on `meta` until a hook
-        brings them in around the module's forward), which the decoding step, reading the weights itself, would
-        bypass: the layers' own forward runs then."""
-        modules = (self.embeddings, *self.layers)
-        return not any(hasattr(module, "_hf_hook") for module in modules) and not self.layers[0].weight_hh_l0.is_meta
+        """Whether the one-token decoding step, which reads the layers' weights itself instead of calling the layers,
+        may stand in for them. It may not, and the layers' own forward runs, when:
+
+        * a forward hook or pre-hook is registered on a layer, or on every module (`register_module_forward_hook`):
+          the step would never call it (hooks on the embeddings: `_decoding_table_ids`);
+        * a layer is not one of this file's layer classes as written: wrapped (peft's LoRA on a parameter,
+          `target_parameters`, puts the layer in a `ParamWrapper` whose forward applies the adapter), subclassed, or
+          with a parametrized weight (`torch.nn.utils.parametrize` swaps the module's class; the weight is recomputed
+          at every read, which the step's cached weights would not follow);
+        * accelerate hooks manage the modules (a `device_map`, offloading: weights on `meta` until a hook brings them
+          in around the module's forward).
+
+        It runs at every decoding step, so it reads dicts and types only (`hasattr` on a module costs an exception
+        when the attribute is missing)."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        for layer in self.layers:
+            if (
+                type(layer) not in _LAYER_CLASSES
+                or layer._forward_hooks
+                or layer._forward_pre_hooks
+                or "_hf_hook" in layer.__dict__  # accelerate's `add_hook_to_module` sets it as a plain attribute
+            ):
+                return False
+        return "_hf_hook" not in self.embeddings.__dict__ and not self.layers[0].weight_hh_l0.is_meta
 
     def forget_decoding_weights(self) -> None:
         """Drop the decoding step's prepared weights (rebuilt at the next one-token step). Forward does it whenever a
@@ -645,7 +667,9 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
             _STEP_WEIGHTS.pop(rnn, None)
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
-        vocab_size = self.embeddings.num_embeddings
+        # The config's size, not the embedding module's: an adapter's wrapper (peft's LoRA `Embedding`) has no
+        # `num_embeddings`, and `resize_token_embeddings` keeps `config.vocab_size` equal to the embedding's rows.
+        vocab_size = self.config.vocab_size
         if input_ids.numel() == 0:
             return
         low, high = torch.aminmax(input_ids)
@@ -672,9 +696,18 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
 
     def _decoding_table_ids(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
         """`input_ids` when the first layer can look its input projection up per character id (plain embeddings and a
-        small enough ``(V, gates * H)`` table), else None."""
+        small enough ``(V, gates * H)`` table), else None. The table stands in for the embedding's output, so it is
+        not used when that output may differ from a row of `embeddings.weight`: a wrapped embedding (peft's LoRA),
+        a subclass, a parametrized weight (its class is swapped), `max_norm`, or a hook that may change the ids or
+        the output (the embedding module still runs, in `_embed`, and its hooks with it)."""
         embeddings = self.embeddings
-        if input_ids is None or type(embeddings) is not nn.Embedding or embeddings.max_norm is not None:
+        if (
+            input_ids is None
+            or type(embeddings) is not nn.Embedding
+            or embeddings.max_norm is not None
+            or embeddings._forward_hooks
+            or embeddings._forward_pre_hooks
+        ):
             return None
         gates_width = self.config.num_gates * self.config.hidden_size
         return input_ids if embeddings.num_embeddings * gates_width <= _INPUT_TABLE_MAX_ELEMENTS else None
@@ -955,7 +988,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         ):
             return False
         pad = generation_config._pad_token_tensor
-        if pad is not None and not 0 <= int(pad) < self.model.embeddings.num_embeddings:
+        if pad is not None and not 0 <= int(pad) < self.config.vocab_size:
             return False  # a pad id the model cannot read: forward's own error, in transformers' loop
         # LogitsProcessorList passes no keyword arguments here: it would refuse a processor that needs some.
         return all(len(inspect.signature(processor.__call__).parameters) <= 2 for processor in logits_processor)
