@@ -30,12 +30,17 @@ from char_lstm.training import (  # noqa: E402
     TrainingDiverged,
     TrainingOutOfMemory,
     close_progress_bars,
+    ignore_stop_signals,
     interrupted_message,
     keep_freed_memory,
+    lock_holder_gone,
+    lost_peer,
+    lost_peer_message,
     parse_arguments,
     prepare_launch_environment,
     received_stop_signal,
     stop_on_signals,
+    stop_when_the_launcher_ends,
     train,
     training_console,
 )
@@ -44,6 +49,7 @@ from char_lstm.training import (  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     console_logging()
     stop_on_signals()
+    stop_when_the_launcher_ends()  # a launcher killed with SIGKILL: its processes stop as if it had sent SIGTERM
     output_dir = prompt = None
     parsing = True
     try:
@@ -57,13 +63,23 @@ def main(argv: list[str] | None = None) -> int:
                         else training_args.get_process_log_level())
         with training_console():
             train(model_args, data_args, training_args)
+        ignore_stop_signals()  # the run is over: a signal now is no stop
     except BaseException as error:
+        ignore_stop_signals()  # what follows is said once, however many signals the launcher sends meanwhile
         signum = received_stop_signal()
+        # Said once: by the main process, or by the others when the main one was killed (its lock is left behind)
+        main_process = os.environ.get("RANK", "0") == "0"
         if signum is not None:  # stopped by a signal; whatever was raised since is a consequence of it
-            if os.environ.get("RANK", "0") == "0":
-                print(interrupted_message(signum, output_dir, prompt), file=sys.stderr)
+            if main_process or (output_dir and lock_holder_gone(output_dir)):
+                print(("" if main_process else "\n") + interrupted_message(signum, output_dir, prompt),
+                      file=sys.stderr)
             return STOP_SIGNALS[signum][1]
         if isinstance(error, ReportedByMainProcess):  # the main process prints it
+            return 2
+        reason = lost_peer(error)
+        if reason is not None:  # another process was killed or crashed
+            if main_process or lock_holder_gone(output_dir):  # (the main process's bar may be cut mid-line)
+                print(("" if main_process else "\n") + lost_peer_message(reason, output_dir, prompt), file=sys.stderr)
             return 2
         # bad input (UsageError, DataError: ValueErrors, as the libraries' own), a missing file: one line, no traceback
         if isinstance(error, (UsageError, TrainingDiverged, TrainingOutOfMemory, ValueError, OSError)):

@@ -102,6 +102,10 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert f"# {out.name}\n" in card and f'from_pretrained("{out}"' in card  # the folder, not its staging copy
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
+    # the model's use_cache, not Trainer's training-time False: a forward in eval mode returns its cache
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    assert json.loads((out / "checkpoint-60" / "config.json").read_text())["use_cache"] is True
+    assert model(**tokenizer(["ROMEO:"], return_tensors="pt")).cache is not None
     assert model.generation_config.do_sample and model.generation_config.temperature == 0.8
     assert model.generation_config.top_k == 0  # sampling from every character, not transformers' top 50
     text = tokenizer.decode(model.generate(**tokenizer(["ROMEO:"], return_tensors="pt"), max_new_tokens=20)[0])
@@ -396,6 +400,12 @@ def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog)
         (("--validation_split_percentage", "1"), "x" * 40, r"validation text is shorter than one block"),
         (("--preset", "huge"), None, r"Unknown --preset 'huge'; choose from \['char-rnn', 'cpu-small'\]"),
         (("--sample_prompt", "Zebra~"), None, "has characters outside the vocabulary"),
+        (("--eval_strategy", "no"), None, r"--eval_strategy no: keeping the best checkpoint and the plateau schedule "
+         r"\(char_lstm's defaults\) need evaluations; pass --load_best_model_at_end false and --lr_scheduler_type "
+         r"cosine \(or linear, constant\)\.$"),
+        (("--eval_strategy", "no", "--load_best_model_at_end", "false"), None,
+         r"--eval_strategy no: the plateau schedule \(char_lstm's defaults\) needs evaluations; pass "
+         r"--lr_scheduler_type cosine"),
     ],
 )
 def test_bad_input_errors(tmp_path, extra, text, message):
@@ -963,3 +973,13 @@ def test_the_cards_training_results_show_no_training_loss_where_none_was_logged_
     assert [(row["step"], row["training_loss"], row["validation_loss"]) for row in rows] == [
         (1000, 1.5, 1.6), (1036, None, 1.55)]
     assert rows[0]["bits_per_char"] == pytest.approx(1.6 / math.log(2))
+
+
+def test_the_summary_says_worse_when_the_model_does_not_beat_the_unigram_baseline(tmp_path):
+    from char_lstm.training import run_summary
+
+    metrics = {"eval_loss": 3.0 * math.log(2), "unigram_bits_per_char": 2.5}
+    line = run_summary(str(tmp_path), "Training finished.", metrics).splitlines()[1]
+    assert line.endswith("3.000 bits/char, 0.50 bits/char worse than the data's unigram baseline).")
+    line = run_summary(str(tmp_path), "Training finished.", {**metrics, "unigram_bits_per_char": 4.0}).splitlines()[1]
+    assert line.endswith("3.000 bits/char, 1.00 bits/char better than the data's unigram baseline).")

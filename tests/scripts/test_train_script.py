@@ -39,8 +39,25 @@ def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def with_own_port(accelerate):
+    """accelerate's launch flags, with a rendezvous port of its own for a multi-process launch: two runs at once (the
+    test workers, a test's second run) would both take accelerate's default port, 29500, and the second one fail."""
+    if "--multi_gpu" in accelerate and "--main_process_port" not in accelerate:
+        return [*accelerate, "--main_process_port", free_port()]
+    return accelerate
+
+
 def launch(args, cwd, timeout=SUBPROCESS_TIMEOUT, accelerate=None):
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", *accelerate] if accelerate else [sys.executable]
+    prefix = ([sys.executable, "-m", "accelerate.commands.launch", *with_own_port(accelerate)] if accelerate
+              else [sys.executable])
     return subprocess.run(prefix + [TRAIN, *args], capture_output=True, text=True, cwd=cwd, env=env(), timeout=timeout)
 
 
@@ -323,8 +340,8 @@ def test_lock_and_sigterm_under_accelerate_two_processes(tmp_path, corpus):
     two = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
            "no"]
     args = ["--train_file", corpus, *LONG_RUN, "--output_dir", str(out)]
-    process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *two, TRAIN, *args], cwd=tmp_path,
-                               env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"),
+    process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *with_own_port(two), TRAIN, *args],
+                               cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"),
                                start_new_session=True)
     wait_for(process, out / "checkpoint-4")
     # the running job is paused (launcher and ranks: SIGSTOP to its process group) while the second one starts: it
@@ -348,6 +365,67 @@ def test_lock_and_sigterm_under_accelerate_two_processes(tmp_path, corpus):
     assert not OUR_FRAME.search(log), log[-3000:]
     assert len(assert_checkpoints_complete(out)) >= 1
     assert not (out / LOCK_NAME).exists()
+
+
+def children(pid):
+    """The process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the launcher's processes in /proc")
+@pytest.mark.timeout(600)  # ~25 s each on 2 shared cores
+@pytest.mark.parametrize("victim", ["rank 0", "rank 1", "the launcher"])
+def test_a_process_of_a_two_process_run_killed_stops_the_others_with_one_line(tmp_path, corpus, victim):
+    """SIGKILL of one process of a 2-process run (an out-of-memory kill, a user's kill -9): the others stop, one of
+    them says once what is kept and how to resume, with no traceback; the checkpoints are complete. SIGKILL of the
+    launcher: its processes stop too (they would train on alone, holding the folder's lock)."""
+    out = tmp_path / "out"
+    two = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-q"]
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *with_own_port(two), TRAIN,
+                                 "--train_file", corpus, *LONG_RUN, "--output_dir", str(out)], cwd=tmp_path, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"), start_new_session=True)
+    try:
+        wait_for(launcher, out / "checkpoint-4")
+        workers = children(launcher.pid)
+        main = int((out / LOCK_NAME).read_text())
+        assert main in workers and len(workers) == 2, workers
+        other = next(pid for pid in workers if pid != main)
+        os.kill({"rank 0": main, "rank 1": other, "the launcher": launcher.pid}[victim], signal.SIGKILL)
+        launcher.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        while any(running(pid) for pid in workers):  # after the launcher's SIGKILL, no one else waits for them
+            assert time.monotonic() < deadline, "the run's processes go on without their launcher"
+            time.sleep(0.05)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if any(running(pid) for pid in children(launcher.pid)) else None
+    log = (tmp_path / "log").read_text()
+    said = [line for line in log.splitlines() if line.startswith("Stopped")]
+    assert len(said) == 1, log[-3000:]
+    assert "checkpoints are complete" in said[0] and "--resume_from_checkpoint True" in said[0], said
+    assert "Traceback" not in log, log[-3000:]
+    assert len(assert_checkpoints_complete(out)) >= 1
+    if victim != "rank 0":  # the lock of a killed main process stays behind (the next run takes it over)
+        assert not (out / LOCK_NAME).exists()
 
 
 def the_error_line(stderr):
@@ -394,8 +472,8 @@ def test_a_bad_flag_under_two_processes_is_said_once(tmp_path, corpus):
                                           "--mixed_precision", "no", "--dynamo_backend", "no"])
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: Unknown argument(s) --learning_rat 1e-3: write flags in full, without abbreviation "
-                      "(train.py --help lists them)."], result.stderr[-3000:]
+    assert errors == ["error: Unknown argument(s) --learning_rat 1e-3 (did you mean --learning_rate?): write flags in "
+                      "full, without abbreviation (train.py --help lists them)."], result.stderr[-3000:]
 
 
 def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path, corpus):

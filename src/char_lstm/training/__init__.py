@@ -77,24 +77,35 @@ from .diagnostics import (
     recent_grad_norms,
 )
 from .metrics import compute_metrics, preprocess_logits_for_metrics
-from .output_dir import LOCK_NAME, OutputDirInUse, OutputDirLock, delete_previous_run, prepare_output_dir
+from .output_dir import (
+    LOCK_NAME,
+    OutputDirInUse,
+    OutputDirLock,
+    delete_previous_run,
+    lock_holder_gone,
+    prepare_output_dir,
+)
 from .preparation import encode_datasets, load_datasets, load_tokenizer_and_model, warn_unknown_characters
 from .runtime import (
     STOP_SIGNALS,
     ReportedByMainProcess,
     RunInterrupted,
+    ignore_stop_signals,
     keep_freed_memory,
+    lost_peer,
     native_bf16,
     on_main_process,
     prepare_launch_environment,
     received_stop_signal,
     stop_on_signals,
+    stop_when_the_launcher_ends,
     training_console,
 )
 from .stateful import STREAM_STATE_NAME, StatefulTrainer
 from .summary import (
     close_progress_bars,
     interrupted_message,
+    lost_peer_message,
     run_summary,
     scheduler_name,
     training_results,
@@ -361,9 +372,13 @@ __all__ = [
     "delete_previous_run",
     "failed_save_reported",
     "finished_at",
+    "ignore_stop_signals",
     "interrupted_message",
+    "lost_peer_message",
     "keep_freed_memory",
     "latest_complete_checkpoint",
+    "lock_holder_gone",
+    "lost_peer",
     "native_bf16",
     "on_main_process",
     "parse_arguments",
@@ -380,6 +395,7 @@ __all__ = [
     "save_failed",
     "scheduler_name",
     "stop_on_signals",
+    "stop_when_the_launcher_ends",
     "train",
     "training_console",
     "training_results",

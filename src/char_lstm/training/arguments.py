@@ -155,6 +155,18 @@ class CharLSTMTrainingArguments(TrainingArguments):
                 f"--save_steps {self.save_steps:g} is not a multiple of --eval_steps {self.eval_steps:g}: the best "
                 f"checkpoint is kept (--load_best_model_at_end), so each must be evaluated; pass --save_steps "
                 f"{self.eval_steps:g} (or a multiple), or --load_best_model_at_end false.")
+        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            # Trainer's own messages are several lines, one flag at a time
+            scheduler = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
+            needing = [(self.load_best_model_at_end, "keeping the best checkpoint", "--load_best_model_at_end false"),
+                       (scheduler == "reduce_lr_on_plateau", "the plateau schedule",
+                        "--lr_scheduler_type cosine (or linear, constant)")]
+            needing = [(what, flag) for needed, what, flag in needing if needed]
+            if needing:
+                raise UsageError(
+                    f"--eval_strategy no: {' and '.join(what for what, _ in needing)} (char_lstm's defaults) "
+                    f"need{'s' if len(needing) == 1 else ''} evaluations; pass "
+                    f"{' and '.join(flag for _, flag in needing)}.")
         if self.lr_scheduler_type != "reduce_lr_on_plateau" and self.lr_scheduler_kwargs == _plateau_defaults():
             self.lr_scheduler_kwargs = {}
         if not torch.cuda.is_available():  # pinned memory only speeds up copies to a GPU (torch warns otherwise)

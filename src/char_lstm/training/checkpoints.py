@@ -205,6 +205,22 @@ class CharLSTMTrainer(Trainer):
 
     _staging_root: str | None = None
 
+    def __init__(self, model=None, *args, **kwargs):
+        # Trainer sets `model.config.use_cache` to TrainingArguments.use_cache (False: a cache while training is no
+        # use), and the config is saved with every checkpoint and the final model: they save the model's own value.
+        self._model_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+        super().__init__(model, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if config is None or self._model_use_cache is None:
+            return super()._save(output_dir, state_dict)
+        training_value, config.use_cache = config.use_cache, self._model_use_cache
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            config.use_cache = training_value
+
     def _get_output_dir(self, trial) -> str:
         # `_save_checkpoint` writes where this says; during a save that is the staging folder
         return self._staging_root or super()._get_output_dir(trial)

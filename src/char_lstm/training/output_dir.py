@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -112,6 +113,38 @@ def _results_in(output_dir: str) -> list[str]:
 
 def _described(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def lock_holder_gone(output_dir: str, wait_seconds: float = 2.0) -> bool:
+    """Whether the run that locked `output_dir` was killed: its lock file is still there, naming a process that no
+    longer runs, or does within `wait_seconds` (a killed process closes its sockets, which its peers notice, a moment
+    before it is gone). A run that ended in any other way removed the file. For the other processes of a
+    multi-process run, to know whether the main one is still there to say why the run stopped."""
+    try:
+        with open(os.path.join(output_dir, LOCK_NAME), encoding="ascii") as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return False
+    deadline = time.monotonic() + wait_seconds
+    while not _process_gone(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: running
+        return False
+    try:  # killed, but not yet reaped by its launcher: a zombie (Linux)
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def prepare_output_dir(args: TrainingArguments) -> str | None:

@@ -5,8 +5,11 @@ process are called by `scripts/train.py`, never by `train()`."""
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 import torch
@@ -141,3 +144,50 @@ def received_stop_signal() -> int | None:
     peer left, an interrupted write...)."""
     return _stop_signal
 
+
+
+def ignore_stop_signals() -> None:
+    """Once the run's work is done (or its error said): a Ctrl-C or SIGTERM that comes now (a launcher stopping its
+    processes as one of them fails, a user who pressed Ctrl-C as the run ended) changes nothing, so it is ignored
+    rather than reported as a stop, or raised as a traceback while the interpreter exits."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def stop_when_the_launcher_ends(poll_seconds: float = 1.0) -> threading.Thread | None:
+    """In a process started by a launcher (torch elastic: `accelerate launch` with several processes, torchrun),
+    stop with SIGTERM, as if the launcher had sent it, once the launcher is gone (killed with SIGKILL, its terminal
+    closed): a process whose launcher died would otherwise go on training alone, holding the output folder, until it
+    hangs in a collective. Watches the parent process id from a daemon thread (the parent death signal of Linux is
+    tied to the parent's thread, not its process). Returns the thread, or None outside a launcher."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="char_lstm-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+# A collective that fails because another process of the run is gone (killed, crashed): gloo's and NCCL's words
+_PEER_LOST = re.compile(r"connection (reset|closed) by peer|broken pipe|gloo|nccl|remote process exited", re.I)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """When `error` is a collective failing because another process of the run ended: its first line (for the
+    one-line message), else None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() < 2:
+        return None
+    text = str(error)
+    if isinstance(error, torch.distributed.DistError) or (isinstance(error, RuntimeError) and _PEER_LOST.search(text)):
+        first = (text.strip().splitlines() or [type(error).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # without gloo's "[/path/pair.cc:537]"
+        return first.split(". ")[0].rstrip(".")[:160]  # its first sentence: gloo's advice follows
+    return None

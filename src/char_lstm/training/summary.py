@@ -35,8 +35,11 @@ def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prom
         if "eval_loss" not in values:
             return "not evaluated"
         bits = values.get("eval_bits_per_char", values["eval_loss"] / math.log(2))
-        gain = (f", {values['unigram_bits_per_char'] - bits:.2f} bits/char better than the data's unigram baseline"
-                if "unigram_bits_per_char" in values else "")
+        gain = ""
+        if "unigram_bits_per_char" in values:
+            better = values["unigram_bits_per_char"] - bits
+            gain = (f", {abs(better):.2f} bits/char {'better' if better >= 0 else 'worse'} than the data's unigram "
+                    "baseline")
         return f"eval loss {values['eval_loss']:#.4g} nats/char, {bits:#.4g} bits/char{gain}"
 
     def generate(folder: str) -> str:
@@ -66,8 +69,19 @@ def close_progress_bars() -> None:
 def interrupted_message(signum: int, output_dir: str | None, prompt: str | None = None) -> str:
     """The line printed when a signal stops the run: `run_summary` (what is kept, how to go on) on one line. The
     progress bars the signal cut short are closed first, so that the line is the last one and stands alone."""
+    return stop_message(f"Stopped by {STOP_SIGNALS[signum][0]}; checkpoints are complete (a save cut short is "
+                        "discarded).", output_dir, prompt)
+
+
+def lost_peer_message(reason: str, output_dir: str | None, prompt: str | None = None) -> str:
+    """The line printed when another process of the run ended (killed, crashed) and a collective failed."""
+    return stop_message(f"Stopped: another process of this run ended ({reason}); checkpoints are complete.",
+                        output_dir, prompt)
+
+
+def stop_message(stopped: str, output_dir: str | None, prompt: str | None = None) -> str:
+    """`run_summary` on one line, after the progress bars a stop cut short are closed."""
     close_progress_bars()
-    stopped = f"Stopped by {STOP_SIGNALS[signum][0]}; checkpoints are complete (a save cut short is discarded)."
     if not output_dir:
         return stopped
     return " ".join(run_summary(output_dir, stopped, prompt=prompt or "ROMEO:").splitlines())
