@@ -74,8 +74,10 @@ def test_bits_per_character_module():
     metric.add_batch(predictions=[1.0, 3.0], references=[1, 2])
     metric.add_batch(predictions=[2.0], references=[5])
     assert metric.compute()["loss"] == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="no character to count"):
+    with pytest.raises(ValueError, match="no character to count: every reference is -100"):
         metric.compute(predictions=[1.0], references=[-100])
+    with pytest.raises(ValueError, match="no character to count: no predictions and references were given"):
+        metric.compute(predictions=[], references=[])
     import evaluate
 
     assert evaluate.load(BITS_PER_CHARACTER).compute(predictions=[0.0], references=[1])["perplexity"] == 1.0

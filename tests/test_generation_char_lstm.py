@@ -180,7 +180,7 @@ def test_cost_per_token_does_not_depend_on_position(tokenizer, model):
 def test_prompt_of_unknown_characters_only_is_refused(tokenizer, model):
     ids = tokenizer(["###"], return_tensors="pt")
     assert (ids["input_ids"] == tokenizer.unk_token_id).all()
-    with pytest.raises(ValueError, match="only unknown characters"):
+    with pytest.raises(ValueError, match="only unknown characters.*the keys of tokenizer.get_vocab\\(\\)"):
         model.generate(**ids, max_new_tokens=3)
     # one known character is enough
     model.generate(**tokenizer(["#A#"], return_tensors="pt"), max_new_tokens=3)

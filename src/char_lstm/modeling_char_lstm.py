@@ -905,7 +905,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             rows = unknown_only.nonzero().flatten().tolist()
             raise ValueError(
                 f"Prompt row(s) {rows} contain only unknown characters (all <unk>): the model has never seen them; "
-                "use characters from its vocabulary (tokenizer.oov_characters(prompt) lists the unknown ones)."
+                "use characters from its vocabulary (the keys of tokenizer.get_vocab(), with any tokenizer class)."
             )
 
     def prepare_inputs_for_generation(

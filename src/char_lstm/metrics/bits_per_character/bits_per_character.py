@@ -51,7 +51,9 @@ class BitsPerCharacter(evaluate.Metric):
         keep = np.asarray(references) != -100
         count = int(keep.sum())
         if count == 0:
-            raise ValueError("bits_per_character got no character to count (every reference is -100).")
+            raise ValueError("bits_per_character got no character to count: "
+                             + ("no predictions and references were given." if keep.size == 0 else
+                                "every reference is -100 (ignored)."))
         loss = float(nll[keep].mean())
         return {
             "loss": loss,
