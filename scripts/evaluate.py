@@ -18,4 +18,4 @@ from char_lstm.evaluation import EvaluateArguments, run_evaluate
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(EvaluateArguments, run_evaluate))
+    sys.exit(run_command(EvaluateArguments, run_evaluate, compute=True))

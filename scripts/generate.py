@@ -16,4 +16,4 @@ from char_lstm.sampling import GenerateArguments, run_generate
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(GenerateArguments, run_generate))
+    sys.exit(run_command(GenerateArguments, run_generate, compute=True))

@@ -87,6 +87,7 @@ def call_script(name, args, cwd, stdin=None):
     logger = logging.getLogger("char_lstm")  # the script adds its handler on the stderr of this call
     saved = sys.argv, sys.stdin, os.getcwd(), logger.handlers[:], logger.level
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()  # the scripts may compute with fewer threads when the cores are busy
     logger.handlers.clear()
     sys.argv = [script, *map(str, args)]
     sys.stdin = io.StringIO(stdin) if stdin is not None else open(os.devnull)
@@ -103,6 +104,7 @@ def call_script(name, args, cwd, stdin=None):
         sys.argv, sys.stdin, cwd, logger.handlers[:], level = saved
         os.chdir(cwd)
         logger.setLevel(level)
+        torch.set_num_threads(threads)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(), stderr.getvalue())
