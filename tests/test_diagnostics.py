@@ -85,6 +85,17 @@ def test_a_loss_stuck_high_is_reported_once_with_its_cause(tmp_path, caplog, fla
     assert message.endswith(f"{LINK}loss-stuck-high.")
 
 
+def test_a_resumed_run_counts_the_evaluations_before_it(tmp_path, caplog):
+    """Stopped at step 10 after 2 evaluations and resumed: at step 20 the loss has been stuck for 4 evaluations, as
+    in a run that was never stopped (not 2, which would say nothing)."""
+    flags = ("--eval_steps", "5", "--logging_steps", "5", "--sample_every_evals", "0", "--save_steps", "10",
+             "--learning_rate", "1e-7", "--load_best_model_at_end", "false")
+    run(tmp_path, "--max_steps", "10", *flags)
+    assert not [message for message in reports(caplog) if message.startswith("Loss stuck high")]
+    run(tmp_path, "--max_steps", "20", *flags, "--resume_from_checkpoint", "True")
+    one_report(caplog, "Loss stuck high: after 4 evaluations")
+
+
 OVERFIT = [
     "--validation_file", "VALIDATION", "--hidden_size", "128", "--num_hidden_layers", "1", "--stride", "4",
     "--per_device_train_batch_size", "16", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",

@@ -634,6 +634,7 @@ def test_stateful_refuses_streaming_and_stride(tmp_path):
 
 
 def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="char_lstm")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # not installed: the run trains without its picture
     metrics, out = run(tmp_path, "--max_steps", "500", "--eval_steps", "250", "--save_steps", "250",
                        "--sample_every_evals", "0", "--max_train_seconds", "0.001")
@@ -652,6 +653,8 @@ def test_max_train_seconds_stops_the_run_and_saves(tmp_path, caplog, monkeypatch
         "--max_train_seconds 0.001 reached at step 1 of 500: stopping (the learning-rate schedule" not in caplog.text
     )
     assert "--max_train_seconds 0.001 reached at step 1 of 500: stopping." in caplog.text  # the plateau scheduler
+    stop = next(record for record in caplog.records if "--max_train_seconds 0.001 reached" in record.message)
+    assert stop.levelno == logging.INFO  # the user's budget, not a warning
 
 
 def test_a_time_budget_ends_the_learning_rate_schedule(tmp_path, capsys, monkeypatch):

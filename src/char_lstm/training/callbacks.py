@@ -196,11 +196,11 @@ class TimeLimitCallback(TrainerCallback):
             # Evaluate and save this last step too, so the best model kept at the end can be the latest one.
             control.should_evaluate = args.eval_strategy != "no"
             control.should_save = args.save_strategy != "no"
-            if state.is_world_process_zero:
-                logger.warning(f"--max_train_seconds {self.seconds:g} reached at step {state.global_step} of "
-                               f"{state.max_steps}: stopping"
-                               + (" (the learning-rate schedule, run over the time budget, has ended)."
-                                  if self.schedule_over_time else "."))
+            if state.is_world_process_zero:  # the budget the user set, not a problem: an info line
+                logger.info(f"--max_train_seconds {self.seconds:g} reached at step {state.global_step} of "
+                            f"{state.max_steps}: stopping"
+                            + (" (the learning-rate schedule, run over the time budget, has ended)."
+                               if self.schedule_over_time else "."))
 
 
 class MetricsProgressCallback(ProgressCallback):

@@ -225,6 +225,14 @@ class TrainingDiagnostics(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_step = time.perf_counter(), state.global_step
+        if not self.evaluations:  # a resumed run: the evaluations of the run so far count (its trainer state's)
+            train_loss = None
+            for entry in state.log_history:
+                train_loss = entry.get("loss", train_loss)
+                if "eval_loss" in entry and "step" in entry and (
+                        not self.evaluations or self.evaluations[-1][0] != entry["step"]):
+                    self.evaluations.append((entry["step"], entry["eval_loss"], train_loss))
+            self.train_loss = train_loss
         for number, warning in enumerate(checklist_warnings(args, self.cell_type, self.block_size,
                                                             self.has_eval_data)):
             self._say(state, f"checklist {number}", warning)
