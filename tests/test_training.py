@@ -854,14 +854,12 @@ def test_checkpoint_problem_names_what_is_missing_damaged_or_unsafe(tmp_path):
         assert unsafe.startswith(f"{name} cannot be loaded safely (UnpicklingError: Weights only load failed"), unsafe
         assert "\n" not in unsafe
     assert not marker.exists()
-    # a file cut short by a kill: empty (an error without a message), or a zip without its directory (a long message:
-    # its first 120 characters)
+    # a file cut short by a kill: empty, or a zip without its directory (torch's long message: its first sentence)
     empty = problem(lambda f: (f / "scheduler.pt").write_bytes(b""), "empty")
-    assert empty == "scheduler.pt cannot be loaded safely (EOFError: )"
+    assert empty == "scheduler.pt is empty (cut short)"
     cut = problem(lambda f: (f / "optimizer.pt").write_bytes((f / "optimizer.pt").read_bytes()[:50]), "cut")
-    prefix = "optimizer.pt cannot be loaded safely (RuntimeError: "
-    assert cut.startswith(prefix + "PytorchStreamReader failed reading zip archive")
-    assert len(cut) == len(prefix) + 120 + 1
+    assert cut == ("optimizer.pt is truncated or damaged (RuntimeError: PytorchStreamReader failed reading zip "
+                   "archive: failed finding central directory)")
 
 
 def test_latest_complete_checkpoint_sets_newer_incomplete_ones_aside(tmp_path, caplog):

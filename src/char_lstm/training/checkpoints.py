@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -166,9 +167,13 @@ def checkpoint_problem(folder: str) -> str | None:
                 with safe_globals(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch's note on the pickle protocol of a foreign file
                     torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-            except Exception as error:  # UnpicklingError (a hostile or foreign pickle), truncated zip, ...
-                reason = str(error).splitlines()[0][:120] if str(error) else ""
-                return f"{name} cannot be loaded safely ({type(error).__name__}: {reason})"
+            except pickle.UnpicklingError as error:  # what weights_only refuses: a hostile or foreign pickle
+                return f"{name} cannot be loaded safely ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+            except Exception as error:  # EOFError (empty), RuntimeError (a zip without its directory: cut short)...
+                if os.path.getsize(os.path.join(folder, name)) == 0:
+                    return f"{name} is empty (cut short)"
+                reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:120]
+                return f"{name} is truncated or damaged ({type(error).__name__}: {reason})"
     return None
 
 
