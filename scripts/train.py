@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     stop_on_signals()
     stop_when_the_launcher_ends()  # a launcher killed with SIGKILL: its processes stop as if it had sent SIGTERM
-    output_dir = prompt = None
+    output_dir = training_args = None
     parsing = True
     try:
         prepare_launch_environment()
         keep_freed_memory()  # a quarter faster CPU steps: no page faults for every step's fresh tensors
         model_args, data_args, training_args = parse_arguments(argv)
         parsing = False
-        output_dir, prompt = training_args.output_dir, training_args.sample_prompt
+        output_dir = training_args.output_dir
         # char_lstm's few info lines on the main process only (other processes: --log_level_replica, warning)
         console_logging(logging.INFO if training_args.should_log and training_args.log_level == "passive"
                         else training_args.get_process_log_level())
@@ -67,19 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:
         ignore_stop_signals()  # what follows is said once, however many signals the launcher sends meanwhile
         signum = received_stop_signal()
-        # Said once: by the main process, or by the others when the main one was killed (its lock is left behind)
+        prompt = training_args.sample_prompt if training_args is not None else None  # set by train(): one it knows
+        # Said once: by the main process, or by the others when the main one was killed (its lock is left behind),
+        # on a line of their own (the main process's progress bar may have been cut mid-line)
         main_process = os.environ.get("RANK", "0") == "0"
+        bars = training_args is not None and not training_args.disable_tqdm
         if signum is not None:  # stopped by a signal; whatever was raised since is a consequence of it
             if main_process or (output_dir and lock_holder_gone(output_dir)):
-                print(("" if main_process else "\n") + interrupted_message(signum, output_dir, prompt),
+                print(("\n" if bars and not main_process else "") + interrupted_message(signum, output_dir, prompt),
                       file=sys.stderr)
             return STOP_SIGNALS[signum][1]
         if isinstance(error, ReportedByMainProcess):  # the main process prints it
             return 2
         reason = lost_peer(error)
         if reason is not None:  # another process was killed or crashed
-            if main_process or lock_holder_gone(output_dir):  # (the main process's bar may be cut mid-line)
-                print(("" if main_process else "\n") + lost_peer_message(reason, output_dir, prompt), file=sys.stderr)
+            if main_process or lock_holder_gone(output_dir):
+                print(("\n" if bars and not main_process else "") + lost_peer_message(reason, output_dir, prompt),
+                      file=sys.stderr)
             return 2
         # bad input (UsageError, DataError: ValueErrors, as the libraries' own), a missing file: one line, no traceback
         if isinstance(error, (UsageError, TrainingDiverged, TrainingOutOfMemory, ValueError, OSError)):

@@ -380,7 +380,7 @@ def test_resume_skips_an_incomplete_or_hostile_checkpoint(tmp_path, finished_run
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
-def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog):
+def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog, capsys):
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
     (out / "model.safetensors").unlink()  # killed while writing the final model
@@ -388,6 +388,7 @@ def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog)
         metrics, _ = run(tmp_path, *RESUMABLE, "--resume_from_checkpoint", "True")
     assert "checkpoint-6 is at step 6, where the run ends: no more training" in caplog.text
     assert metrics["global_step"] == 6 and not (out / "checkpoint-7").exists()
+    assert "Training had already finished at step 6: no step was left to run." in capsys.readouterr().out
     expected, got = load_file(finished_run / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
@@ -984,3 +985,19 @@ def test_the_summary_says_worse_when_the_model_does_not_beat_the_unigram_baselin
     assert line.endswith("3.000 bits/char, 0.50 bits/char worse than the data's unigram baseline).")
     line = run_summary(str(tmp_path), "Training finished.", {**metrics, "unigram_bits_per_char": 4.0}).splitlines()[1]
     assert line.endswith("3.000 bits/char, 1.00 bits/char better than the data's unigram baseline).")
+
+
+def test_the_summarys_sample_command_runs_from_any_folder(tmp_path, monkeypatch):
+    from char_lstm.training import run_summary
+
+    metrics = {"eval_loss": 1.0}
+    assert "Sample from it: python scripts/generate.py --model_name_or_path out " in run_summary("out", "x", metrics)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the script's own path
+    command = run_summary("out", "x", metrics).splitlines()[-1].split()
+    assert command[:2] == ["Sample", "from"] and os.path.isabs(command[4]) and os.path.isfile(command[4])
+    assert command[4].endswith(os.path.join("scripts", "generate.py"))
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match="--output_dir .*train.txt is a file, not a folder: choose a folder"):
+        run(tmp_path, "--max_steps", "2", "--output_dir", str(write_text(tmp_path / "train.txt", "text " * 200)))

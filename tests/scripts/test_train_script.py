@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -262,7 +263,7 @@ def test_one_run_per_output_dir_and_sigterm_mid_save(tmp_path, corpus):
     assert last.startswith("Stopped by SIGTERM; checkpoints are complete") and "checkpoint-" in last
     assert "Resume: the same command with --resume_from_checkpoint True." in last
     assert len(assert_checkpoints_complete(out)) >= 1
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / LOCK_NAME).exists() and not (out / STAGING_DIR).exists()  # the save cut short is gone
 
 
 def test_ctrl_c_before_the_first_checkpoint(tmp_path, corpus):
@@ -275,6 +276,21 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, corpus):
     assert "Traceback" not in log and "KeyboardInterrupt" not in log
     assert log.strip().splitlines()[-1].startswith("Stopped by Ctrl-C (SIGINT); checkpoints are complete")
     assert not list(out.glob("checkpoint-*")) or assert_checkpoints_complete(out)
+
+
+def test_the_stop_line_suggests_a_prompt_the_model_knows(tmp_path):
+    """A text without the letters of ROMEO: the stop line's sample command uses the run's own prompt, and works."""
+    text = write_text(tmp_path / "lower.txt", shakespeare_like(8000).lower())
+    out = tmp_path / "out"
+    run = start(["--train_file", str(text), *LONG_RUN, "--output_dir", str(out)], tmp_path, tmp_path / "log")
+    wait_for(run, out / "checkpoint-4")
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=120) == 130
+    line = (tmp_path / "log").read_text().strip().splitlines()[-1]
+    command = shlex.split(line.split("Sample from it: ")[1])
+    assert command[1].endswith("scripts/generate.py") and "ROMEO:" not in command, line
+    sampled = call_script("generate.py", [*command[2:], "--max_new_tokens", "5"], ROOT)
+    assert sampled.returncode == 0, sampled.stderr
 
 
 def with_file_size_limit(limit):
@@ -314,7 +330,9 @@ def test_a_save_that_fails_for_lack_of_space_is_one_line_and_leaves_the_previous
     if what == "a checkpoint":
         assert line.startswith(f"error: Could not write checkpoint-4 into {out} (File too large; "), line
         assert "checkpoint-2 and the checkpoints before it are complete and unchanged" in line
-        assert "--resume_from_checkpoint True" in line
+        assert "--resume_from_checkpoint True" in line and ", a checkpoint takes " in line
+        assert line.endswith(f"or go on on another disk with --output_dir OTHER --resume_from_checkpoint "
+                             f"{out / 'checkpoint-2'}.")
         after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
         assert after == before  # nothing half written is left, nothing there before was touched
         assert checkpoint_problem(str(out / "checkpoint-2")) is None
@@ -421,6 +439,8 @@ def test_a_process_of_a_two_process_run_killed_stops_the_others_with_one_line(tm
     log = (tmp_path / "log").read_text()
     said = [line for line in log.splitlines() if line.startswith("Stopped")]
     assert len(said) == 1, log[-3000:]
+    if victim == "the launcher":
+        assert said[0].startswith(f"Stopped: the launcher (process {launcher.pid}) ended; "), said
     assert "checkpoints are complete" in said[0] and "--resume_from_checkpoint True" in said[0], said
     assert "Traceback" not in log, log[-3000:]
     assert len(assert_checkpoints_complete(out)) >= 1

@@ -21,6 +21,7 @@ only what Trainer does not do by itself:
 import json
 import logging
 import os
+import shutil
 from functools import partial
 
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback, set_seed
@@ -142,6 +143,11 @@ def train(
     try:
         resume = on_main_process(training_args, take_output_dir)
         return _train(model_args, data_args, training_args, callbacks, resume)
+    except BaseException:
+        if lock.fd is not None:  # the main process of a run that stops (a signal, an error): no save cut short stays
+            for name in (STAGING_DIR, FINAL_STAGING_DIR):
+                shutil.rmtree(os.path.join(training_args.output_dir, name), ignore_errors=True)
+        raise
     finally:
         lock.release()
 
@@ -164,6 +170,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     # 4. Trainer, with the run's callbacks
     set_generation_defaults(model, tokenizer, training_args)
     prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, train_raw, data_args.text_column)
+    training_args.sample_prompt = prompt  # the prompt a stop message suggests sampling with: one the model knows
     if tokenizer.oov_characters(prompt):
         raise UsageError(
             f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
@@ -329,6 +336,8 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
 
 def _how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None) -> str:
     state = trainer.state
+    if "train_runtime" not in metrics:  # resumed from the checkpoint that ends the run: nothing left to train
+        return f"Training had already finished at step {state.global_step}: no step was left to run."
     if time_limit is not None and time_limit.stopped_at is not None:
         end = ", its learning-rate schedule ended." if time_limit.schedule_over_time else "."
         return (f"Stopped by --max_train_seconds {time_limit.seconds:g} at step {time_limit.stopped_at} of "

@@ -307,6 +307,9 @@ def _preset_values(name: str | None) -> dict:
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: CharLSTMTrainingArguments):
     """One-line errors for arguments that cannot work together, before the output folder or the data are touched."""
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise UsageError(f"--output_dir {training_args.output_dir} is a file, not a folder: choose a folder (it is "
+                         "created if it does not exist).")
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps (the length of a stream is not known in advance).")
     if data_args.stateful:

@@ -3,6 +3,7 @@
 aside) a checkpoint that is damaged; a run that had already ended is finished without training."""
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -88,40 +89,62 @@ class SaveFailed(OSError):
     What was half written is removed; what was written before stays as it was."""
 
 
-def _io_reason(error: BaseException) -> str:
-    """What went wrong, in a few words: the OS error behind `error` when there is one (torch.save says only "file write
-    failed", safetensors wraps it in its own error), else the first line of its message."""
+def _io_error(error: BaseException) -> tuple[int | None, str]:
+    """(errno or None, what went wrong in a few words) of a failed write: the OS error behind `error` when there is
+    one (torch.save says only "file write failed", safetensors wraps it in its own error), else the first sentence
+    of its message."""
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
+            return seen.errno, seen.strerror
         seen = seen.__cause__ or seen.__context__
-    message = (str(error).splitlines() or [type(error).__name__])[0]
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
     code = re.search(r"os error (\d+)", message)  # safetensors: "I/O error: No space left on device (os error 28)"
-    return os.strerror(int(code.group(1))) if code else message[:160]
+    if code:
+        return int(code.group(1)), os.strerror(int(code.group(1)))
+    message = re.sub(r"^\[[^\]]*\]\s*[.:]?\s*", "", message)  # torch's "[enforce fail at inline_container.cc:672] ."
+    return None, message.split(". ")[0][:160]
 
 
-def _free_space(folder: str) -> str:
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.1f} GB"
+
+
+def _free_bytes(folder: str) -> int | None:
     while folder and not os.path.isdir(folder):
         folder = os.path.dirname(folder)
     try:
-        free = shutil.disk_usage(folder or ".").free
+        return shutil.disk_usage(folder or ".").free
     except OSError:
-        return ""
-    return f"; {free / 1e6:.1f} MB free there" if free < 1e9 else f"; {free / 1e9:.1f} GB free there"
+        return None
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
 def save_failed(what: str, output_dir: str, error: BaseException) -> SaveFailed:
-    """The one-line error of a save that failed (`what`: "checkpoint-N", "the final model"), with what is left and
-    how to go on."""
+    """The one-line error of a save that failed (`what`: "checkpoint-N", "the final model"): why, with the space left
+    and the space a checkpoint takes, what is kept, and how to go on (here once there is space, or on another disk).
+    A torch.save cut short by a full disk says only "unexpected pos": less space left than a checkpoint takes is
+    called a full disk."""
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    kept = (f"{os.path.basename(last)} and the checkpoints before it are complete and unchanged: free some space "
-            "(or lower --save_total_limit, or choose an --output_dir on another disk), then run the same command with "
-            "--resume_from_checkpoint True." if last else
-            "No checkpoint had been written yet: free some space or choose an --output_dir on another disk, then run "
-            "the command again.")
-    return SaveFailed(f"Could not write {what} into {output_dir} ({_io_reason(error)}{_free_space(output_dir)}). "
-                      + kept)
+    code, reason = _io_error(error)
+    free, needed = _free_bytes(output_dir), (_folder_bytes(last) if last else None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and needed is not None and free < needed)
+    if full and code not in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full: {reason}"
+    space = ""
+    if free is not None:
+        space = f"; {_megabytes(free)} free there" + (f", a checkpoint takes {_megabytes(needed)}" if needed else "")
+    if last:
+        how = (f"{os.path.basename(last)} and the checkpoints before it are complete and unchanged: free some space "
+               "and run the same command with --resume_from_checkpoint True, or go on on another disk with "
+               f"--output_dir OTHER --resume_from_checkpoint {last}.")
+    else:
+        how = ("No checkpoint had been written yet: free some space or choose an --output_dir on another disk, then "
+               "run the command again.")
+    return SaveFailed(f"Could not write {what} into {output_dir} ({reason}{space}). {how}")
 
 
 @contextlib.contextmanager

@@ -153,8 +153,8 @@ def checklist_warnings(training_args, cell_type: str, block_size: int, has_eval_
             f"--block_size. {see_troubleshooting('the-checklist')}")
     if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no" or not has_eval_data:
         warnings.append(
-            "No validation loss during training (--eval_strategy no): overfitting will go unseen; evaluate every "
-            f"--eval_steps N. {see_troubleshooting('the-checklist')}")
+            "No validation loss during training (--eval_strategy no): overfitting will go unseen; evaluate with "
+            f"--eval_strategy steps --eval_steps N. {see_troubleshooting('the-checklist')}")
     if str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) == "no":
         warnings.append(
             "No checkpoints (--save_strategy no): a crash or a divergence loses the whole run; save every "

@@ -118,6 +118,7 @@ def on_main_process(args, function):
 
 STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C (SIGINT)", 130), signal.SIGTERM: ("SIGTERM", 143)}  # name, exit code
 _stop_signal: int | None = None
+_launcher_gone: int | None = None  # the launcher's process id, once `stop_when_the_launcher_ends` saw it end
 
 
 class RunInterrupted(BaseException):
@@ -137,6 +138,11 @@ def stop_on_signals() -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+
+
+def launcher_gone() -> int | None:
+    """The process id of the launcher whose end stopped the run (`stop_when_the_launcher_ends`), or None."""
+    return _launcher_gone
 
 
 def received_stop_signal() -> int | None:
@@ -165,8 +171,10 @@ def stop_when_the_launcher_ends(poll_seconds: float = 1.0) -> threading.Thread |
     launcher = os.getppid()
 
     def watch():
+        global _launcher_gone
         while os.getppid() == launcher:
             time.sleep(poll_seconds)
+        _launcher_gone = launcher
         os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=watch, name="char_lstm-launcher-watch", daemon=True)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data import BUNDLED_DATASET, DEFAULT_DATASET, dataset_label
-from .runtime import STOP_SIGNALS
+from .runtime import STOP_SIGNALS, launcher_gone
 
 
 def _checkpoint_metrics(checkpoint: str) -> dict:
@@ -21,6 +21,17 @@ def _checkpoint_metrics(checkpoint: str) -> dict:
     with open(path, encoding="utf-8") as f:
         history = json.load(f).get("log_history", [])
     return next((entry for entry in reversed(history) if "eval_loss" in entry), {})
+
+
+def _generate_script() -> str:
+    """scripts/generate.py as the user can run it from where they are: relative from the checkout or below it, else
+    its absolute path; `scripts/generate.py` when the package is installed without its checkout."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "scripts", "generate.py")
+    script = os.path.normpath(script)
+    if not os.path.isfile(script):
+        return "scripts/generate.py"
+    relative = os.path.relpath(script)
+    return script if relative.startswith("..") else relative
 
 
 def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prompt: str = "ROMEO:",
@@ -43,7 +54,7 @@ def run_summary(output_dir: str, stopped: str, metrics: dict | None = None, prom
         return f"eval loss {values['eval_loss']:#.4g} nats/char, {bits:#.4g} bits/char{gain}"
 
     def generate(folder: str) -> str:
-        return (f"python scripts/generate.py --model_name_or_path {shlex.quote(folder)} "
+        return (f"python {shlex.quote(_generate_script())} --model_name_or_path {shlex.quote(folder)} "
                 f"--prompt {shlex.quote(prompt)} --max_new_tokens 300")
 
     if metrics is not None:
@@ -69,8 +80,10 @@ def close_progress_bars() -> None:
 def interrupted_message(signum: int, output_dir: str | None, prompt: str | None = None) -> str:
     """The line printed when a signal stops the run: `run_summary` (what is kept, how to go on) on one line. The
     progress bars the signal cut short are closed first, so that the line is the last one and stands alone."""
-    return stop_message(f"Stopped by {STOP_SIGNALS[signum][0]}; checkpoints are complete (a save cut short is "
-                        "discarded).", output_dir, prompt)
+    launcher = launcher_gone()
+    cause = f"the launcher (process {launcher}) ended" if launcher is not None else f"by {STOP_SIGNALS[signum][0]}"
+    return stop_message(f"Stopped{':' if launcher is not None else ''} {cause}; checkpoints are complete (a save cut "
+                        "short is discarded).", output_dir, prompt)
 
 
 def lost_peer_message(reason: str, output_dir: str | None, prompt: str | None = None) -> str:
