@@ -1001,3 +1001,16 @@ def test_the_summarys_sample_command_runs_from_any_folder(tmp_path, monkeypatch)
 def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
     with pytest.raises(UsageError, match="--output_dir .*train.txt is a file, not a folder: choose a folder"):
         run(tmp_path, "--max_steps", "2", "--output_dir", str(write_text(tmp_path / "train.txt", "text " * 200)))
+
+
+def test_overwrite_keeps_the_weights_a_run_starts_from(tmp_path):
+    from char_lstm.training import delete_previous_run
+
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    _, _, args = parse_arguments(["--output_dir", str(out), "--overwrite_output_dir", "true"])
+    delete_previous_run(args, started_from=f"{out}/.")  # the same folder, spelled otherwise
+    assert (out / "model.safetensors").exists() and not (out / "checkpoint-2").exists()
+    delete_previous_run(args, started_from=str(tmp_path / "elsewhere"))
+    assert not (out / "model.safetensors").exists()
