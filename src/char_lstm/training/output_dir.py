@@ -120,17 +120,22 @@ def lock_holder_gone(output_dir: str, wait_seconds: float = 2.0) -> bool:
     longer runs, or does within `wait_seconds` (a killed process closes its sockets, which its peers notice, a moment
     before it is gone). A run that ended in any other way removed the file. For the other processes of a
     multi-process run, to know whether the main one is still there to say why the run stopped."""
-    try:
-        with open(os.path.join(output_dir, LOCK_NAME), encoding="ascii") as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        return False
+    def holder() -> int | None:
+        try:
+            with open(os.path.join(output_dir, LOCK_NAME), encoding="ascii") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):  # released: the run ended in its own way (and said how)
+            return None
+
+    pid = holder()
     deadline = time.monotonic() + wait_seconds
-    while not _process_gone(pid):
+    while pid is not None and not _process_gone(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
-    return True
+        pid = holder()
+    # gone with its lock left behind: killed (a process that ended otherwise removed the file before it ended)
+    return pid is not None
 
 
 def _process_gone(pid: int) -> bool:
