@@ -72,23 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         # on a line of their own (the main process's progress bar may have been cut mid-line)
         main_process = os.environ.get("RANK", "0") == "0"
         bars = training_args is not None and not training_args.disable_tqdm
+
+        def say_once(message) -> None:  # message: a function giving the line, called only by the process that says it
+            if main_process:
+                print(message(), file=sys.stderr)
+            elif output_dir and lock_holder_gone(output_dir):
+                print(("\n" if bars else "") + message(), file=sys.stderr)
+
         if signum is not None:  # stopped by a signal; whatever was raised since is a consequence of it
-            if main_process or (output_dir and lock_holder_gone(output_dir)):
-                print(("\n" if bars and not main_process else "") + interrupted_message(signum, output_dir, prompt),
-                      file=sys.stderr)
+            say_once(lambda: interrupted_message(signum, output_dir, prompt))
             return STOP_SIGNALS[signum][1]
         if isinstance(error, ReportedByMainProcess):  # the main process prints it
             return 2
         reason = lost_peer(error)
         if reason is not None:  # another process was killed or crashed
-            if main_process or lock_holder_gone(output_dir):
-                print(("\n" if bars and not main_process else "") + lost_peer_message(reason, output_dir, prompt),
-                      file=sys.stderr)
+            say_once(lambda: lost_peer_message(reason, output_dir, prompt))
             return 2
         # bad input (UsageError, DataError: ValueErrors, as the libraries' own), a missing file: one line, no traceback
         if isinstance(error, (UsageError, TrainingDiverged, TrainingOutOfMemory, ValueError, OSError)):
             # every process parses the same command line, so the first one alone says what is wrong with it
-            if not parsing or os.environ.get("RANK", "0") == "0":
+            if not parsing or main_process:
                 close_progress_bars()
                 print(f"error: {error}", file=sys.stderr)
             return 2

@@ -742,6 +742,15 @@ def test_hooks_on_the_modules_the_decoding_step_bypasses_fire_and_count(tokenize
     torch.testing.assert_close(decode_token_by_token(model, ids), without_hook, rtol=1e-5, atol=1e-5)
 
 
+def adapted_logits(lora, ids):
+    """The logits of the peft model `lora`, checked to differ from those without its adapter."""
+    with torch.no_grad():
+        full = lora(input_ids=ids).logits
+        with lora.disable_adapter():
+            assert not torch.allclose(full, lora(input_ids=ids).logits, atol=1e-3)
+    return full
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft reads it
 def test_lora_on_the_embeddings_with_peft(tokenizer, cell_type):
     """peft's LoRA puts the embedding in its own module, which has no `num_embeddings` (reading it was an
@@ -757,10 +766,7 @@ def test_lora_on_the_embeddings_with_peft(tokenizer, cell_type):
     ids = torch.randint(2, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     ids[:, -1] = vocab - 1  # an id of the enlarged vocabulary
     prompt = ids[:, :4]
-    with torch.no_grad():
-        full = lora(input_ids=ids).logits
-        with lora.disable_adapter():
-            assert not torch.allclose(full, lora(input_ids=ids).logits, atol=1e-3)
+    full = adapted_logits(lora, ids)
     stepped = decode_token_by_token(lora, ids)
     generated = lora.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
                               do_sample=False)
@@ -790,10 +796,7 @@ def test_lora_on_the_recurrent_weights_with_peft_target_parameters(tokenizer, ce
     assert type(model.model.layers[0]).__name__ == "ParamWrapper"
     ids = torch.randint(2, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
     prompt = ids[:, :4]
-    with torch.no_grad():
-        full = lora(input_ids=ids).logits
-        with lora.disable_adapter():
-            assert not torch.allclose(full, lora(input_ids=ids).logits, atol=1e-3)
+    full = adapted_logits(lora, ids)
     stepped = decode_token_by_token(lora, ids)
     greedy = lora.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)
     torch.manual_seed(1)

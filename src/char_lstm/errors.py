@@ -1,6 +1,8 @@
 """The errors of bad input: one line naming the thing and the fix. The scripts print it as `error: ...` and exit with
 code 2 (a traceback is for bugs)."""
 
+import re
+
 
 class UsageError(ValueError):
     """Arguments that cannot work: an unknown preset, a resume path that is no checkpoint, launcher flags, options
@@ -19,3 +21,12 @@ def see_troubleshooting(section: str) -> str:
     """The reference every diagnostic message ends with: its section of docs/troubleshooting.md (the README's table
     links to each)."""
     return f"See {TROUBLESHOOTING}#{section}."
+
+
+def first_sentence(error: BaseException, limit: int = 160) -> str:
+    """What a library's error says, for one of our lines: the first sentence of its first line, without the source
+    location torch and gloo put in front ("[/path/pair.cc:537]", "[enforce fail at inline_container.cc:672] .")
+    and the advice that follows; "" for an error without a message."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*[.:]?\s*", "", line)
+    return line.split(". ")[0].rstrip(".")[:limit]

@@ -21,7 +21,6 @@ only what Trainer does not do by itself:
 import json
 import logging
 import os
-import shutil
 from functools import partial
 
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback, set_seed
@@ -63,6 +62,7 @@ from .checkpoints import (
     latest_complete_checkpoint,
     publish_files,
     publish_folder,
+    remove_staging,
     restore_finished_run,
     save_failed,
 )
@@ -145,8 +145,7 @@ def train(
         return _train(model_args, data_args, training_args, callbacks, resume)
     except BaseException:
         if lock.fd is not None:  # the main process of a run that stops (a signal, an error): no save cut short stays
-            for name in (STAGING_DIR, FINAL_STAGING_DIR):
-                shutil.rmtree(os.path.join(training_args.output_dir, name), ignore_errors=True)
+            remove_staging(training_args.output_dir)
         raise
     finally:
         lock.release()
@@ -329,6 +328,7 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
         # that folder, unless the model goes to the Hub
         write_model_card(staged, trainer.model, run, results_from_training(metrics),
                          repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                         tokenizer=trainer.processing_class,  # the one in memory, not read back from staged/
                          model_path=None if args.hub_model_id or args.push_to_hub else args.output_dir)
         publish_files(staged, args.output_dir)
     return metrics
@@ -397,6 +397,7 @@ __all__ = [
     "publish_files",
     "publish_folder",
     "read_config_file",
+    "remove_staging",
     "received_stop_signal",
     "restore_finished_run",
     "run_summary",

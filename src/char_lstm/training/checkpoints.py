@@ -21,6 +21,8 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
+from ..errors import first_sentence
+
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +100,10 @@ def _io_error(error: BaseException) -> tuple[int | None, str]:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.errno, seen.strerror
         seen = seen.__cause__ or seen.__context__
-    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    code = re.search(r"os error (\d+)", message)  # safetensors: "I/O error: No space left on device (os error 28)"
+    code = re.search(r"os error (\d+)", str(error))  # safetensors: "I/O error: No space left on device (os error 28)"
     if code:
         return int(code.group(1)), os.strerror(int(code.group(1)))
-    message = re.sub(r"^\[[^\]]*\]\s*[.:]?\s*", "", message)  # torch's "[enforce fail at inline_container.cc:672] ."
-    return None, message.split(". ")[0][:160]
+    return None, first_sentence(error) or type(error).__name__
 
 
 def _megabytes(size: int) -> str:
@@ -145,6 +145,12 @@ def save_failed(what: str, output_dir: str, error: BaseException) -> SaveFailed:
         how = ("No checkpoint had been written yet: free some space or choose an --output_dir on another disk, then "
                "run the command again.")
     return SaveFailed(f"Could not write {what} into {output_dir} ({reason}{space}). {how}")
+
+
+def remove_staging(output_dir: str) -> None:
+    """Remove what saves cut short left in `output_dir` (its staging folders): never complete, never used."""
+    for name in (STAGING_DIR, FINAL_STAGING_DIR):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -195,8 +201,7 @@ def checkpoint_problem(folder: str) -> str | None:
             except Exception as error:  # EOFError (empty), RuntimeError (a zip without its directory: cut short)...
                 if os.path.getsize(os.path.join(folder, name)) == 0:
                     return f"{name} is empty (cut short)"
-                reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:120]
-                return f"{name} is truncated or damaged ({type(error).__name__}: {reason})"
+                return f"{name} is truncated or damaged ({type(error).__name__}: {first_sentence(error, 120)})"
     return None
 
 

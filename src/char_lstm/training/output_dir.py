@@ -18,6 +18,7 @@ from .checkpoints import (
     STAGING_DIR,
     checkpoint_problem,
     latest_complete_checkpoint,
+    remove_staging,
 )
 
 
@@ -162,8 +163,7 @@ def prepare_output_dir(args: TrainingArguments) -> str | None:
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true" or None
     if os.path.isdir(args.output_dir):
-        for name in (STAGING_DIR, FINAL_STAGING_DIR):  # what a killed run was writing: never complete, never used
-            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+        remove_staging(args.output_dir)  # what a killed run was writing
     last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     results = _results_in(args.output_dir)
     if resume is True:

@@ -16,7 +16,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import quiet_progress_bars
-from ..errors import UsageError
+from ..errors import UsageError, first_sentence
 from ..modeling_char_lstm import _cpu_has_native_bf16
 
 
@@ -195,7 +195,5 @@ def lost_peer(error: BaseException) -> str | None:
         return None
     text = str(error)
     if isinstance(error, torch.distributed.DistError) or (isinstance(error, RuntimeError) and _PEER_LOST.search(text)):
-        first = (text.strip().splitlines() or [type(error).__name__])[0]
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # without gloo's "[/path/pair.cc:537]"
-        return first.split(". ")[0].rstrip(".")[:160]  # its first sentence: gloo's advice follows
+        return first_sentence(error) or type(error).__name__
     return None
