@@ -458,3 +458,23 @@ def test_a_forward_hook_on_a_recurrent_layer_sees_every_token_generate_feeds(tok
     with torch.no_grad():
         hidden = model.model(input_ids=out[:, :-1]).last_hidden_state  # (1, length + 9, H)
     torch.testing.assert_close(torch.stack(seen, dim=1), hidden[:, length - 1 :], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_a_dynamically_quantized_head_equals_greedy_full_forwards(tokenizer):
+    """`torch.ao.quantization.quantize_dynamic` replaces the head by a Linear without a `weight` tensor: generate()
+    read the device of the ids from it and crashed on every token after the prompt."""
+    import warnings
+
+    model = make_model(tokenizer, hidden_size=32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notes
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert type(quantized.lm_head) is not torch.nn.Linear
+    ids = tokenizer(["hear me"], return_tensors="pt")["input_ids"]
+    out = quantized.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(8):
+            next_id = quantized(input_ids=expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, next_id], dim=1)
+    assert torch.equal(out, expected)

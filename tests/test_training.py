@@ -1014,3 +1014,118 @@ def test_overwrite_keeps_the_weights_a_run_starts_from(tmp_path):
     assert (out / "model.safetensors").exists() and not (out / "checkpoint-2").exists()
     delete_previous_run(args, started_from=str(tmp_path / "elsewhere"))
     assert not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer flags from a client test: label smoothing, the best checkpoint by bits/char, resuming into another model
+
+
+@pytest.mark.parametrize("targets", ["labels", "shift_labels"])
+def test_label_smoothing_smooths_the_next_character_in_training_and_evaluation_measures_the_text(tmp_path, tokenizer,
+                                                                                               targets):
+    """Trainer shifts labels for its smoother only for transformers' own causal LMs: it smoothed towards each
+    position's own character here (a model that learns to copy its input), and stateful training's `shift_labels`
+    were not smoothed at all."""
+    from torch.nn.functional import cross_entropy
+
+    from char_lstm.training import CharLSTMTrainer
+
+    model = make_model(tokenizer)
+    args = CharLSTMTrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to="none",
+                                     eval_strategy="no", load_best_model_at_end=False, lr_scheduler_type="constant")
+    trainer = CharLSTMTrainer(model=model, args=args)
+    ids = torch.randint(0, len(tokenizer), (4, 17))
+    if targets == "labels":
+        inputs, given = {"input_ids": ids[:, :-1], "labels": ids[:, :-1]}, ids[:, 1:-1]
+    else:  # stateful training: the targets of every position, the window's next character too
+        given = ids[:, 1:].contiguous()
+        inputs = {"input_ids": ids[:, :-1], "labels": ids[:, :-1], "shift_labels": given}
+
+    def expected(smoothing):
+        with torch.no_grad():
+            logits = model(input_ids=ids[:, :-1]).logits[:, : given.shape[1]]
+        return cross_entropy(logits.reshape(-1, logits.shape[-1]), given.reshape(-1), label_smoothing=smoothing)
+
+    model.train()  # dropout 0: train and eval mode compute the same logits
+    with torch.no_grad():
+        assert torch.allclose(trainer.compute_loss(model, dict(inputs)), expected(0.1), atol=1e-6)
+        model.eval()
+        assert torch.allclose(trainer.compute_loss(model, dict(inputs)), expected(0.0), atol=1e-6)
+    assert trainer.label_smoother is not None  # still on for the next training step
+
+
+def test_lower_is_better_for_bits_per_char_and_perplexity():
+    """Trainer takes a metric whose name does not end in "loss" as higher-is-better: the best checkpoint by
+    bits/char was the worst one."""
+    def greater(*flags):
+        return parse_arguments(["--output_dir", "unused", *flags])[2].greater_is_better
+
+    assert greater() is False
+    assert greater("--metric_for_best_model", "bits_per_char") is False
+    assert greater("--metric_for_best_model", "eval_perplexity") is False
+    assert greater("--metric_for_best_model", "bits_per_char", "--greater_is_better", "true") is True
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--save_strategy", "epoch"), r"^--save_strategy epoch with --eval_strategy steps: .*pass --eval_strategy "
+                                       r"epoch too, or --load_best_model_at_end false\.$"),
+        (("--fp16",), r"^--fp16 needs a GPU \(on a CPU the run would be float32\): drop it, or pass --bf16"),
+        (("--save_safetensors", "False"), r"--save_safetensors: removed in transformers v5, which always saves "),
+        (("--evaluation_strategy", "steps"), r"--evaluation_strategy: renamed --eval_strategy in transformers v5"),
+    ],
+)
+def test_flags_trainer_refuses_in_several_lines_or_ignores_on_a_cpu_are_one_line(flags, message):
+    if flags == ("--fp16",) and torch.cuda.is_available():
+        pytest.skip("fp16 runs on the GPU")
+    with pytest.raises(UsageError, match=message):
+        parse_arguments(["--output_dir", "unused", *flags])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, bf16 runs there")
+def test_bf16_on_a_machine_without_gpu_trains_on_the_cpu():
+    assert parse_arguments(["--output_dir", "unused", "--bf16"])[2].use_cpu is True  # Trainer refused it without
+
+
+def test_best_checkpoint_by_bits_per_char_and_no_clipping_are_recorded_as_such(tmp_path):
+    _, out = run(tmp_path, "--max_steps", "6", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2",
+                 "--learning_rate", "1e-2", "--metric_for_best_model", "bits_per_char", "--max_grad_norm", "0",
+                 "--sample_every_evals", "0")
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = {h["step"]: h["eval_bits_per_char"] for h in state["log_history"] if "eval_bits_per_char" in h}
+    best = min(evals, key=evals.get)
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best}") and evals[best] < max(evals.values())
+    run_record = json.loads((out / "training_run.json").read_text())
+    assert run_record["procedure"].endswith("no gradient clipping.")
+    assert "| gradient clipping (max norm) | none |" in (out / "README.md").read_text()
+
+
+def test_resume_into_a_model_of_other_flags_is_one_line_naming_the_checkpoints_values(tmp_path, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    message = (r"checkpoint-6 holds a model with hidden_size 32 \(this run: 48\), cell_type lstm \(this run: gru\): "
+               r"to resume, pass --hidden_size 32 --cell_type lstm; or start over")
+    with pytest.raises(UsageError, match=message):
+        run(tmp_path, *RESUMABLE, "--max_steps", "8", "--resume_from_checkpoint", "True", "--hidden_size", "48",
+            "--cell_type", "gru")
+    (tmp_path / "train.txt").unlink()  # another text: other characters
+    with pytest.raises(UsageError, match=r"vocab_size \d+ \(this run: \d+\): to resume, train on the same text"):
+        run(tmp_path, *RESUMABLE, "--max_steps", "8", "--resume_from_checkpoint", "True",
+            text="0123456789" + shakespeare_like(8000))
+
+
+def test_checkpoints_saved_with_save_only_model_are_refused_for_resuming_and_left_as_they_are(tmp_path, finished_run):
+    """They were renamed `_incomplete-checkpoint-N` and the message said to start over."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    for checkpoint in out.glob("checkpoint-*"):  # what --save_only_model writes: no optimizer or scheduler state
+        (checkpoint / "optimizer.pt").unlink()
+        (checkpoint / "scheduler.pt").unlink()
+    before = sorted(p.name for p in out.iterdir())
+    message = r"checkpoint-6 was saved with --save_only_model .*--model_name_or_path .*checkpoint-6 and another"
+    with pytest.raises(UsageError, match=message):
+        run(tmp_path, *RESUMABLE, "--max_steps", "8", "--resume_from_checkpoint", "True")
+    with pytest.raises(UsageError, match=message):
+        run(tmp_path, *RESUMABLE, "--max_steps", "8", "--resume_from_checkpoint", str(out / "checkpoint-6"))
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -36,6 +36,18 @@ def parse_command_line(parser: HfArgumentParser, argv: list[str] | None = None) 
     return tuple(dataclasses)
 
 
+# TrainingArguments flags that transformers v5 removed (v4 scripts and tutorials still pass them): what to do instead.
+_REMOVED_IN_V5 = {
+    "--save_safetensors": "removed in transformers v5, which always saves safetensors: drop it",
+    "--evaluation_strategy": "renamed --eval_strategy in transformers v5",
+    "--no_cuda": "renamed --use_cpu in transformers v5",
+    "--per_gpu_train_batch_size": "renamed --per_device_train_batch_size in transformers v5",
+    "--per_gpu_eval_batch_size": "renamed --per_device_eval_batch_size in transformers v5",
+    "--push_to_hub_model_id": "renamed --hub_model_id in transformers v5",
+    "--push_to_hub_token": "renamed --hub_token in transformers v5",
+}
+
+
 def _did_you_mean(parser, remaining: list[str]) -> str:
     """" (did you mean --learning_rate?)" for the unknown flags of `remaining` that resemble the parser's own flags
     (difflib's closest match, and any as close; each flag once, by its first name, not its --dashed-alias); "" when
@@ -47,15 +59,23 @@ def _did_you_mean(parser, remaining: list[str]) -> str:
         name = word.split("=", 1)[0]
         if not name.startswith("--") or name in guesses:
             continue
+        if name in _REMOVED_IN_V5 and "--per_device_train_batch_size" in parser._option_string_actions:  # Trainer
+            guesses[name] = _REMOVED_IN_V5[name]
+            continue
         scored = sorted(((difflib.SequenceMatcher(None, name, flag).ratio(), flag) for flag in flags), reverse=True)
         close = [flag for score, flag in scored if score >= max(0.6, scored[0][0] - 0.05)] if scored else []
         if close:
             guesses[name] = " or ".join(close[:3])
     if not guesses:
         return ""
+    removed = {name: guess for name, guess in guesses.items() if name in _REMOVED_IN_V5}
+    said = "".join(f" ({name}: {guess})" for name, guess in removed.items())
+    guesses = {name: guess for name, guess in guesses.items() if name not in removed}
+    if not guesses:
+        return said
     if len(guesses) == 1:
-        return f" (did you mean {next(iter(guesses.values()))}?)"
-    return " (did you mean " + ", ".join(f"{guess} for {name}" for name, guess in guesses.items()) + "?)"
+        return said + f" (did you mean {next(iter(guesses.values()))}?)"
+    return said + " (did you mean " + ", ".join(f"{guess} for {name}" for name, guess in guesses.items()) + "?)"
 
 
 def busy_cores(interval: float = 0.1) -> float | None:

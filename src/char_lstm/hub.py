@@ -94,7 +94,7 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
         "optimizer": run.get("optimizer"),
         "learning rate": run.get("learning_rate"),
         "learning-rate schedule": run.get("lr_scheduler"),
-        "gradient clipping (max norm)": run.get("max_grad_norm"),
+        "gradient clipping (max norm)": run.get("max_grad_norm") or ("none" if "max_grad_norm" in run else None),
         "training steps": run.get("global_step"),
         "epochs": run.get("epochs"),
         "precision": run.get("precision"),

@@ -926,7 +926,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             # costs about half a model step per token on a CPU (for a model registered with the Auto classes it
             # inspects `forward`'s signature on every call; docs/benchmarks.md).
             new_ids = input_ids[:, -next_sequence_length:]
-            device = self.lm_head.weight.device
+            # the embeddings read the ids (the head may hold no `weight`: a quantized or adapted Linear)
+            device = self.model.embeddings.weight.device
             if device.type != "meta" and new_ids.device != device:  # as transformers does (meta: offloaded weights)
                 new_ids = new_ids.to(device)
             model_inputs = {"input_ids": new_ids, "cache": cache}

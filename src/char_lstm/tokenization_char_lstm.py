@@ -262,9 +262,11 @@ class CharLSTMTokenizer(TokenizersBackend):
     def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
         file_names = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
         file_names += self.save_vocabulary(str(save_directory), filename_prefix)
-        # This file travels with the tokenizer, for `trust_remote_code` users who want this class (config.json's
-        # auto_map names it). tokenizer_config.json gets no auto_map on purpose: with one, transformers refuses to
-        # load the tokenizer without `trust_remote_code`, which tokenizer.json alone makes unnecessary.
+        # This file travels with the tokenizer for whoever wants this class itself (its corpus helpers:
+        # `oov_characters`, `encode_corpus`), imported from the folder. AutoTokenizer (transformers 5.24 reads an
+        # auto_map only from tokenizer_config.json) loads tokenizer.json as its generic TokenizersBackend: the same
+        # ids, special tokens and padding. tokenizer_config.json gets no auto_map on purpose: with one, transformers
+        # refuses to load the tokenizer without `trust_remote_code`, which tokenizer.json alone makes unnecessary.
         if filename_prefix is None:
             code = os.path.join(str(save_directory), os.path.basename(__file__))
             if os.path.abspath(code) != os.path.abspath(__file__):

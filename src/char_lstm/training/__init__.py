@@ -55,6 +55,7 @@ from .checkpoints import (
     STAGING_DIR,
     CharLSTMTrainer,
     SaveFailed,
+    check_resume_matches,
     checkpoint_problem,
     checkpoint_step,
     failed_save_reported,
@@ -160,6 +161,8 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
 
     # 2. Tokenizer and model: new ones built for the text, or a saved model to continue from
     tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_raw)
+    if resume is not None:
+        check_resume_matches(resume, model.config)
     if training_args.process_index == 0:
         warn_unknown_characters(tokenizer, model_args, data_args, train_raw, eval_raw)
 

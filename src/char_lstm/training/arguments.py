@@ -167,11 +167,43 @@ class CharLSTMTrainingArguments(TrainingArguments):
                     f"--eval_strategy no: {' and '.join(what for what, _ in needing)} (char_lstm's defaults) "
                     f"need{'s' if len(needing) == 1 else ''} evaluations; pass "
                     f"{' and '.join(flag for _, flag in needing)}.")
+        eval_strategy, save_strategy = (str(getattr(v, "value", v)) for v in (self.eval_strategy, self.save_strategy))
+        if self.load_best_model_at_end and eval_strategy not in ("no", save_strategy) and save_strategy != "best":
+            # Trainer's own message is three lines and names no fix; the flag is char_lstm's default
+            raise UsageError(
+                f"--save_strategy {save_strategy} with --eval_strategy {eval_strategy}: the best checkpoint is kept "
+                f"(--load_best_model_at_end, char_lstm's default), so each checkpoint must be evaluated; pass "
+                f"--eval_strategy {save_strategy} too, or --load_best_model_at_end false.")
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            # Trainer takes any metric whose name does not end in "loss" as higher-is-better
+            metric = self.metric_for_best_model.removeprefix("eval_")
+            if metric in LOWER_IS_BETTER:
+                self.greater_is_better = False
+        no_accelerator = self.use_cpu or not _accelerator_available()
+        if self.fp16 and no_accelerator:
+            # accelerate turns fp16 autocast off on a CPU: the run would be float32, recorded as fp16
+            raise UsageError("--fp16 needs a GPU (on a CPU the run would be float32): drop it, or pass --bf16 "
+                             + ("(this CPU computes bf16 natively)." if native_bf16("cpu") else
+                                "(this CPU emulates bf16, slower than float32: float32 is the better choice here)."))
+        if self.bf16 and no_accelerator:
+            self.use_cpu = True  # Trainer refuses CPU bf16 without it ("Your setup doesn't support bf16/gpu")
         if self.lr_scheduler_type != "reduce_lr_on_plateau" and self.lr_scheduler_kwargs == _plateau_defaults():
             self.lr_scheduler_kwargs = {}
         if not torch.cuda.is_available():  # pinned memory only speeds up copies to a GPU (torch warns otherwise)
             self.dataloader_pin_memory = False
         super().__post_init__()
+
+
+# Metrics logged at each evaluation (training/metrics.py) for which lower is better, as for the loss.
+LOWER_IS_BETTER = frozenset({"loss", "bits_per_char", "perplexity"})
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees a GPU or another accelerator (CUDA, ROCm, MPS, XPU...)."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 # Presets: values for the three dataclasses' fields, applied as defaults (explicit flags win).

@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
-from ..errors import first_sentence
+from ..errors import UsageError, first_sentence
 
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,52 @@ def checkpoint_problem(folder: str) -> str | None:
     return None
 
 
+def model_only(folder: str) -> bool:
+    """Whether `folder` is a checkpoint saved with --save_only_model: weights and trainer state, no optimizer or
+    scheduler state (transformers cannot resume from one)."""
+    present = {name: os.path.isfile(os.path.join(folder, name))
+               for name in (TRAINER_STATE_NAME, SAFE_WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME)}
+    return present[TRAINER_STATE_NAME] and present[SAFE_WEIGHTS_NAME] and not (
+        present[OPTIMIZER_NAME] or present[SCHEDULER_NAME])
+
+
+def model_only_refusal(folder: str) -> UsageError:
+    return UsageError(
+        f"{folder} was saved with --save_only_model (weights, no optimizer state), so it cannot be resumed: train on "
+        f"from its weights with --model_name_or_path {folder} and another --output_dir (the optimizer starts afresh)."
+    )
+
+
+# The config fields that shape a model's weights: a checkpoint resumes only into a model with the same ones.
+_SHAPING_FIELDS = {"vocab_size": None, "embedding_size": "--embedding_size", "hidden_size": "--hidden_size",
+                   "num_hidden_layers": "--num_hidden_layers", "cell_type": "--cell_type"}
+
+
+def check_resume_matches(checkpoint: str, config) -> None:
+    """One line when the model this run builds (its flags, its vocabulary) is not the one `checkpoint` holds,
+    instead of Trainer's state-dict traceback of size mismatches."""
+    try:
+        with open(os.path.join(checkpoint, CONFIG_NAME), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # checkpoint_problem has looked at the folder; Trainer reports what is left
+    differ = [(name, flag, saved.get(name), getattr(config, name, None)) for name, flag in _SHAPING_FIELDS.items()
+              if name in saved and saved.get(name) != getattr(config, name, None)]
+    if not differ:
+        return
+    flags = [(flag, was) for _, flag, was, _ in differ if flag is not None]
+    said = ", ".join(f"{name} {was} (this run: {now})" for name, _, was, now in differ)
+    fixes = []
+    if flags:
+        fixes.append("pass " + " ".join(f"{flag} {was}" for flag, was in flags))
+    if any(name == "vocab_size" for name, *_ in differ):
+        fixes.append("train on the same text, whose characters make the vocabulary")
+    raise UsageError(
+        f"{checkpoint} holds a model with {said}: to resume, {' and '.join(fixes)}; or start over with "
+        "--overwrite_output_dir, or choose another --output_dir."
+    )
+
+
 def latest_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint of `output_dir` that is complete. Newer ones that are not (written by a version that
     saved in place, damaged, tampered with) are renamed `_incomplete-checkpoint-N`, with one warning line."""
@@ -212,6 +258,8 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
     skipped = []
     for name in sorted(names, key=checkpoint_step, reverse=True):
         path = os.path.join(output_dir, name)
+        if model_only(path):  # complete as saved, but not for resuming: said before anything is set aside
+            raise model_only_refusal(path)
         problem = checkpoint_problem(path)
         if problem is None:
             break
@@ -253,6 +301,27 @@ class CharLSTMTrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             config.use_cache = training_value
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # --label_smoothing_factor: Trainer shifts the labels for its smoother only for transformers' own causal LMs
+        # (here it smoothed towards each position's own character, and left stateful training's `shift_labels`
+        # alone). So the model computes its loss as without smoothing, and in training the smoothed loss of the next
+        # character replaces it, scaled as Trainer scales the model's; evaluation measures the text's own loss.
+        smoother, self.label_smoother = self.label_smoother, None
+        try:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        finally:
+            self.label_smoother = smoother
+        if smoother is not None and model.training:
+            shifted = "shift_labels" in inputs
+            targets = inputs["shift_labels"] if shifted else inputs["labels"]
+            loss = smoother(outputs, targets, shift_labels=not shifted, num_items_in_batch=num_items_in_batch)
+            if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                    and num_items_in_batch is not None):
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                               else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def _get_output_dir(self, trial) -> str:
         # `_save_checkpoint` writes where this says; during a save that is the staging folder

@@ -18,6 +18,8 @@ from .checkpoints import (
     STAGING_DIR,
     checkpoint_problem,
     latest_complete_checkpoint,
+    model_only,
+    model_only_refusal,
     remove_staging,
 )
 
@@ -187,6 +189,8 @@ def prepare_output_dir(args: TrainingArguments) -> str | None:
     elif isinstance(resume, str):
         if not os.path.isdir(resume):
             raise UsageError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+        if model_only(resume):
+            raise model_only_refusal(resume)
         problem = checkpoint_problem(resume)
         if problem is not None:
             raise UsageError(

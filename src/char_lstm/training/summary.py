@@ -174,8 +174,9 @@ def training_run_info(model_args, data_args, training_args, metrics: dict, promp
                       + (", each batch row continuing its stream from the previous step's state"
                          if data_args.stateful else ", each block from a zero state")
                       + f": {_describe_optimizer(training_args)}, learning rate {training_args.learning_rate:g}, "
-                      f"schedule {_describe_schedule(training_args, state.max_steps, stopped_at)}, gradient clipping "
-                      f"at norm {training_args.max_grad_norm:g}."),
+                      f"schedule {_describe_schedule(training_args, state.max_steps, stopped_at)}, "
+                      + (f"gradient clipping at norm {training_args.max_grad_norm:g}." if training_args.max_grad_norm
+                         else "no gradient clipping.")),
         "evaluation_data": (f"{eval_blocks} blocks of {data_args.block_size} characters of the validation text"
                             if eval_blocks is not None else "the validation text") + ", each from a zero state",
         "training_results": training_results(state.log_history),
