@@ -1049,6 +1049,9 @@ def test_label_smoothing_smooths_the_next_character_in_training_and_evaluation_m
     model.train()  # dropout 0: train and eval mode compute the same logits
     with torch.no_grad():
         assert torch.allclose(trainer.compute_loss(model, dict(inputs)), expected(0.1), atol=1e-6)
+        # normalised by the targets of the whole accumulated batch when Trainer counts them (here: twice these)
+        halved = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(2 * given.numel()))
+        assert torch.allclose(halved, expected(0.1) / 2, atol=1e-6)
         model.eval()
         assert torch.allclose(trainer.compute_loss(model, dict(inputs)), expected(0.0), atol=1e-6)
     assert trainer.label_smoother is not None  # still on for the next training step
@@ -1060,7 +1063,6 @@ def test_lower_is_better_for_bits_per_char_and_perplexity():
     def greater(*flags):
         return parse_arguments(["--output_dir", "unused", *flags])[2].greater_is_better
 
-    assert greater() is False
     assert greater("--metric_for_best_model", "bits_per_char") is False
     assert greater("--metric_for_best_model", "eval_perplexity") is False
     assert greater("--metric_for_best_model", "bits_per_char", "--greater_is_better", "true") is True
@@ -1072,12 +1074,14 @@ def test_lower_is_better_for_bits_per_char_and_perplexity():
         (("--save_strategy", "epoch"), r"^--save_strategy epoch with --eval_strategy steps: .*pass --eval_strategy "
                                        r"epoch too, or --load_best_model_at_end false\.$"),
         (("--fp16",), r"^--fp16 needs a GPU \(on a CPU the run would be float32\): drop it, or pass --bf16"),
-        (("--save_safetensors", "False"), r"--save_safetensors: removed in transformers v5, which always saves "),
-        (("--evaluation_strategy", "steps"), r"--evaluation_strategy: renamed --eval_strategy in transformers v5"),
+        (("--save_safetensors", "False"), r"^--save_safetensors is removed in transformers v5, which always saves "),
+        (("--evaluation_strategy", "epoch", "--save_strategy", "epoch"),  # a v4 command line: the rename is said
+         r"^--evaluation_strategy is renamed --eval_strategy in transformers v5\.$"),
+        (("--save_strategy", "no"), r"each checkpoint must be evaluated; pass --load_best_model_at_end false\.$"),
     ],
 )
 def test_flags_trainer_refuses_in_several_lines_or_ignores_on_a_cpu_are_one_line(flags, message):
-    if flags == ("--fp16",) and torch.cuda.is_available():
+    if flags == ("--fp16",) and (torch.cuda.is_available() or torch.backends.mps.is_available()):
         pytest.skip("fp16 runs on the GPU")
     with pytest.raises(UsageError, match=message):
         parse_arguments(["--output_dir", "unused", *flags])
@@ -1110,7 +1114,8 @@ def test_resume_into_a_model_of_other_flags_is_one_line_naming_the_checkpoints_v
         run(tmp_path, *RESUMABLE, "--max_steps", "8", "--resume_from_checkpoint", "True", "--hidden_size", "48",
             "--cell_type", "gru")
     (tmp_path / "train.txt").unlink()  # another text: other characters
-    with pytest.raises(UsageError, match=r"vocab_size \d+ \(this run: \d+\): to resume, train on the same text"):
+    with pytest.raises(UsageError, match=r"vocab_size \d+ \(this run: \d+\): to resume, pass --tokenizer_name "
+                                         r".*checkpoint-6 \(its vocabulary\)"):
         run(tmp_path, *RESUMABLE, "--max_steps", "8", "--resume_from_checkpoint", "True",
             text="0123456789" + shakespeare_like(8000))
 

@@ -29,6 +29,10 @@ def console_logging(level: int = logging.INFO) -> None:
 def parse_command_line(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
     """The dataclasses of `parser` from `argv`; an argument that is not a flag (a typo, an abbreviation: prefix
     matching is off, so --learning_rat is not --learning_rate) is a one-line UsageError, naming the closest flags."""
+    for word in sys.argv[1:] if argv is None else argv:  # before parsing: the dataclasses' checks run in it
+        removed = removed_in_v5(word.split("=", 1)[0], parser)
+        if removed:
+            raise UsageError(f"{word.split('=', 1)[0]} is {removed}.")
     *dataclasses, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         raise UsageError(f"Unknown argument(s) {' '.join(remaining)}{_did_you_mean(parser, remaining)}: write flags "
@@ -48,6 +52,15 @@ _REMOVED_IN_V5 = {
 }
 
 
+def removed_in_v5(flag: str, parser) -> str | None:
+    """What to do instead of `flag`, a TrainingArguments flag transformers v5 removed, when `parser` parses
+    TrainingArguments and has no such flag of its own; else None."""
+    actions = parser._option_string_actions
+    if flag in _REMOVED_IN_V5 and flag not in actions and "--per_device_train_batch_size" in actions:
+        return _REMOVED_IN_V5[flag]
+    return None
+
+
 def _did_you_mean(parser, remaining: list[str]) -> str:
     """" (did you mean --learning_rate?)" for the unknown flags of `remaining` that resemble the parser's own flags
     (difflib's closest match, and any as close; each flag once, by its first name, not its --dashed-alias); "" when
@@ -59,23 +72,15 @@ def _did_you_mean(parser, remaining: list[str]) -> str:
         name = word.split("=", 1)[0]
         if not name.startswith("--") or name in guesses:
             continue
-        if name in _REMOVED_IN_V5 and "--per_device_train_batch_size" in parser._option_string_actions:  # Trainer
-            guesses[name] = _REMOVED_IN_V5[name]
-            continue
         scored = sorted(((difflib.SequenceMatcher(None, name, flag).ratio(), flag) for flag in flags), reverse=True)
         close = [flag for score, flag in scored if score >= max(0.6, scored[0][0] - 0.05)] if scored else []
         if close:
             guesses[name] = " or ".join(close[:3])
     if not guesses:
         return ""
-    removed = {name: guess for name, guess in guesses.items() if name in _REMOVED_IN_V5}
-    said = "".join(f" ({name}: {guess})" for name, guess in removed.items())
-    guesses = {name: guess for name, guess in guesses.items() if name not in removed}
-    if not guesses:
-        return said
     if len(guesses) == 1:
-        return said + f" (did you mean {next(iter(guesses.values()))}?)"
-    return said + " (did you mean " + ", ".join(f"{guess} for {name}" for name, guess in guesses.items()) + "?)"
+        return f" (did you mean {next(iter(guesses.values()))}?)"
+    return " (did you mean " + ", ".join(f"{guess} for {name}" for name, guess in guesses.items()) + "?)"
 
 
 def busy_cores(interval: float = 0.1) -> float | None:

@@ -162,7 +162,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     # 2. Tokenizer and model: new ones built for the text, or a saved model to continue from
     tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_raw)
     if resume is not None:
-        check_resume_matches(resume, model.config)
+        check_resume_matches(resume, model.config, model_args.model_name_or_path)
     if training_args.process_index == 0:
         warn_unknown_characters(tokenizer, model_args, data_args, train_raw, eval_raw)
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
+from transformers.utils import is_torch_xla_available
 
-from ..cli import parse_command_line
+from ..cli import parse_command_line, removed_in_v5
 from ..errors import UsageError
 from ..loading import check_model_path
 from .runtime import native_bf16
@@ -170,10 +171,11 @@ class CharLSTMTrainingArguments(TrainingArguments):
         eval_strategy, save_strategy = (str(getattr(v, "value", v)) for v in (self.eval_strategy, self.save_strategy))
         if self.load_best_model_at_end and eval_strategy not in ("no", save_strategy) and save_strategy != "best":
             # Trainer's own message is three lines and names no fix; the flag is char_lstm's default
+            fix = (f"pass --eval_strategy {save_strategy} too, or --load_best_model_at_end false"
+                   if save_strategy != "no" else "pass --load_best_model_at_end false")
             raise UsageError(
                 f"--save_strategy {save_strategy} with --eval_strategy {eval_strategy}: the best checkpoint is kept "
-                f"(--load_best_model_at_end, char_lstm's default), so each checkpoint must be evaluated; pass "
-                f"--eval_strategy {save_strategy} too, or --load_best_model_at_end false.")
+                f"(--load_best_model_at_end, char_lstm's default), so each checkpoint must be evaluated; {fix}.")
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             # Trainer takes any metric whose name does not end in "loss" as higher-is-better
             metric = self.metric_for_best_model.removeprefix("eval_")
@@ -182,7 +184,9 @@ class CharLSTMTrainingArguments(TrainingArguments):
         no_accelerator = self.use_cpu or not _accelerator_available()
         if self.fp16 and no_accelerator:
             # accelerate turns fp16 autocast off on a CPU: the run would be float32, recorded as fp16
-            raise UsageError("--fp16 needs a GPU (on a CPU the run would be float32): drop it, or pass --bf16 "
+            raise UsageError("--fp16 needs a GPU (on a CPU the run would be float32): drop it"
+                             + (" or --use_cpu" if self.use_cpu and _accelerator_available() else "")
+                             + ", or pass --bf16 "
                              + ("(this CPU computes bf16 natively)." if native_bf16("cpu") else
                                 "(this CPU emulates bf16, slower than float32: float32 is the better choice here)."))
         if self.bf16 and no_accelerator:
@@ -200,6 +204,8 @@ LOWER_IS_BETTER = frozenset({"loss", "bits_per_char", "perplexity"})
 
 def _accelerator_available() -> bool:
     """Whether torch sees a GPU or another accelerator (CUDA, ROCm, MPS, XPU...)."""
+    if is_torch_xla_available():  # a TPU: Trainer exempts it from its CPU checks too
+        return True
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     if accelerator is not None:
         return accelerator.is_available()
@@ -296,9 +302,9 @@ def read_config_file(name: str, parser: HfArgumentParser) -> dict:
     for key, value in values.items():
         action = parser._option_string_actions.get(f"--{key}")
         if action is None:
-            raise UsageError(
-                f"Config file {name}: unknown argument {key!r} (python scripts/train.py --help lists them)."
-            )
+            removed = removed_in_v5(f"--{key}", parser)
+            raise UsageError(f"Config file {name}: unknown argument {key!r} "
+                             + (f"({removed})." if removed else "(python scripts/train.py --help lists them)."))
         if value is None or action.type not in expected:
             continue
         if action.type is string_to_bool:

@@ -226,9 +226,10 @@ _SHAPING_FIELDS = {"vocab_size": None, "embedding_size": "--embedding_size", "hi
                    "num_hidden_layers": "--num_hidden_layers", "cell_type": "--cell_type"}
 
 
-def check_resume_matches(checkpoint: str, config) -> None:
-    """One line when the model this run builds (its flags, its vocabulary) is not the one `checkpoint` holds,
-    instead of Trainer's state-dict traceback of size mismatches."""
+def check_resume_matches(checkpoint: str, config, started_from: str | None = None) -> None:
+    """One line when the model this run builds (its flags, its vocabulary, or the saved model `started_from`, its
+    --model_name_or_path) is not the one `checkpoint` holds, instead of Trainer's state-dict traceback of size
+    mismatches."""
     try:
         with open(os.path.join(checkpoint, CONFIG_NAME), encoding="utf-8") as f:
             saved = json.load(f)
@@ -241,10 +242,13 @@ def check_resume_matches(checkpoint: str, config) -> None:
     flags = [(flag, was) for _, flag, was, _ in differ if flag is not None]
     said = ", ".join(f"{name} {was} (this run: {now})" for name, _, was, now in differ)
     fixes = []
-    if flags:
-        fixes.append("pass " + " ".join(f"{flag} {was}" for flag, was in flags))
-    if any(name == "vocab_size" for name, *_ in differ):
-        fixes.append("train on the same text, whose characters make the vocabulary")
+    if started_from is not None:  # the shape and the vocabulary come from that model, not from the flags
+        fixes.append(f"start from the model the run started from (--model_name_or_path {started_from} is another)")
+    else:
+        if flags:
+            fixes.append("pass " + " ".join(f"{flag} {was}" for flag, was in flags))
+        if any(name == "vocab_size" for name, *_ in differ):
+            fixes.append(f"pass --tokenizer_name {checkpoint} (its vocabulary)")
     raise UsageError(
         f"{checkpoint} holds a model with {said}: to resume, {' and '.join(fixes)}; or start over with "
         "--overwrite_output_dir, or choose another --output_dir."
