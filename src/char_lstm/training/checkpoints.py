@@ -317,7 +317,8 @@ class CharLSTMTrainer(Trainer):
                                                  num_items_in_batch=num_items_in_batch)
         finally:
             self.label_smoother = smoother
-        if smoother is not None and model.training:
+        if (smoother is not None and model.training and self.compute_loss_func is None
+                and ("labels" in inputs or "shift_labels" in inputs)):
             shifted = "shift_labels" in inputs
             targets = inputs["shift_labels"] if shifted else inputs["labels"]
             loss = smoother(outputs, targets, shift_labels=not shifted, num_items_in_batch=num_items_in_batch)
