@@ -154,6 +154,54 @@ def test_returned_cache_continues_the_sequence_exactly(tokenizer, cell_type):
     assert lengths[0] == 1  # only the last generated token, not yet seen by the state, is fed again
 
 
+def test_continuing_with_only_the_new_tokens_and_the_full_mask(tokenizer, cell_type):
+    """transformers' other convention for a returned cache: the new tokens only, with the mask of the full sequence."""
+    model = make_model(tokenizer, cell_type)
+    batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True, padding_side="left")
+    reference = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    first = model.generate(**batch, max_new_tokens=7, do_sample=False, return_dict_in_generate=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 7, dtype=torch.long)], dim=1)
+    lengths, handle = record_forward_lengths(model)
+    second = model.generate(first.sequences[:, -1:], attention_mask=mask, cache=first.cache, max_new_tokens=9,
+                            do_sample=False)
+    handle.remove()
+    assert torch.equal(second[:, 1:], reference[:, -9:])
+    assert lengths[0] == 1
+    with pytest.raises(ValueError, match="has consumed 31 tokens and 1 new ones were passed, but the attention mask has 15 columns \\(expected 32\\)"):
+        model.generate(second[:, -1:], attention_mask=mask[:, :-8], cache=first.cache, max_new_tokens=2)
+
+
+def test_the_cache_counts_the_columns_it_consumed(tokenizer, cell_type):
+    """`cache.get_seq_length()` is what transformers (5.25 on) slices a continued sequence by: it counts every column
+    the states consumed, padding included, where the cache layers keep a count."""
+    model = make_model(tokenizer, cell_type)
+    batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    width = batch["input_ids"].shape[1]
+    if not hasattr(out.cache.layers[0], "cumulative_length_linear"):
+        pytest.skip("this transformers' recurrent cache layers keep no count (before 5.25)")
+    assert int(out.cache.get_seq_length()) == width
+    assert all(int(out.cache.get_seq_length(i)) == width for i in range(len(out.cache.layers)))
+    generated = model.generate(**batch, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert int(generated.cache.get_seq_length()) == width + 4  # the last token was never fed
+    generated.cache.reset()
+    assert int(generated.cache.get_seq_length()) == 0
+
+
+def test_chunked_prefill_gives_the_same_sequences(tokenizer, cell_type):
+    model = make_model(tokenizer, cell_type)
+    batch = tokenizer(["ROMEO:\nBut, soft! what light", "All:"], return_tensors="pt", padding=True,
+                      padding_side="left")
+    reference = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    lengths, handle = record_forward_lengths(model)
+    chunked = model.generate(**batch, max_new_tokens=12, do_sample=False, prefill_chunk_size=8)
+    handle.remove()
+    assert torch.equal(chunked, reference)
+    width = batch["input_ids"].shape[1]
+    assert lengths[: -(12 - 1)] == [8] * (width // 8) + ([width % 8] if width % 8 else [])
+
+
 def test_continuing_with_a_shorter_input_is_refused(tokenizer, model):
     prompt = tokenizer(["ROMEO:"], return_tensors="pt")
     first = model.generate(**prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
@@ -177,13 +225,16 @@ def test_cost_per_token_does_not_depend_on_position(tokenizer, model):
     assert shapes[-1][0] == (1, 1)
 
 
-def test_prompt_of_unknown_characters_only_is_refused(tokenizer, model):
+def test_a_prompt_of_unknown_characters_only_is_read_like_any_ids(tokenizer, model):
+    """The model accepts every id of its vocabulary, <unk> included (transformers' common tests prompt with any id);
+    refusing a typed prompt of unknown characters is the scripts' job (tests/scripts/test_generate_script.py)."""
     ids = tokenizer(["###"], return_tensors="pt")
     assert (ids["input_ids"] == tokenizer.unk_token_id).all()
-    with pytest.raises(ValueError, match="only unknown characters.*the keys of tokenizer.get_vocab\\(\\)"):
-        model.generate(**ids, max_new_tokens=3)
-    # one known character is enough
-    model.generate(**tokenizer(["#A#"], return_tensors="pt"), max_new_tokens=3)
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    unk_row = torch.full((1, 3), tokenizer.unk_token_id)
+    assert torch.equal(out, model.generate(unk_row, attention_mask=torch.ones_like(unk_row), max_new_tokens=3,
+                                           do_sample=False))
+    assert out.shape == (1, 6)
 
 
 def test_generate_from_inputs_embeds(tokenizer, model):

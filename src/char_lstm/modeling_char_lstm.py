@@ -64,6 +64,9 @@ AUTO_MAP = {
 # Attribute on the cache that counts the input columns (tokens, padding included) its states have consumed. It lets
 # `generate(full_sequence, cache=previous_cache)` feed only the new columns, as transformers does for key/value caches.
 _SEEN_TOKENS_ATTR = "char_lstm_seen_tokens"
+# Attribute set on a cache that `generate()` got with consumed tokens in it: its first forward in that call feeds
+# only the columns the state has not consumed (`_columns_to_feed`); any prompt chunk after it is fed whole.
+_RESUME_PENDING_ATTR = "char_lstm_resume_pending"
 
 
 def _check_cache(cache: Cache, num_layers: int, num_states: int) -> None:
@@ -107,6 +110,18 @@ def _seen_tokens(cache: Cache | None) -> int:
     if not isinstance(layer, LinearAttentionCacheLayerMixin) or not any(layer.has_previous_state.values()):
         return 0
     return getattr(cache, _SEEN_TOKENS_ATTR, 0)
+
+
+def _set_seen_tokens(cache: Cache, count: int) -> None:
+    """Record that the states of `cache` have consumed `count` input columns. Since transformers 5.25 a recurrent
+    layer also counts its tokens (`cumulative_length_linear`, which `cache.get_seq_length()` reports and `generate()`
+    slices a continued sequence by); that count follows this one where the layer has it, in place (its address may be
+    marked static for CUDA graphs). Older layers have no such count: the attribute alone is used there."""
+    setattr(cache, _SEEN_TOKENS_ATTR, count)
+    for layer in cache.layers:
+        counter = getattr(layer, "cumulative_length_linear", None)
+        if isinstance(counter, torch.Tensor) and counter.numel() == 1 and not counter.is_floating_point():
+            counter.fill_(count)
 
 
 def detach_cache(cache: Cache) -> Cache:
@@ -826,7 +841,7 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
 
         last_hidden_state = packing.unpack(x) if packing is not None else x
         if cache is not None:
-            setattr(cache, _SEEN_TOKENS_ATTR, seen_before + seq_len)
+            _set_seen_tokens(cache, seen_before + seq_len)
         if not return_dict:
             outputs = (last_hidden_state, cache if use_cache else None, all_hidden_states)
             return tuple(v for v in outputs if v is not None)
@@ -835,6 +850,27 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
             cache=cache if use_cache else None,
             hidden_states=all_hidden_states,
         )
+
+
+def _columns_to_feed(seen: int, input_ids, inputs_embeds, attention_mask) -> int:
+    """How many of the last input columns a `generate()` continuing from a cache that has consumed `seen` columns
+    must feed. As with key/value caches, the inputs are either the full sequence (the old columns, then the new ones)
+    or only the new columns with an attention mask over the full sequence."""
+    total = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
+    mask_length = attention_mask.shape[1] if attention_mask is not None else total
+    if mask_length > total:  # the new columns only: the mask covers the old ones too
+        if mask_length != seen + total:
+            raise ValueError(
+                f"The cache has consumed {seen} tokens and {total} new ones were passed, but the attention mask has "
+                f"{mask_length} columns (expected {seen + total}): pass the mask of the full sequence."
+            )
+        return total
+    if total <= seen:
+        raise ValueError(
+            f"The cache has already consumed {seen} tokens but the input has {total}: pass the full sequence "
+            "(the tokens generated so far followed by the new ones) together with the cache."
+        )
+    return total - seen
 
 
 def _lean_plan(model: "CharLSTMForCausalLM", input_ids: torch.Tensor) -> tuple:
@@ -893,20 +929,13 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
-    def _check_prompt_known(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """A prompt made only of characters the model has never seen (all `<unk>`) gives meaningless text: refuse
-        it."""
-        unk_id = self.config.unk_token_id
-        if unk_id is None or input_ids.shape[1] == 0 or torch.compiler.is_compiling():
-            return
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        unknown_only = ((input_ids == unk_id) | ~real).all(dim=1) & real.any(dim=1)
-        if bool(unknown_only.any()):
-            rows = unknown_only.nonzero().flatten().tolist()
-            raise ValueError(
-                f"Prompt row(s) {rows} contain only unknown characters (all <unk>): the model has never seen them; "
-                "use characters from its vocabulary (the keys of tokenizer.get_vocab(), with any tokenizer class)."
-            )
+    @functools.wraps(GenerationMixin.generate)
+    def generate(self, *args, **kwargs):
+        # A cache that has consumed tokens continues a generation: marked for `prepare_inputs_for_generation`.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, Cache):
+            setattr(cache, _RESUME_PENDING_ATTR, bool(_seen_tokens(cache)))
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
@@ -931,24 +960,17 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             if device.type != "meta" and new_ids.device != device:  # as transformers does (meta: offloaded weights)
                 new_ids = new_ids.to(device)
             model_inputs = {"input_ids": new_ids, "cache": cache}
-            model_inputs.update((k, v) for k, v in kwargs.items() if k != "labels")
+            model_inputs.update((k, v) for k, v in kwargs.items() if k != "labels" and v is not None)
             model_inputs["attention_mask"] = None
             return model_inputs
-        # Continuing from a returned cache: like with key/value caches, `input_ids` is the full sequence (old + new);
-        # only the columns the state has not consumed yet are fed.
-        seen = _seen_tokens(cache)
-        if is_first_iteration and seen and next_sequence_length is None:
-            total = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
-            if total <= seen:
-                raise ValueError(
-                    f"The cache has already consumed {seen} tokens but the input has {total}: pass the full sequence "
-                    "(the tokens generated so far followed by the new ones) together with the cache."
-                )
-            next_sequence_length = total - seen
+        if is_first_iteration and getattr(cache, _RESUME_PENDING_ATTR, False):
+            # Continuing from a returned cache, decided here whatever transformers passed (5.24: None for a recurrent
+            # cache; 5.25: from `cache.get_seq_length()`, right only through `_set_seen_tokens`). Once per call: the
+            # prompt chunks of `prefill_chunk_size` after the first come already cut, with no mask when it is all ones.
+            setattr(cache, _RESUME_PENDING_ATTR, False)
+            next_sequence_length = _columns_to_feed(_seen_tokens(cache), input_ids, inputs_embeds, attention_mask)
         if is_first_iteration:
             self.model.forget_decoding_weights()  # a new generate(): weights may have been edited in between
-        if is_first_iteration and inputs_embeds is None and not seen:
-            self._check_prompt_known(input_ids, attention_mask)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
@@ -1065,7 +1087,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             # The cache holds what transformers' loop leaves in it: the state after the last token fed to the model.
             for layer_idx, state in enumerate(states):
                 _write_state(cache, layer_idx, state)
-            setattr(cache, _SEEN_TOKENS_ATTR, seen + steps)
+            _set_seen_tokens(cache, seen + steps)
         if streamer is not None:
             streamer.end()
         return input_ids.contiguous()

@@ -74,6 +74,13 @@ def check_prompts(tokenizer, prompts: list[str], unknown_to_unk: bool) -> None:
         )
     if any(not p for p in prompts):
         raise ValueError("A prompt is empty: a character model needs at least one character to start from.")
+    only_unknown = [index for index, p in enumerate(prompts) if len(tokenizer.oov_characters(p)) == len(set(p))]
+    if only_unknown:
+        # the model reads <unk> as it reads any id; a person who typed only characters it never saw gets noise
+        raise ValueError(
+            f"Prompt(s) {only_unknown} contain only unknown characters (all <unk>): the model has never seen them; "
+            "use characters from its vocabulary (the keys of tokenizer.get_vocab(), with any tokenizer class)."
+        )
 
 
 def generate_texts(model, tokenizer, prompts: list[str], streamer=None, **generate_kwargs) -> list[str]:
