@@ -167,7 +167,7 @@ def test_continuing_with_only_the_new_tokens_and_the_full_mask(tokenizer, cell_t
     handle.remove()
     assert torch.equal(second[:, 1:], reference[:, -9:])
     assert lengths[0] == 1
-    refused = "has consumed 31 tokens and 1 new ones were passed, but the attention mask has 15 columns \\(expected 32\\)"
+    refused = "consumed 31 tokens and 1 new ones were passed, but the attention mask has 15 columns \\(expected 32\\)"
     with pytest.raises(ValueError, match=refused):
         model.generate(second[:, -1:], attention_mask=mask[:, :-8], cache=first.cache, max_new_tokens=2)
 
