@@ -55,10 +55,12 @@ def log_history(out):
 
 
 def test_eval_steps_that_do_not_divide_save_steps_name_both_flags():
-    """--eval_steps 20 alone (checkpoints every 250 steps by default) was refused by Trainer naming neither flag."""
-    message = r"^--save_steps 250 is not a multiple of --eval_steps 20: .*--save_steps 20 "
+    """--eval_steps 20 with --load_best_model_at_end true (checkpoints every 250 steps by default) was refused by
+    Trainer naming neither flag. (--eval_steps 20 alone: tests/test_training_defaults.py.)"""
+    message = (r"^--save_steps 250 is not a multiple of --eval_steps 20 and --load_best_model_at_end true: "
+               r".*--save_steps 20 ")
     with pytest.raises(ValueError, match=message):
-        parse_arguments(["--eval_steps", "20", "--output_dir", "unused"])
+        parse_arguments(["--eval_steps", "20", "--load_best_model_at_end", "true", "--output_dir", "unused"])
     parse_arguments(["--eval_steps", "20", "--load_best_model_at_end", "false", "--output_dir", "unused"])
     parse_arguments(["--eval_steps", "125", "--output_dir", "unused"])
 
@@ -401,12 +403,6 @@ def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, caplog,
         (("--validation_split_percentage", "1"), "x" * 40, r"validation text is shorter than one block"),
         (("--preset", "huge"), None, r"Unknown --preset 'huge'; choose from \['char-rnn', 'cpu-small'\]"),
         (("--sample_prompt", "Zebra~"), None, "has characters outside the vocabulary"),
-        (("--eval_strategy", "no"), None, r"--eval_strategy no: keeping the best checkpoint and the plateau schedule "
-         r"\(char_lstm's defaults\) need evaluations; pass --load_best_model_at_end false and --lr_scheduler_type "
-         r"cosine \(or linear, constant\)\.$"),
-        (("--eval_strategy", "no", "--load_best_model_at_end", "false"), None,
-         r"--eval_strategy no: the plateau schedule \(char_lstm's defaults\) needs evaluations; pass "
-         r"--lr_scheduler_type cosine"),
     ],
 )
 def test_bad_input_errors(tmp_path, extra, text, message):
@@ -1071,13 +1067,14 @@ def test_lower_is_better_for_bits_per_char_and_perplexity():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (("--save_strategy", "epoch"), r"^--save_strategy epoch with --eval_strategy steps: .*pass --eval_strategy "
-                                       r"epoch too, or --load_best_model_at_end false\.$"),
+        (("--save_strategy", "epoch", "--load_best_model_at_end", "true"),
+         r"^--save_strategy epoch with --eval_strategy steps and --load_best_model_at_end true: .*\(--eval_strategy "
+         r"epoch or --save_strategy steps\), or drop --load_best_model_at_end\.$"),
         (("--fp16",), r"^--fp16 needs a GPU \(on a CPU the run would be float32\): drop it, or pass --bf16"),
         (("--save_safetensors", "False"), r"^--save_safetensors is removed in transformers v5, which always saves "),
         (("--evaluation_strategy", "epoch", "--save_strategy", "epoch"),  # a v4 command line: the rename is said
          r"^--evaluation_strategy is renamed --eval_strategy in transformers v5\.$"),
-        (("--save_strategy", "no"), r"each checkpoint must be evaluated; pass --load_best_model_at_end false\.$"),
+        (("--save_strategy", "no", "--load_best_model_at_end", "true"), r"needs checkpoints; drop one of the two\.$"),
     ],
 )
 def test_flags_trainer_refuses_in_several_lines_or_ignores_on_a_cpu_are_one_line(flags, message):

@@ -16,6 +16,7 @@ from transformers.utils import is_torch_xla_available
 from ..cli import parse_command_line, removed_in_v5
 from ..errors import UsageError
 from ..loading import check_model_path
+from .defaults import check_evaluation_needs, follow_given_flags
 from .runtime import native_bf16
 
 
@@ -116,7 +117,9 @@ class CharLSTMTrainingArguments(TrainingArguments):
     load_best_model_at_end: bool = field(
         default=True, metadata={"help": "Keep the checkpoint with the best eval loss."}
     )
-    metric_for_best_model: str | None = field(default="loss", metadata={"help": "Metric for the best checkpoint."})
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "Metric for the best checkpoint (TrainingArguments: loss, when it is kept)."}
+    )
     logging_steps: float = field(default=50, metadata={"help": "Steps between training-loss logs."})
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "Keep NaN/inf losses visible in the logs (the divergence guard needs them)."}
@@ -149,33 +152,7 @@ class CharLSTMTrainingArguments(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:  # checked here, before any step (Trainer fails later, or divides by zero)
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        if (self.load_best_model_at_end and self.eval_strategy == self.save_strategy == "steps" and self.eval_steps
-                and min(self.eval_steps, self.save_steps) >= 1 and self.save_steps % self.eval_steps):
-            # Trainer's own message names neither flag: "requires the saving steps to be a round multiple of ..."
-            raise ValueError(
-                f"--save_steps {self.save_steps:g} is not a multiple of --eval_steps {self.eval_steps:g}: the best "
-                f"checkpoint is kept (--load_best_model_at_end), so each must be evaluated; pass --save_steps "
-                f"{self.eval_steps:g} (or a multiple), or --load_best_model_at_end false.")
-        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
-            # Trainer's own messages are several lines, one flag at a time
-            scheduler = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
-            needing = [(self.load_best_model_at_end, "keeping the best checkpoint", "--load_best_model_at_end false"),
-                       (scheduler == "reduce_lr_on_plateau", "the plateau schedule",
-                        "--lr_scheduler_type cosine (or linear, constant)")]
-            needing = [(what, flag) for needed, what, flag in needing if needed]
-            if needing:
-                raise UsageError(
-                    f"--eval_strategy no: {' and '.join(what for what, _ in needing)} (char_lstm's defaults) "
-                    f"need{'s' if len(needing) == 1 else ''} evaluations; pass "
-                    f"{' and '.join(flag for _, flag in needing)}.")
-        eval_strategy, save_strategy = (str(getattr(v, "value", v)) for v in (self.eval_strategy, self.save_strategy))
-        if self.load_best_model_at_end and eval_strategy not in ("no", save_strategy) and save_strategy != "best":
-            # Trainer's own message is three lines and names no fix; the flag is char_lstm's default
-            fix = (f"pass --eval_strategy {save_strategy} too, or --load_best_model_at_end false"
-                   if save_strategy != "no" else "pass --load_best_model_at_end false")
-            raise UsageError(
-                f"--save_strategy {save_strategy} with --eval_strategy {eval_strategy}: the best checkpoint is kept "
-                f"(--load_best_model_at_end, char_lstm's default), so each checkpoint must be evaluated; {fix}.")
+        check_evaluation_needs(self)  # before Trainer's own checks, which are several lines
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             # Trainer takes any metric whose name does not end in "loss" as higher-is-better
             metric = self.metric_for_best_model.removeprefix("eval_")
@@ -259,18 +236,39 @@ PRESETS = {
 
 def parse_arguments(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, CharLSTMTrainingArguments) from the command line or from one .json/.yaml file,
-    with `--preset` values as defaults. Flags must be spelled out (no prefix matching: --learning_rat is an error)."""
+    with `--preset` values as defaults. Flags must be spelled out (no prefix matching: --learning_rat is an error).
+    char_lstm's defaults that need evaluations follow the flags given (`defaults.follow_given_flags`: one info line,
+    said by the main process)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, CharLSTMTrainingArguments), allow_abbrev=False)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        values = read_config_file(argv[0], parser)
-        preset = _preset_values(values.get("preset"))
-        return parser.parse_dict({**preset, **values})
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset", default=None)
-    known, _ = pre.parse_known_args(argv)
-    parser.set_defaults(**_preset_values(known.preset))
-    return parse_command_line(parser, argv)
+        given = read_config_file(argv[0], parser)
+        preset = _preset_values(given.get("preset"))
+        defaults = {action.dest: parser.get_default(action.dest) for action in parser._actions}
+        followed, said = follow_given_flags({**defaults, **preset, **given}, set(given))
+        parsed = parser.parse_dict({**preset, **followed, **given})
+    else:
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--preset", default=None)
+        known, _ = pre.parse_known_args(argv)
+        parser.set_defaults(**_preset_values(known.preset))
+        given = given_on_command_line(parser, argv)
+        values = {action.dest: given.get(action.dest, parser.get_default(action.dest)) for action in parser._actions}
+        followed, said = follow_given_flags(values, set(given))
+        parser.set_defaults(**followed)
+        parsed = parse_command_line(parser, argv)
+    if said and os.environ.get("RANK", "0") == "0":  # every process parses the same flags: the first one says it
+        logger.info(said)
+    return parsed
+
+
+def given_on_command_line(parser: HfArgumentParser, argv: list[str]) -> dict:
+    """The arguments `argv` gives, by name, with their values, however written (--name value, --name=value,
+    --no_name); the defaults and presets are not in it. Unknown flags are left to `parse_command_line`."""
+    unset = object()
+    namespace = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    given, _ = parser.parse_known_args(argv, namespace=namespace)  # --help, a bad value: argparse's own exit
+    return {name: value for name, value in vars(given).items() if value is not unset}
 
 
 def read_config_file(name: str, parser: HfArgumentParser) -> dict:
