@@ -11,6 +11,7 @@ an empty GenerationTesterMixin and ExportTesterMixin (generate() has its own tes
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -66,24 +67,32 @@ def _fetch() -> str | None:
         if done.returncode != 0 or not archives:
             return f"pip download of transformers=={VERSION} failed: {done.stderr.strip().splitlines()[-1:]}"
         staging = Path(tempfile.mkdtemp(dir=CACHE.parent if CACHE.parent.exists() else None))
-        package = staging / PACKAGE
-        with tarfile.open(archives[0]) as archive:
-            for member in archive.getmembers():
-                parts = Path(member.name).parts
-                if len(parts) == 3 and parts[1] == "tests" and parts[2].endswith(".py") and member.isfile():
-                    package.mkdir(parents=True, exist_ok=True)
-                    (package / parts[2]).write_bytes(archive.extractfile(member).read())
-        if not (package / "test_modeling_common.py").is_file():
-            return f"the transformers=={VERSION} source distribution has no tests/test_modeling_common.py"
-        (package / "__init__.py").write_text("")
-        for name, text in _STAND_INS.items():
-            (package / name).parent.mkdir(parents=True, exist_ok=True)
-            (package / name).write_text(text, encoding="utf-8")
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
         try:
-            staging.rename(CACHE)  # complete or absent: another run may have finished first
-        except OSError:
-            pass
+            return _unpack(archives[0], staging)
+        finally:  # what is left when another run (an xdist worker) renamed its own copy first
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unpack(archive_path: Path, staging: Path) -> str | None:
+    """The sdist's tests/*.py and the stand-ins into `staging`, then `staging` renamed to the cache folder."""
+    package = staging / PACKAGE
+    with tarfile.open(archive_path) as archive:
+        for member in archive.getmembers():
+            parts = Path(member.name).parts
+            if len(parts) == 3 and parts[1] == "tests" and parts[2].endswith(".py") and member.isfile():
+                package.mkdir(parents=True, exist_ok=True)
+                (package / parts[2]).write_bytes(archive.extractfile(member).read())
+    if not (package / "test_modeling_common.py").is_file():
+        return f"the transformers=={VERSION} source distribution has no tests/test_modeling_common.py"
+    (package / "__init__.py").write_text("")
+    for name, text in _STAND_INS.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text, encoding="utf-8")
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(CACHE)  # complete or absent: another run may have finished first
+    except OSError:
+        pass
     return None
 
 
@@ -127,7 +136,11 @@ def one_thread():
 
 
 class CharLSTMModelTester:
-    """Tiny configs and inputs, as transformers' `*ModelTester` classes make them."""
+    """Tiny configs and inputs, as transformers' `*ModelTester` classes make them. The special ids are the
+    tokenizer's (`<pad>` 0, `<unk>` 1), and every batch has a row of `<unk>` only: a model reads every id of its
+    vocabulary (test_training_overfit prompts generate() with id 1 alone)."""
+
+    pad_token_id, unk_token_id = 0, 1
 
     def __init__(self, parent, cell_type, batch_size=2, seq_length=7, vocab_size=40, hidden_size=16,
                  embedding_size=16, num_hidden_layers=2):
@@ -140,11 +153,13 @@ class CharLSTMModelTester:
     def get_config(self):
         return CharLSTMConfig(
             vocab_size=self.vocab_size, embedding_size=self.embedding_size, hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers, dropout=0.0, cell_type=self.cell_type, pad_token_id=0,
+            num_hidden_layers=self.num_hidden_layers, dropout=0.0, cell_type=self.cell_type,
+            pad_token_id=self.pad_token_id, unk_token_id=self.unk_token_id,
         )
 
     def prepare_config_and_inputs_for_common(self):
         input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+        input_ids[-1] = self.unk_token_id
         attention_mask = torch.ones_like(input_ids)
         return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
 
