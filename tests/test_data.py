@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -21,11 +22,13 @@ from char_lstm.data import (
     encode_blocks,
     encode_streams,
     encode_text,
+    load_files,
     load_raw_datasets,
     read_text_file,
     resolve_dataset_name,
     split_validation_tail,
 )
+from char_lstm.text_files import CONTINUES_COLUMN, file_parts, part_rows
 from helpers import shakespeare_like, write_text
 
 
@@ -82,26 +85,63 @@ def test_directory_glob_jsonl_csv_parquet(tmp_path):
         load_raw_datasets(train_file=str(jsonl))
 
 
-def test_directory_of_mixed_files_uses_the_txt_files_and_says_which(tmp_path, caplog):
-    books = tmp_path / "books"
-    (books / "drafts").mkdir(parents=True)
-    write_text(books / "b.txt", "second\n")
-    write_text(books / "a.txt", "first\n")
-    write_text(books / "README.md", "# not a book\n")
-    write_text(books / "index.csv", "title\nfirst\n")
-    (books / "cover.png").write_bytes(b"\x89PNG")
-    with caplog.at_level(logging.INFO, logger="char_lstm.data"):
-        raw = load_raw_datasets(train_file=str(books))
-    assert raw["train"]["text"] == ["first\n", "second\n"]
-    assert (
-        f"--train_file {books}: using 2 .txt file(s): a.txt, b.txt; skipped 4 other entries: README.md, cover.png, "
-        "drafts/, index.csv" in caplog.text
-    )
-    for name in ("a.txt", "b.txt"):
-        (books / name).unlink()
-    with pytest.raises(DataError, match=r"books is a directory without .txt files \(it holds README.md, .*\); give "
-                                        r"a file or a glob"):
-        load_raw_datasets(train_file=str(books))
+def test_a_folder_is_read_recursively_and_what_is_not_text_is_skipped_and_counted(tmp_path, caplog):
+    tree = tmp_path / "project"
+    (tree / "src" / "deep").mkdir(parents=True)
+    (tree / ".git").mkdir()
+    write_text(tree / "src" / "main.c", "int main(void) { return 0; }\n")
+    write_text(tree / "src" / "deep" / "util.h", "#define ONE 1\n")
+    write_text(tree / "Makefile", "all:\n\tcc src/main.c\n")
+    write_text(tree / "package.json", '{"name": "x"}\n')  # text in a tree of text, not a JSON dataset
+    write_text(tree / ".git" / "config", "[core]\n")
+    (tree / "src" / "main.o").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00")
+    (tree / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tree / "latin.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    (tree / "empty.txt").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="char_lstm.text_files"):
+        raw = load_raw_datasets(train_file=str(tree))
+    assert raw["train"]["text"] == ["all:\n\tcc src/main.c\n", '{"name": "x"}\n', "#define ONE 1\n",
+                                    "int main(void) { return 0; }\n"]
+    assert raw["train"][CONTINUES_COLUMN] == [False] * 4
+    line = [r.message for r in caplog.records if "skipped" in r.message]
+    assert len(line) == 1 and line[0].startswith("--train_file: reading 4 text file(s); skipped 3 that are not utf-8 "
+                                                 "text (binaries, images...): ") and "and 1 empty one(s)" in line[0]
+    assert all(name in line[0] for name in ("latin.txt", "logo.png", "main.o"))
+    only_c = load_raw_datasets(train_file=str(tree), include=["*.c", "*.h"], exclude=["src/deep/*"])
+    assert only_c["train"]["text"] == ["int main(void) { return 0; }\n"]
+    assert load_raw_datasets(train_file=str(tree / "**" / "*.[ch]"))["train"]["text"] == [
+        "#define ONE 1\n", "int main(void) { return 0; }\n"]  # src/deep/util.h, src/main.c
+    with pytest.raises(DataError, match="holds no file \\(--include \\*.rs\\): it holds Makefile, empty.txt"):
+        load_raw_datasets(train_file=str(tree), include=["*.rs"])
+    with pytest.raises(DataError, match="main.o has NUL bytes: it is a binary file"):
+        load_raw_datasets(train_file=str(tree / "src" / "main.o"))
+
+
+def test_files_of_any_extension_or_none_are_text(tmp_path):
+    for name in ("notes", "song.abc", "paper.tex", "main.rs"):
+        write_text(tmp_path / name, f"text of {name}\n")
+        assert load_raw_datasets(train_file=str(tmp_path / name))["train"]["text"] == [f"text of {name}\n"]
+
+
+def test_large_files_become_rows_that_cover_the_text_exactly_and_blocks_do_not_change(tmp_path):
+    """A file is cut into rows of bounded size (and parts, for several processes) at any character, multi-byte
+    ones included; the blocks and the document boundaries are those of the file read whole."""
+    text = ("Sing, O goddess \u4e2d\u6587 \U0001f600 the anger of Achilles\n" * 300)
+    path = write_text(tmp_path / "big.txt", text)
+    other = write_text(tmp_path / "small.txt", "the second document\n" * 20)
+    data = text.encode("utf-8")
+    parts = file_parts([str(path)], "utf-8", part_bytes=1000)
+    assert len(parts) > 10 and parts[0][1] == 0 and parts[-1][2] == len(data)
+    assert all(a[2] == b[1] for a, b in zip(parts, parts[1:]))
+    assert "".join(t for part in parts for t, _ in part_rows(part, "utf-8", row_chars=97)) == text
+    rows = load_files([str(path), str(other)], "text", "utf-8", row_chars=97)
+    assert "".join(rows["text"]) == text + "the second document\n" * 20
+    starts = [i for i, continues in enumerate(rows[CONTINUES_COLUMN]) if not continues]
+    assert starts == [0, math.ceil(len(text) / 97)]
+    whole = Dataset.from_dict({"text": [text, "the second document\n" * 20]})
+    tokenizer = build_tokenizer(whole, "text", "\n\n")
+    assert encode_text(rows, tokenizer, "text").tolist() == encode_text(whole, tokenizer, "text").tolist()
+    assert build_tokenizer(rows, "text", "\n\n").get_vocab() == tokenizer.get_vocab()
 
 
 def test_local_folder_laid_out_like_the_hub_dataset(tmp_path):

@@ -73,7 +73,8 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert math.isclose(metrics["eval_bits_per_char"], metrics["eval_loss"] / math.log(2), rel_tol=1e-3)
     assert math.isclose(metrics["eval_perplexity"], math.exp(metrics["eval_loss"]), rel_tol=1e-3)
     out_text = capsys.readouterr().out
-    assert "----- sample at step 20 -----\nROMEO:" in out_text
+    # no --sample_prompt, not tiny Shakespeare: the samples start from a line start of the validation text
+    assert "----- sample at step 20 -----\nFirst Citizen:" in out_text
     # the last step's sample once (the final evaluation does not print another), then the summary
     assert out_text.count("----- sample at step 60 -----") == 1
     assert out_text.rstrip().splitlines()[-3:] == [
@@ -82,7 +83,8 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
         f"{metrics['eval_bits_per_char']:#.4g} bits/char, "
         f"{metrics['unigram_bits_per_char'] - metrics['eval_bits_per_char']:.2f} bits/char better than the data's "
         "unigram baseline).",
-        f"Sample from it: python scripts/generate.py --model_name_or_path {out} --prompt ROMEO: --max_new_tokens 300",
+        f"Sample from it: python scripts/generate.py --model_name_or_path {out} --prompt 'First Citizen:' "
+        "--max_new_tokens 300",
     ]
     for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "README.md"):
         assert (out / name).exists(), name
@@ -267,7 +269,13 @@ def test_default_sample_prompt_uses_known_characters(tmp_path):
     raw = load_raw_datasets(train_file=str(write_text(tmp_path / "t.txt", "Über alles")))
     tokenizer = CharLSTMTokenizer.from_corpus("er all")
     assert default_sample_prompt(tokenizer, raw["train"], "text") == "er alle"
-    assert default_sample_prompt(CharLSTMTokenizer.from_corpus("ROMEO: x"), raw["train"], "text") == "ROMEO:"
+    romeo = CharLSTMTokenizer.from_corpus("ROMEO: x")
+    assert default_sample_prompt(romeo, raw["train"], "text", default_corpus=True) == "ROMEO:"
+    assert default_sample_prompt(romeo, raw["train"], "text") != "ROMEO:"  # another text: a prompt of its own
+    code = "x = 1\n\tindented line\nstatic int count_lines(const char *text)\n}\n"
+    raw = load_raw_datasets(train_file=str(write_text(tmp_path / "c.c", code)))
+    c_tokenizer = CharLSTMTokenizer.from_corpus(code)
+    assert default_sample_prompt(c_tokenizer, raw["train"], "text") == "static int"  # a line start, at a word end
 
 
 def test_mistyped_model_folder_is_reported_before_the_data_are_loaded(tmp_path, monkeypatch):
@@ -530,7 +538,7 @@ def test_streaming_with_a_validation_file_trains_and_reports_its_characters_outs
     metrics, out = run(tmp_path, "--max_steps", "5", "--eval_steps", "5", "--save_steps", "5", "--streaming", "true",
                        "--validation_file", str(tmp_path / "valid.txt"), "--sample_every_evals", "0")
     assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 5
-    assert "3 characters of the validation text are not in the vocabulary" in caplog.text
+    assert "3 characters of the validation text (0.1" in caplog.text and "are not in the vocabulary" in caplog.text
     assert "'\u00a7\u00b6'" in caplog.text
     with pytest.raises(UsageError, match="--streaming needs --max_steps"):
         run(tmp_path, "--streaming", "true", "--output_dir", str(tmp_path / "o2"))
@@ -540,7 +548,7 @@ def test_validation_characters_outside_the_vocabulary_are_reported(tmp_path, cap
     write_text(tmp_path / "valid.txt", shakespeare_like(2000) + "\u00a7\u00a7 \u00b6")
     run(tmp_path, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--sample_every_evals", "0",
         "--validation_file", str(tmp_path / "valid.txt"))
-    assert "3 characters of the validation text are not in the vocabulary" in caplog.text
+    assert "3 characters of the validation text (0.1" in caplog.text and "are not in the vocabulary" in caplog.text
     assert "'\u00a7\u00b6'" in caplog.text
 
 

@@ -7,7 +7,6 @@ and runs of spaces survive), and several documents are joined with `document_sep
 encoded blocks from the `datasets` cache instead of encoding again.
 """
 
-import glob
 import logging
 import lzma
 import math
@@ -17,11 +16,13 @@ from contextlib import contextmanager
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import transformers
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Value
 from huggingface_hub import HfApi, is_offline_mode
 
 from .encoding import (  # noqa: F401  (imported from char_lstm.data before issue 14)
+    BATCH_CHARS,
     boundary_id,
     build_tokenizer,
     collate_blocks,
@@ -32,16 +33,26 @@ from .encoding import (  # noqa: F401  (imported from char_lstm.data before issu
     encode_text,
     iter_texts,
     join_documents,
+    passes_num_proc,
+    rows_per_batch,
     stream_layout,
 )
 from .errors import DataError
+from .text_files import (
+    CONTINUES_COLUMN,
+    ROW_CHARS,
+    file_parts,
+    find_files,
+    part_rows,
+    structured_builder,
+    text_files,
+)
 
 
 logger = logging.getLogger(__name__)
 
-TEXT_EXTENSIONS = (".txt", ".text", ".md")  # read as plain text when named one by one or by a glob
-DIRECTORY_EXTENSIONS = (".txt",)  # what a directory given as --train_file contributes (README: "a directory of .txt")
-BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# The text of text files, one row per piece of at most ROW_CHARS characters (`char_lstm.text_files`).
+TEXT_FEATURES = Features({"text": Value("large_string"), CONTINUES_COLUMN: Value("bool")})
 
 
 # The default dataset, and the copy of it that ships with the package (public-domain text, xz-compressed) so that the
@@ -101,72 +112,48 @@ def read_text_file(path: str, encoding: str = "utf-8") -> str:
     return text
 
 
-def _text_file_rows(files: list[str], encoding: str, fingerprint: list) -> Iterator[dict]:
-    """Generator behind `Dataset.from_generator`: one row per file. `fingerprint` (sizes and modification times)
-    only makes the datasets cache key change when a file changes."""
-    for path in files:
-        yield {"text": read_text_file(path, encoding)}
+def _text_file_rows(parts: list, encoding: str, fingerprint: list, row_chars: int = ROW_CHARS) -> Iterator[dict]:
+    """Generator behind `Dataset.from_generator`: the rows of each part of the files (`part_rows`). `fingerprint`
+    (sizes and modification times) only makes the datasets cache key change when a file changes; `parts` is a list,
+    so that `datasets` deals the parts out to its processes (and, streamed, to the training processes)."""
+    for part in parts:
+        for text, continues in part_rows(tuple(part), encoding, row_chars):
+            yield {"text": text, CONTINUES_COLUMN: continues}
 
 
-def _some(names: list[str], most: int = 8) -> str:
-    """`a, b, c` or `a, b, ... (12 more)`."""
-    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
-
-
-def expand_files(spec: str, option: str) -> list[str]:
-    """A file, a directory (its .txt files, sorted; what is used and what is skipped is logged) or a glob pattern ->
-    a sorted list of files."""
-    if os.path.isdir(spec):
-        names = sorted(os.listdir(spec))
-        used = [n for n in names if n.lower().endswith(DIRECTORY_EXTENSIONS) and os.path.isfile(os.path.join(spec, n))]
-        skipped = [n + ("/" if os.path.isdir(os.path.join(spec, n)) else "") for n in names if n not in used]
-        if not used:
-            raise DataError(
-                f"{option} {spec} is a directory without {'/'.join(DIRECTORY_EXTENSIONS)} files"
-                + (f" (it holds {_some(skipped)})" if skipped else "")
-                + "; give a file or a glob (e.g. 'books/*.md') for other text files."
-            )
-        logger.info(
-            f"{option} {spec}: using {len(used)} {'/'.join(DIRECTORY_EXTENSIONS)} file(s): {_some(used)}"
-            + (f"; skipped {len(skipped)} other entr{'y' if len(skipped) == 1 else 'ies'}: {_some(skipped)}"
-               if skipped else "")
-        )
-        return [os.path.join(spec, name) for name in used]
-    if any(char in spec for char in "*?["):
-        files = sorted(path for path in glob.glob(spec, recursive=True) if os.path.isfile(path))
-        if not files:
-            raise DataError(f"{option} {spec} matches no file.")
+def expand_files(spec: str, option: str, include: list[str] | None = None, exclude: list[str] | None = None,
+                 encoding: str = "utf-8") -> list[str]:
+    """A file, a folder (recursive) or a glob -> the sorted list of files to read; in a folder or glob, files that
+    are not text are skipped (one info line), and `include` / `exclude` patterns filter the paths."""
+    files, named = find_files(spec, option, include, exclude)
+    if named or structured_builder(files) is not None:
         return files
-    if not os.path.isfile(spec):
-        raise DataError(f"{option} {spec} does not exist; give a text file, a directory of .txt files or a glob.")
-    return [spec]
+    return text_files(files, named, encoding, option)
 
 
 def load_files(
-    files: list[str], text_column: str, encoding: str, streaming: bool = False
+    files: list[str], text_column: str, encoding: str, streaming: bool = False, num_proc: int | None = None,
+    row_chars: int = ROW_CHARS,
 ) -> Dataset | IterableDataset:
-    """Text files (one row per file, exact text) or .jsonl/.json/.csv/.parquet files (rows as they are)."""
-    extensions = {os.path.splitext(path)[1].lower() for path in files}
-    if all(ext in TEXT_EXTENSIONS or ext == "" for ext in extensions):
-        files = [os.path.abspath(path) for path in files]
+    """Text files (rows of at most `row_chars` characters, exact text, `CONTINUES_COLUMN` marking the rows that
+    continue a file) or, when every file is .jsonl/.json/.csv/.parquet, their rows as they are."""
+    builder = structured_builder(files)
+    if builder is None:
+        if len(files) == 1:  # named on its own: the reasons it is not text are errors
+            text_files(files, True, encoding, "--train_file")
+        parts = file_parts([os.path.abspath(path) for path in files], encoding)
         kwargs = {
-            "files": files,
+            "parts": [list(part) for part in parts],
             "encoding": encoding,
-            "fingerprint": [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files],
+            "fingerprint": tuple((os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files),
+            "row_chars": row_chars,
         }
-        for path in files:  # empty files and decode errors are reported here, with the file name and byte offset
-            read_text_file(path, encoding)
-        features = Features({"text": Value("string")})
         if streaming:
-            return IterableDataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=features)
-        return Dataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=features)
-    builders = {BUILDERS.get(ext) for ext in extensions}
-    if len(builders) != 1 or None in builders:
-        raise DataError(
-            f"Cannot mix or read files with extensions {sorted(extensions)}: use .txt, .jsonl, .json, .csv or "
-            ".parquet."
-        )
-    builder = builders.pop()
+            return IterableDataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=TEXT_FEATURES)
+        num_proc = num_proc if num_proc and len(parts) > 1 else None
+        # rows are written 16 at a time (16 MB of ASCII text), not datasets' default 1000 (1 GB) held in memory
+        return Dataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=TEXT_FEATURES, num_proc=num_proc,
+                                      writer_batch_size=max(1, BATCH_CHARS // row_chars))
     builder_log = logging.getLogger("datasets.packaged_modules")
     level = builder_log.level
     builder_log.setLevel(logging.CRITICAL)  # the builders log a parse error before raising it: one line below instead
@@ -256,16 +243,21 @@ def load_raw_datasets(
     encoding: str = "utf-8",
     streaming: bool = False,
     file_option: str = "--train_file",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    num_proc: int | None = None,
 ) -> DatasetDict | datasets.IterableDatasetDict:
     """`train` (and `validation` when the data has one) with the text in `text_column`. `dataset_name` may be
     `BUNDLED_DATASET` (see `resolve_dataset_name`); `file_option` is the flag the error messages suggest instead of a
     dataset that cannot be loaded."""
+    def files(spec: str, option: str):
+        listed = expand_files(spec, option, include, exclude, encoding)
+        return load_files(listed, text_column, encoding, streaming, num_proc)
+
     if train_file is not None:
-        raw = {"train": load_files(expand_files(train_file, file_option), text_column, encoding, streaming)}
+        raw = {"train": files(train_file, file_option)}
         if validation_file is not None:
-            raw["validation"] = load_files(
-                expand_files(validation_file, "--validation_file"), text_column, encoding, streaming
-            )
+            raw["validation"] = files(validation_file, "--validation_file")
         raw = (datasets.IterableDatasetDict if streaming else DatasetDict)(raw)
     elif dataset_name == BUNDLED_DATASET:
         raw = load_bundled_dataset(streaming)
@@ -285,9 +277,7 @@ def load_raw_datasets(
         if "validation" not in raw and "valid" in raw:
             raw["validation"] = raw.pop("valid")
         if validation_file is not None:
-            raw["validation"] = load_files(
-                expand_files(validation_file, "--validation_file"), text_column, encoding, streaming
-            )
+            raw["validation"] = files(validation_file, "--validation_file")
     else:
         raise DataError("No training data: pass --dataset_name (a Hub id or a local dataset folder) or --train_file.")
 
@@ -310,17 +300,30 @@ def load_raw_datasets(
 # Validation split
 
 
-def _cut_rows(batch: dict, indices: list[int], column: str, row: int, cut: int, keep: str) -> dict:
-    """Keep the head (`keep="head"`: characters before `cut`) or the tail of row `row`; other rows unchanged."""
-    texts = [text or "" for text in batch[column]]
-    for position, index in enumerate(indices):
-        if index == row:
-            texts[position] = texts[position][:cut] if keep == "head" else texts[position][cut:]
-    return {**batch, column: texts}
+def _cut_row(batch: dict, column: str, cut: int, keep: str) -> dict:
+    """Keep the head (`keep="head"`: characters before `cut`) or the tail of the one row of `batch`; the tail starts
+    the validation text, so it continues no document."""
+    texts = [(text or "")[:cut] if keep == "head" else (text or "")[cut:] for text in batch[column]]
+    cut_batch = {**batch, column: texts}
+    if keep == "tail" and CONTINUES_COLUMN in batch:
+        cut_batch[CONTINUES_COLUMN] = [False] * len(texts)
+    return cut_batch
 
 
 def _text_lengths(batch: dict, column: str) -> dict:
     return {"_length": [len(text or "") for text in batch[column]]}
+
+
+def text_lengths(dataset: Dataset, column: str) -> np.ndarray:
+    """The number of characters of every row: read from the Arrow column (no Python strings) when the dataset has no
+    indices mapping, else by a map."""
+    num_proc = passes_num_proc(dataset)
+    if dataset._indices is None and num_proc is None:
+        lengths = pc.fill_null(pc.utf8_length(dataset.data.column(column)), 0)
+        return np.asarray(lengths.to_numpy(), dtype=np.int64)
+    lengths = dataset.map(_text_lengths, batched=True, batch_size=rows_per_batch(dataset), num_proc=num_proc,
+                          fn_kwargs={"column": column}, remove_columns=dataset.column_names)
+    return np.asarray(lengths["_length"], dtype=np.int64)
 
 
 def split_validation_tail(train: Dataset, column: str, percentage: float, num_proc: int | None = None):
@@ -328,19 +331,19 @@ def split_validation_tail(train: Dataset, column: str, percentage: float, num_pr
     other) -> (train, validation)."""
     if not 0 < percentage < 100:
         raise DataError(f"--validation_split_percentage must be in (0, 100), got {percentage}.")
-    lengths = train.map(_text_lengths, batched=True, fn_kwargs={"column": column}, remove_columns=train.column_names)
-    lengths = np.asarray(lengths["_length"], dtype=np.int64)
+    lengths = text_lengths(train, column)
     total = int(lengths.sum())
     tail = math.ceil(total * percentage / 100)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     boundary = total - tail  # first character of the validation text
     row = int(np.searchsorted(starts, boundary, side="right") - 1)
     cut = boundary - int(starts[row])
-    kwargs = {"column": column, "row": row, "cut": cut}
-    head = train.select(range(row + 1)).map(
-        _cut_rows, batched=True, with_indices=True, fn_kwargs={**kwargs, "keep": "head"}, num_proc=num_proc
-    )
-    tail_ds = train.select(range(row, len(train))).map(
-        _cut_rows, batched=True, with_indices=True, fn_kwargs={**kwargs, "row": 0, "keep": "tail"}, num_proc=num_proc
-    )
+    # Only the row with the boundary is written again (two pieces); the rows on either side are selected as they are.
+    with quiet_progress_bars():
+        pieces = {keep: train.select([row]).map(_cut_row, batched=True, fn_kwargs={"column": column, "cut": cut,
+                                                                                   "keep": keep})
+                  for keep in ("head", "tail")}
+        head = datasets.concatenate_datasets([train.select(range(row)), pieces["head"]]) if row else pieces["head"]
+        after = [train.select(range(row + 1, len(train)))] if row + 1 < len(train) else []
+        tail_ds = datasets.concatenate_datasets([pieces["tail"], *after]) if after else pieces["tail"]
     return head, tail_ds

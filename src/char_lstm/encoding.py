@@ -1,7 +1,8 @@
 """From text to ids: the vocabulary built from the training text, documents joined with a boundary token, fixed
 blocks (`encode_blocks`) and the streams of stateful truncated BPTT (`encode_streams`), with their collators."""
 
-import itertools
+import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
@@ -12,20 +13,112 @@ from datasets import Dataset, Features, IterableDataset, Sequence, Value
 from datasets.table import InMemoryTable
 
 from .errors import DataError
+from .text_files import CONTINUES_COLUMN, ROW_CHARS
 from .tokenization_char_lstm import CharLSTMTokenizer
+
+
+# Characters per batch of a pass over rows of text files (16 rows of `ROW_CHARS`): what a pass holds in memory.
+BATCH_CHARS = 1 << 24
+# Texts larger than this are read by one process per core (`passes_num_proc`).
+PARALLEL_BYTES = 1 << 26
+_UNICODE_SIZE = 0x110000
 
 
 def iter_texts(dataset: Dataset | IterableDataset, column: str) -> Iterator[str]:
     """The texts of `dataset`, an empty cell (None) read as an empty text."""
-    for batch in dataset.iter(batch_size=256):
+    for batch in dataset.iter(batch_size=rows_per_batch(dataset)):
         yield from (text or "" for text in batch[column])
+
+
+def rows_per_batch(dataset: Dataset | IterableDataset) -> int:
+    """Rows per batch of a pass over `dataset`: rows of text files hold up to `ROW_CHARS` characters each, so a
+    batch of them is bounded to `BATCH_CHARS`; other rows (documents of a Hub dataset, lines of a .jsonl) go 256 at
+    a time."""
+    return max(1, BATCH_CHARS // ROW_CHARS) if CONTINUES_COLUMN in (dataset.column_names or ()) else 256
+
+
+def passes_num_proc(dataset: Dataset | IterableDataset, requested: int | None = None) -> int | None:
+    """Processes for a pass over `dataset` (a `datasets` map): `requested` (--preprocessing_num_workers) when given;
+    else, for a text of more than `PARALLEL_BYTES`, one per core (at most 8): the pass goes faster, and the text it
+    reads is mapped into those processes, not into the training process, whose memory stays flat in the size of the
+    text. Small texts: None (in this process; starting processes would cost more than the pass)."""
+    if requested is not None or isinstance(dataset, IterableDataset):
+        return requested or None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    large = dataset.data.nbytes > PARALLEL_BYTES and len(dataset) >= 2
+    return min(cores, 8, len(dataset)) if large and cores > 1 else None
+
+
+def iter_documents(dataset: Dataset | IterableDataset, column: str) -> Iterator[tuple[str, bool]]:
+    """(text, continues) for every row: `continues` is True where the row continues the document before it (rows of
+    one text file, `CONTINUES_COLUMN`)."""
+    for batch in dataset.iter(batch_size=rows_per_batch(dataset)):
+        continues = batch.get(CONTINUES_COLUMN) or [False] * len(batch[column])
+        yield from ((text or "", bool(flag)) for text, flag in zip(batch[column], continues))
+
+
+def _count_batch(batch: dict, column: str) -> dict:
+    """One row per batch: the distinct code points of the batch's texts and how often each occurs."""
+    ascii_counts = np.zeros(128, dtype=np.int64)
+    wide = None
+    for text in batch[column]:
+        if not text:
+            continue
+        if text.isascii():
+            ascii_counts += np.bincount(np.frombuffer(text.encode("ascii"), dtype=np.uint8), minlength=128)
+        else:
+            if wide is None:
+                wide = np.zeros(_UNICODE_SIZE, dtype=np.int64)
+            codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+            wide += np.bincount(codes, minlength=_UNICODE_SIZE)
+    if wide is not None:
+        wide[:128] += ascii_counts
+        counts = wide
+    else:
+        counts = ascii_counts
+    codes = np.flatnonzero(counts).astype(np.uint32)
+    return {"codes": [codes], "counts": [counts[codes]]}
+
+
+def count_characters(dataset: Dataset | IterableDataset, column: str, num_proc: int | None = None) -> Counter:
+    """How many times each character occurs in `dataset`: one pass over the text, batch by batch (a map whose result
+    the `datasets` cache keeps, so a second run on the same data reads a few rows instead of the text). Gives the
+    vocabulary, the characters outside it and the unigram baseline."""
+    kwargs = dict(batched=True, batch_size=rows_per_batch(dataset), fn_kwargs={"column": column},
+                  remove_columns=dataset.column_names,
+                  features=Features({"codes": Sequence(Value("uint32")), "counts": Sequence(Value("int64"))}))
+    if isinstance(dataset, IterableDataset):
+        per_batch = dataset.map(_count_batch, **kwargs)
+    else:
+        per_batch = dataset.map(_count_batch, num_proc=passes_num_proc(dataset, num_proc), desc="Counting characters",
+                                **kwargs)
+    counts: Counter = Counter()
+    for row in per_batch.with_format("numpy") if not isinstance(per_batch, IterableDataset) else per_batch:
+        for code, count in zip(np.asarray(row["codes"]).tolist(), np.asarray(row["counts"]).tolist()):
+            counts[chr(code)] += count
+    return counts
+
+
+def vocabulary_from_counts(counts: Counter, separator: str, max_vocab_size: int | None = None,
+                           min_char_count: int = 1) -> tuple[CharLSTMTokenizer, dict[str, int]]:
+    """(the tokenizer of the training text's characters, with the document boundary token `<eos>`; the characters
+    left out, with their counts). With `max_vocab_size` only the most frequent characters are kept (ties: the lower
+    code point), with `min_char_count` only those that occur at least that often; the others become `<unk>`. The
+    separator's characters are always kept (see `join_documents`)."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = [char for char, count in ranked if count >= min_char_count]
+    if max_vocab_size is not None:
+        kept = kept[:max_vocab_size]
+    kept_set = set(kept)
+    left_out = {char: count for char, count in counts.items() if char not in kept_set}
+    tokenizer = CharLSTMTokenizer.from_corpus(["".join(kept), separator], document_boundary=True)
+    return tokenizer, left_out
 
 
 def build_tokenizer(train: Dataset | IterableDataset, column: str, separator: str) -> CharLSTMTokenizer:
     """The vocabulary of the training text (plus the document separator's characters), with the document boundary
     token `<eos>` (see `join_documents`)."""
-    texts = itertools.chain(iter_texts(train, column), [separator])
-    return CharLSTMTokenizer.from_corpus(texts, document_boundary=True)
+    return vocabulary_from_counts(count_characters(train, column), separator)[0]
 
 
 def boundary_id(tokenizer: CharLSTMTokenizer) -> int | None:
@@ -36,26 +129,30 @@ def boundary_id(tokenizer: CharLSTMTokenizer) -> int | None:
 
 
 def join_documents(
-    tokenizer: CharLSTMTokenizer, texts: Iterable[str], separator: str, boundary: int | None
+    tokenizer: CharLSTMTokenizer, texts: Iterable[str], separator: str, boundary: int | None,
+    continues: Iterable[bool] | None = None,
 ) -> np.ndarray:
     """Documents as one array of ids. With a boundary token every document starts with it (``<eos> doc1 <eos> doc2``):
     the model learns to end a document with it and to start one after it, which is how clients use a causal LM's
     eos token (lm-evaluation-harness conditions on it and stops at it). Without one (tokenizers saved by earlier
-    versions) documents are joined with `separator`."""
+    versions) documents are joined with `separator`. `continues` (one flag per text): True for a text that continues
+    the document before it (a row of a large file), which gets no boundary."""
+    texts = [text or "" for text in texts]
+    continues = [False] * len(texts) if continues is None else [bool(flag) for flag in continues]
     if boundary is None:
-        return tokenizer.encode_corpus(separator.join(text or "" for text in texts))
+        joined = "".join(("" if flag or index == 0 else separator) + text
+                         for index, (text, flag) in enumerate(zip(texts, continues)))
+        return tokenizer.encode_corpus(joined)
     mark = np.array([boundary], dtype=tokenizer.corpus_dtype)
-    parts = [piece for text in texts for piece in (mark, tokenizer.encode_corpus(text or ""))]
+    parts = [piece for text, flag in zip(texts, continues)
+             for piece in ((tokenizer.encode_corpus(text),) if flag else (mark, tokenizer.encode_corpus(text)))]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=tokenizer.corpus_dtype)
 
 
 def count_oov(dataset: Dataset | IterableDataset, column: str, tokenizer: CharLSTMTokenizer) -> dict[str, int]:
     """How many times each character outside the vocabulary occurs in `dataset`."""
-    counts: dict[str, int] = {}
-    for text in iter_texts(dataset, column):
-        for char in tokenizer.oov_characters(text):
-            counts[char] = counts.get(char, 0) + text.count(char)
-    return counts
+    known = tokenizer.get_vocab()
+    return {char: count for char, count in count_characters(dataset, column).items() if char not in known}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,7 +171,7 @@ def _encode_blocks(
     `block_size + 1` ids starting every `stride` characters (the model shifts the labels inside, so each window trains
     `block_size` predictions, and with `stride == block_size` every character is predicted once)."""
     tokenizer = _tokenizer_for(vocab_items)
-    ids = join_documents(tokenizer, batch[column], separator, boundary)
+    ids = join_documents(tokenizer, batch[column], separator, boundary, batch.get(CONTINUES_COLUMN))
     window = block_size + 1
     if len(ids) < window:
         return {"input_ids": np.empty((0, window), dtype=ids.dtype)}
@@ -91,9 +188,11 @@ def encode_blocks(
     separator: str = "\n\n",
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
 ) -> Dataset | IterableDataset:
-    """Rows of text -> rows of `input_ids` windows of `block_size + 1` ids (stored in the smallest integer dtype)."""
+    """Rows of text -> rows of `input_ids` windows of `block_size + 1` ids (stored in the smallest integer dtype).
+    Windows do not cross batches of rows (`rows_per_batch` by default): at most `block_size` characters per batch
+    of rows go unread."""
     if block_size <= 0:
         raise DataError(f"--block_size must be a positive number of characters, got {block_size}.")
     stride = block_size if stride is None else stride
@@ -102,9 +201,12 @@ def encode_blocks(
     dtype = {np.uint8: "uint8", np.uint16: "uint16", np.int32: "int32"}[tokenizer.corpus_dtype.type]
     kwargs = dict(
         batched=True,
-        batch_size=batch_size,
+        batch_size=batch_size or (1000 if CONTINUES_COLUMN not in (dataset.column_names or ()) else
+                                  rows_per_batch(dataset)),
         remove_columns=dataset.column_names,
-        features=Features({"input_ids": Sequence(Value(dtype))}),
+        # fixed-size rows (no offsets), written 10000 at a time: opening the cache reads one header per batch, so
+        # fewer, larger batches leave more of the memory-mapped file untouched until training reads it
+        features=Features({"input_ids": Sequence(Value(dtype), length=block_size + 1)}),
         fn_kwargs={
             "column": column,
             "vocab_items": tuple(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])),
@@ -116,9 +218,8 @@ def encode_blocks(
     )
     if isinstance(dataset, IterableDataset):
         return dataset.map(_encode_blocks, **kwargs)
-    return dataset.map(
-        _encode_blocks, num_proc=num_proc, load_from_cache_file=load_from_cache_file, desc="Encoding blocks", **kwargs
-    )
+    return dataset.map(_encode_blocks, num_proc=passes_num_proc(dataset, num_proc), writer_batch_size=10_000,
+                       load_from_cache_file=load_from_cache_file, desc="Encoding blocks", **kwargs)
 
 
 def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -133,7 +234,9 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 def encode_text(dataset: Dataset, tokenizer: CharLSTMTokenizer, column: str, separator: str = "\n\n") -> np.ndarray:
     """The whole text of `dataset` (documents joined by `join_documents`) as one array of ids."""
-    return join_documents(tokenizer, iter_texts(dataset, column), separator, boundary_id(tokenizer))
+    rows = list(iter_documents(dataset, column))
+    return join_documents(tokenizer, [text for text, _ in rows], separator, boundary_id(tokenizer),
+                          [continues for _, continues in rows])
 
 
 def stream_layout(num_ids: int, num_streams: int, block_size: int, name: str = "training") -> np.ndarray:

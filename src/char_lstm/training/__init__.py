@@ -18,17 +18,13 @@ only what Trainer does not do by itself:
 * `curves`: training_curves.png, the picture of the run on the model card.
 """
 
-import json
 import logging
-import os
 from functools import partial
 
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
 
-from ..encoding import collate_blocks, collate_stream_blocks, iter_texts
+from ..encoding import collate_blocks, collate_stream_blocks
 from ..errors import UsageError
-from ..hub import RUN_INFO_NAME, TRAINING_CURVES_NAME, results_from_training, write_model_card
 from .arguments import (
     PRESETS,
     CharLSTMTrainingArguments,
@@ -67,18 +63,17 @@ from .checkpoints import (
     restore_finished_run,
     save_failed,
 )
-from .curves import plot_training_curves, stop_mark
 from .diagnostics import (
-    Baselines,
     TrainingDiagnostics,
     TrainingOutOfMemory,
     baseline_gain_warning,
-    bits,
+    baselines_from_counts,
     describe_grad_norms,
     out_of_memory_reported,
     recent_grad_norms,
 )
-from .metrics import compute_metrics, preprocess_logits_for_metrics
+from .final import how_it_stopped, save_final_model
+from .metrics import BatchedMetrics, compute_metrics, preprocess_logits_for_metrics
 from .output_dir import (
     LOCK_NAME,
     OutputDirInUse,
@@ -87,7 +82,15 @@ from .output_dir import (
     lock_holder_gone,
     prepare_output_dir,
 )
-from .preparation import encode_datasets, load_datasets, load_tokenizer_and_model, warn_unknown_characters
+from .preparation import (
+    count_training_characters,
+    encode_datasets,
+    is_default_corpus,
+    load_datasets,
+    load_tokenizer_and_model,
+    periodic_eval_blocks,
+    warn_unknown_characters,
+)
 from .runtime import (
     STOP_SIGNALS,
     ReportedByMainProcess,
@@ -159,31 +162,34 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     # 1. Datasets: the raw text of the training and validation splits
     data_args, train_raw, eval_raw = load_datasets(data_args, training_args)
 
-    # 2. Tokenizer and model: new ones built for the text, or a saved model to continue from
-    tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_raw)
+    # 2. Tokenizer and model: new ones built for the text (one pass of character counts), or a saved model
+    train_counts = count_training_characters(data_args, training_args, train_raw)
+    tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_counts)
     if resume is not None:
         check_resume_matches(resume, model.config, model_args.model_name_or_path)
     if training_args.process_index == 0:
-        warn_unknown_characters(tokenizer, model_args, data_args, train_raw, eval_raw)
+        warn_unknown_characters(tokenizer, model_args, data_args, train_counts, eval_raw)
 
-    # 3. Blocks of ids
+    # 3. Blocks of ids; the periodic evaluations read a sample of the validation blocks, the final one all of them
     train_blocks, eval_blocks = encode_datasets(tokenizer, data_args, training_args, train_raw, eval_raw)
+    sample_blocks = periodic_eval_blocks(data_args, training_args, train_blocks, eval_blocks)
 
     # 4. Trainer, with the run's callbacks
     set_generation_defaults(model, tokenizer, training_args)
-    prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, train_raw, data_args.text_column)
+    prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, eval_raw, data_args.text_column,
+                                                                  is_default_corpus(data_args))
     training_args.sample_prompt = prompt  # the prompt a stop message suggests sampling with: one the model knows
     if tokenizer.oov_characters(prompt):
         raise UsageError(
             f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
         )
-    baselines = Baselines.from_texts(iter_texts(train_raw, data_args.text_column), model.config.vocab_size)
+    baselines = baselines_from_counts(train_counts, tokenizer, model.config.vocab_size)
     diagnostics = TrainingDiagnostics(baselines, model.config.cell_type, model.config.hidden_size,
                                       data_args.block_size, has_eval_data=eval_blocks is not None,
                                       early_stopping_patience=training_args.early_stopping_patience)
     guard, time_limit, run_callbacks = make_callbacks(training_args, callbacks, diagnostics)
     trainer = build_trainer(
-        model, tokenizer, train_blocks, eval_blocks, data_args, training_args, prompt, run_callbacks
+        model, tokenizer, train_blocks, sample_blocks, data_args, training_args, prompt, run_callbacks
     )
 
     # 5. Train (a resume of a run that had already ended trains no more); an allocation failure is one message
@@ -208,7 +214,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
         warning = baseline_gain_warning(metrics["eval_loss"], baselines) if "eval_loss" in metrics else None
         if warning is not None:
             logger.warning(warning)
-        print(run_summary(training_args.output_dir, _how_it_stopped(trainer, metrics, time_limit), metrics, prompt),
+        print(run_summary(training_args.output_dir, how_it_stopped(trainer, metrics, time_limit), metrics, prompt),
               flush=True)
     return metrics
 
@@ -266,7 +272,7 @@ def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataAr
         eval_dataset=eval_blocks,
         data_collator=collate_stream_blocks if data_args.stateful else collate_blocks,
         processing_class=tokenizer,
-        compute_metrics=partial(compute_metrics, shifted=data_args.stateful),
+        compute_metrics=BatchedMetrics(shifted=data_args.stateful),
         preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful),
         callbacks=[sampler, *callbacks],
     )
@@ -294,58 +300,6 @@ def run_training(trainer, resume: str | None, started_from: str | None = None) -
         delete_previous_run(args, started_from)
     trainer.accelerator.wait_for_everyone()
     return trainer.train(resume_from_checkpoint=resume).metrics
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 6. Evaluate and save
-
-
-def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, train_metrics: dict, prompt: str,
-                     stopped_at: int | None, baselines: Baselines | None = None) -> dict:
-    """Evaluate the final model and write it with all_results.json, trainer_state.json, training_run.json, its
-    training_curves.png and card into a staging folder, then into output_dir (`publish_files`: complete or absent).
-    Returns the metrics, with the unigram baseline of the data in bits/char (`unigram_bits_per_char`) when
-    `baselines` are given."""
-    args = trainer.args
-    staged = os.path.join(args.output_dir, FINAL_STAGING_DIR)
-    staging = staged if trainer.is_world_process_zero() else None
-    with failed_save_reported("the final model", args.output_dir, staging):
-        trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with tokenizer
-    metrics = {**train_metrics, **trainer.evaluate(), "global_step": trainer.state.global_step}
-    if baselines is not None:
-        metrics["unigram_bits_per_char"] = bits(baselines.unigram)
-    if not data_args.streaming:
-        metrics["train_blocks"], metrics["eval_blocks"] = len(train_blocks), len(eval_blocks)
-    if not trainer.is_world_process_zero():
-        return metrics
-    with failed_save_reported("the final model", args.output_dir, staging):
-        with open(os.path.join(staged, "all_results.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=4, sort_keys=True)
-        trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        run = training_run_info(model_args, data_args, args, metrics, prompt, trainer.state, stopped_at)
-        with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as f:
-            json.dump(run, f, indent=2)
-        plot_training_curves(trainer.state.log_history, os.path.join(staged, TRAINING_CURVES_NAME),
-                             stop_mark(trainer.state, stopped_at))
-        # the card is named as Trainer's cards are, after the output folder (not _tmp-final), and its snippet loads
-        # that folder, unless the model goes to the Hub
-        write_model_card(staged, trainer.model, run, results_from_training(metrics),
-                         repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                         tokenizer=trainer.processing_class,  # the one in memory, not read back from staged/
-                         model_path=None if args.hub_model_id or args.push_to_hub else args.output_dir)
-        publish_files(staged, args.output_dir)
-    return metrics
-
-
-def _how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None) -> str:
-    state = trainer.state
-    if "train_runtime" not in metrics:  # resumed from the checkpoint that ends the run: nothing left to train
-        return f"Training had already finished at step {state.global_step}: no step was left to run."
-    if time_limit is not None and time_limit.stopped_at is not None:
-        end = ", its learning-rate schedule ended." if time_limit.schedule_over_time else "."
-        return (f"Stopped by --max_train_seconds {time_limit.seconds:g} at step {time_limit.stopped_at} of "
-                f"{state.max_steps}{end}")
-    return f"Training finished: {state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s."
 
 
 __all__ = [

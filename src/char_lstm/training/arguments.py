@@ -53,9 +53,20 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Training text: a .txt file, a directory of .txt files, a glob, or .jsonl/.csv/.parquet."},
+        metadata={"help": "Training text: a text file of any extension, a folder (read recursively) or a glob "
+                  "('src/**/*.c'); files that are not text are skipped. Or .jsonl/.json/.csv/.parquet files."},
     )
     validation_file: str | None = field(default=None, metadata={"help": "Validation text, same formats."})
+    include: list[str] | None = field(
+        default=None, metadata={"help": "In a folder or glob, read only the files matching these patterns ('*.c' "
+                                "'*.h'; with a '/': the path inside the folder, e.g. 'drivers/*')."})
+    exclude: list[str] | None = field(
+        default=None, metadata={"help": "In a folder or glob, leave out the files matching these patterns."})
+    max_vocab_size: int | None = field(
+        default=None, metadata={"help": "Keep only the N most frequent characters of the training text (the rest "
+                                "become <unk>; special tokens come on top)."})
+    min_char_count: int = field(
+        default=1, metadata={"help": "Characters that occur fewer times than this in the training text become <unk>."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (.jsonl/.csv/.parquet)."})
     encoding: str = field(default="utf-8", metadata={"help": "Encoding of .txt files."})
     document_separator: str = field(default="\n\n", metadata={"help": "Joins documents (rows, files)."})
@@ -66,7 +77,10 @@ class DataArguments:
     stride: int | None = field(
         default=None, metadata={"help": "Characters between block starts (default: block_size, no overlap)."}
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Blocks of the periodic evaluations (default: a fixed sample sized to cost at "
+                                "most ~10%% of the training time between two evaluations; the final one reads the "
+                                "whole validation split)."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for encoding."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Encode again instead of using the cache."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data (needs --max_steps)."})
@@ -124,8 +138,13 @@ class CharLSTMTrainingArguments(TrainingArguments):
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "Keep NaN/inf losses visible in the logs (the divergence guard needs them)."}
     )
+    batch_eval_metrics: bool = field(
+        default=True, metadata={"help": "Sum the evaluation's metrics batch by batch (memory flat in the validation "
+                                "text's size) instead of keeping one number per character until the end."}
+    )
     sample_prompt: str | None = field(
-        default=None, metadata={"help": "Prompt of the samples printed while training (default: 'ROMEO:' if valid)."}
+        default=None, metadata={"help": "Prompt of the samples printed while training (default: the start of a "
+                                "line of the validation text; 'ROMEO:' on tiny Shakespeare)."}
     )
     sample_every_evals: int = field(default=1, metadata={"help": "Print a sample every N evaluations (0: never)."})
     sample_length: int = field(default=200, metadata={"help": "Characters per sample."})

@@ -64,13 +64,20 @@ def sample(model, tokenizer, prompt: str, length: int, temperature: float) -> st
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def default_sample_prompt(tokenizer, train_raw, column: str) -> str:
-    """"ROMEO:" when the vocabulary has those characters, else the start of the training text (its characters that
-    are in the vocabulary), else one character of the vocabulary."""
-    if not tokenizer.oov_characters("ROMEO:"):
+def default_sample_prompt(tokenizer, texts, column: str, default_corpus: bool = False, most: int = 16) -> str:
+    """The prompt of the samples printed while training when none is given: "ROMEO:" on the default corpus (tiny
+    Shakespeare), else the start of a line of `texts` (the validation text: the model has not trained on it) whose
+    first characters are all in the vocabulary, cut to at most `most` characters at a word end where there is one;
+    else the known characters of its start; else one character of the vocabulary."""
+    if default_corpus and not tokenizer.oov_characters("ROMEO:"):
         return "ROMEO:"
-    first = next(iter_texts(train_raw, column), "")[:64]
-    known = "".join(c for c in first if not tokenizer.oov_characters(c))[:8]
+    start = next(iter_texts(texts, column), "")[: 1 << 16]
+    for line in start.split("\n")[1:-1]:  # the first and last lines may be cut
+        head = line[:most]
+        if len(head.strip()) >= 3 and not head[0].isspace() and not tokenizer.oov_characters(head):
+            cut = head.rfind(" ") if len(line) > most else -1
+            return head[:cut] if cut > len(head) // 2 else head
+    known = "".join(c for c in start[:64] if not tokenizer.oov_characters(c))[:8]
     return known or next(t for t in tokenizer.get_vocab() if len(t) == 1)
 
 

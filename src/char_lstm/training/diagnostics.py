@@ -58,6 +58,22 @@ class Baselines:
         return cls(uniform=math.log(vocab_size), unigram=unigram)
 
 
+def unigram_entropy(counts: Iterable[int]) -> float | None:
+    """The entropy in nats of a distribution given by counts, or None when they are all zero."""
+    counts = [n for n in counts if n]
+    total = sum(counts)
+    return -sum(n / total * math.log(n / total) for n in counts) if total else None
+
+
+def baselines_from_counts(counts: dict[str, int], tokenizer, vocab_size: int) -> "Baselines":
+    """The baselines of a text from its character counts (`count_characters`), characters outside the vocabulary
+    counted as the one `<unk>` they become."""
+    known = tokenizer.get_vocab()
+    unknown = sum(n for char, n in counts.items() if char not in known)
+    unigram = unigram_entropy([*(n for char, n in counts.items() if char in known), unknown])
+    return Baselines(uniform=math.log(vocab_size), unigram=math.log(vocab_size) if unigram is None else unigram)
+
+
 def bits(nats: float) -> float:
     return nats / math.log(2)
 

@@ -4,11 +4,12 @@ and the blocks of ids."""
 import logging
 from dataclasses import replace
 
+import numpy as np
 from transformers import AutoTokenizer
 
 from ..configuration_char_lstm import CharLSTMConfig
-from ..data import load_raw_datasets, resolve_dataset_name, split_validation_tail
-from ..encoding import build_tokenizer, count_oov, encode_blocks, encode_streams
+from ..data import BUNDLED_DATASET, DEFAULT_DATASET, load_raw_datasets, resolve_dataset_name, split_validation_tail
+from ..encoding import count_characters, encode_blocks, encode_streams, vocabulary_from_counts
 from ..errors import DataError
 from ..loading import check_vocab_match, hub_cache_only
 from ..modeling_char_lstm import CharLSTMForCausalLM
@@ -38,6 +39,9 @@ def load_datasets(data_args: DataArguments, training_args: CharLSTMTrainingArgum
             text_column=data_args.text_column,
             encoding=data_args.encoding,
             streaming=data_args.streaming,
+            include=data_args.include,
+            exclude=data_args.exclude,
+            num_proc=data_args.preprocessing_num_workers,
         )
         train_raw, eval_raw = raw["train"], raw.get("validation")
         if eval_raw is None:
@@ -49,13 +53,26 @@ def load_datasets(data_args: DataArguments, training_args: CharLSTMTrainingArgum
     return data_args, train_raw, eval_raw
 
 
+def is_default_corpus(data_args: DataArguments) -> bool:
+    """Whether the run trains on tiny Shakespeare (from the Hub or the bundled copy)."""
+    return data_args.train_file is None and data_args.dataset_name in (DEFAULT_DATASET, BUNDLED_DATASET)
+
+
+def count_training_characters(data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_raw):
+    """How often each character occurs in the training text (`count_characters`: one pass, kept in the `datasets`
+    cache), which gives the vocabulary, the characters outside it and the unigram baseline. A streamed text is read
+    to its end for it (as it always was to build a vocabulary)."""
+    with training_args.main_process_first(desc="counting characters"):
+        return count_characters(train_raw, data_args.text_column, data_args.preprocessing_num_workers)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Tokenizer and model
 
 
-def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArguments, train_raw):
+def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArguments, train_counts: dict[str, int]):
     """The saved model and its tokenizer (`--model_name_or_path`), or a new model over a saved tokenizer
-    (`--tokenizer_name`) or over a vocabulary built from the training text."""
+    (`--tokenizer_name`) or over a vocabulary built from the training text's character counts."""
     if model_args.model_name_or_path is not None:
         name = model_args.model_name_or_path
         model = CharLSTMForCausalLM.from_pretrained(name, local_files_only=hub_cache_only(name))
@@ -68,7 +85,11 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
             cache_only = hub_cache_only(name, None, "--tokenizer_name")
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
         else:
-            tokenizer = build_tokenizer(train_raw, data_args.text_column, data_args.document_separator)
+            tokenizer, left_out = vocabulary_from_counts(
+                train_counts, data_args.document_separator, data_args.max_vocab_size, data_args.min_char_count
+            )
+            if left_out:
+                _say_left_out(left_out, train_counts, data_args)
         config = CharLSTMConfig(
             vocab_size=len(tokenizer),
             embedding_size=model_args.embedding_size,
@@ -86,19 +107,32 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
     return tokenizer, model
 
 
-def warn_unknown_characters(tokenizer, model_args: ModelArguments, data_args: DataArguments, train_raw, eval_raw):
-    """One warning per text with characters outside the vocabulary (they become <unk>)."""
-    # Under --streaming the validation stream is read once more here (evaluation reads it anyway); a streamed
-    # training text is not: it may be far too large to read before training starts.
-    texts = {"validation": eval_raw}
-    if (model_args.model_name_or_path or model_args.tokenizer_name) and not data_args.streaming:
-        texts = {"training": train_raw, **texts}  # a vocabulary not built from this text
-    for name, dataset in texts.items():
-        oov = count_oov(dataset, data_args.text_column, tokenizer)
+def _say_left_out(left_out: dict[str, int], counts: dict[str, int], data_args: DataArguments) -> None:
+    """One info line: the characters --max_vocab_size / --min_char_count leave out and the share of text they are."""
+    share = sum(left_out.values()) / max(1, sum(counts.values()))
+    rule = " and ".join(flag for flag, on in (
+        (f"--max_vocab_size {data_args.max_vocab_size}", data_args.max_vocab_size is not None),
+        (f"--min_char_count {data_args.min_char_count}", data_args.min_char_count > 1)) if on)
+    rarest = "".join(sorted(left_out, key=lambda c: -left_out[c])[:20])
+    logger.info(f"{rule}: {len(left_out)} of the {len(counts)} distinct characters become <unk> ({share:.3%} of the "
+                f"training text), e.g. {rarest!r}.")
+
+
+def warn_unknown_characters(tokenizer, model_args: ModelArguments, data_args: DataArguments, train_counts, eval_raw):
+    """One warning per text with characters outside the vocabulary (they become <unk>), with the share of the text
+    they are; characters left out of the vocabulary on purpose (--max_vocab_size, --min_char_count) were said
+    already."""
+    texts = {"validation": count_characters(eval_raw, data_args.text_column)}
+    if model_args.model_name_or_path or model_args.tokenizer_name:
+        texts = {"training": train_counts, **texts}  # a vocabulary not built from this text
+    known = tokenizer.get_vocab()
+    for name, counts in texts.items():
+        oov = {char: n for char, n in counts.items() if char not in known}
         if oov:
+            share = sum(oov.values()) / max(1, sum(counts.values()))
             logger.warning(
-                f"{sum(oov.values())} characters of the {name} text are not in the vocabulary and become <unk>: "
-                f"{''.join(sorted(oov))!r}"
+                f"{sum(oov.values())} characters of the {name} text ({share:.3%}) are not in the vocabulary and "
+                f"become <unk>: {''.join(sorted(oov)[:200])!r}"
             )
 
 
@@ -124,9 +158,6 @@ def encode_datasets(
             eval_streams = world * training_args.per_device_eval_batch_size
             train_blocks = encode_streams(train_raw, num_streams=train_streams, **kwargs)
             eval_blocks = encode_streams(eval_raw, num_streams=eval_streams, name="validation", **kwargs)
-            if data_args.max_eval_samples is not None:  # the first windows of every stream
-                keep = max(1, data_args.max_eval_samples // eval_streams) * eval_streams
-                eval_blocks = eval_blocks.select(range(min(keep, len(eval_blocks))))
         else:
             kwargs["stride"] = data_args.stride
             if not data_args.streaming:
@@ -145,8 +176,42 @@ def encode_datasets(
                 f"The {name} text is shorter than one block ({window} characters): use more text or a smaller "
                 "--block_size."
             )
-    most = data_args.max_eval_samples
-    if not data_args.stateful and most is not None and len(eval_blocks) > most:
-        eval_blocks = eval_blocks.select(range(data_args.max_eval_samples))
     logger.info(f"{len(train_blocks)} training blocks, {len(eval_blocks)} validation blocks of {window} ids")
     return train_blocks, eval_blocks
+
+
+# The periodic evaluations' share of the training time they may take, and how much faster than training an
+# evaluation reads a block (forward only, no dropout or optimizer: >= 3x, benchmarks/scale.py); 2.5 for headroom.
+EVAL_TIME_SHARE = 0.1
+EVAL_SPEEDUP = 2.5
+
+
+def periodic_eval_blocks(data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_blocks,
+                         eval_blocks):
+    """The blocks of the periodic evaluations: `--max_eval_samples` when given; else, when the validation split is
+    larger, a fixed sample (seeded by --seed, the same at every evaluation) of as many blocks as cost about
+    `EVAL_TIME_SHARE` of the training time between two evaluations, said once. The final evaluation reads them all.
+    With --stateful the sample is the first windows of every stream (it keeps the streams' order)."""
+    if data_args.streaming:  # `encode_datasets` took the first --max_eval_samples blocks of the stream
+        return eval_blocks
+    args = training_args
+    interval = args.eval_steps if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps" else None
+    blocks_per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    if interval is not None and interval < 1:  # a fraction of the run
+        interval = interval * (args.max_steps if args.max_steps > 0 else len(train_blocks) / blocks_per_step)
+    interval = interval or len(train_blocks) / blocks_per_step  # once per epoch
+    most = data_args.max_eval_samples
+    if most is None:
+        most = max(args.per_device_eval_batch_size * args.world_size,
+                   int(EVAL_TIME_SHARE * EVAL_SPEEDUP * interval * blocks_per_step))
+    if len(eval_blocks) <= most:
+        return eval_blocks
+    if data_args.stateful:  # the first windows of every stream
+        streams = args.world_size * args.per_device_eval_batch_size
+        return eval_blocks.select(range(max(1, most // streams) * streams))
+    chosen = np.random.default_rng(args.seed).choice(len(eval_blocks), size=most, replace=False)
+    if data_args.max_eval_samples is None:
+        logger.info(f"Evaluations while training read a fixed sample of {most} of the {len(eval_blocks)} validation "
+                    f"blocks ({most * data_args.block_size:,} characters: about {EVAL_TIME_SHARE:.0%} of the training "
+                    "time between two evaluations; --max_eval_samples sets it); the final evaluation reads them all.")
+    return eval_blocks.select(np.sort(chosen))
