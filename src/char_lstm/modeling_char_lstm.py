@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import __version__ as transformers_version
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
-from transformers.generation.stopping_criteria import MaxLengthCriteria
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
@@ -44,6 +44,31 @@ from transformers.utils import (
 )
 
 from .configuration_char_lstm import CharLSTMConfig
+
+
+# Private parts of transformers this file leans on (docs/design.md, "transformers' internals"). A release without them
+# still imports this file: the code that uses them checks for them and steps aside.
+try:  # the base class of the recurrent-state cache layers (transformers 5.24 on)
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+except ImportError:
+    LinearAttentionCacheLayerMixin = None
+try:  # generate()'s length criterion, which the lean decoding loop reads as a comparison of lengths
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+except ImportError:
+    MaxLengthCriteria = None
+
+
+@functools.cache
+def _parameters(function) -> tuple | None:
+    """The (name, kind) of each parameter of `function`, or None when it is missing or has no signature. What the
+    checks of transformers' internals compare with the signatures verified here (cheap after the first call: cached
+    per function object, and a changed or patched transformers brings other function objects)."""
+    if function is None:
+        return None
+    try:
+        return tuple((parameter.name, parameter.kind) for parameter in inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return None
 
 
 # Every Auto class a saved folder can be loaded with (`trust_remote_code=True` where the package is not installed).
@@ -70,17 +95,91 @@ _RESUME_PENDING_ATTR = "char_lstm_resume_pending"
 
 
 def _check_cache(cache: Cache, num_layers: int, num_states: int) -> None:
+    """Refuse, in one line, a cache that cannot hold this model's states: one that is not a recurrent-state cache of
+    this model's layers (the user's), or whose layers lack what this file reads and writes (transformers' own:
+    `_cache_layout_problem`)."""
     layers = getattr(cache, "layers", None)
     if (
         layers is None
         or len(layers) != num_layers
-        or not all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
-        or any(layer.number_of_states < num_states for layer in layers)
+        or (
+            LinearAttentionCacheLayerMixin is not None
+            and not all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
+        )
+        or any(getattr(layer, "number_of_states", num_states) < num_states for layer in layers)
     ):
         raise ValueError(
             "CharLSTM needs a cache with one recurrent-state layer per recurrent layer: pass "
             "`cache=DynamicCache(config=model.config)` (or let the model create it with `use_cache=True`)."
         )
+    problem = _cache_layout_problem(cache, num_states)
+    if problem is not None:
+        raise ValueError(
+            f"The recurrent-state cache of this transformers ({transformers_version}) {problem}, which CharLSTM "
+            "reads and writes (as in transformers 5.24-5.25): run the model without a cache (use_cache=False); "
+            "generate() does so by itself."
+        )
+
+
+# The parameters of `Cache.update_recurrent_state` that `_write_state` calls it with, as in transformers 5.24-5.25.
+def _verified_update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs): ...
+
+
+def _cache_layout_problem(cache: Cache, num_states: int) -> str | None:
+    """What the layers of `cache` lack of what this file reads and writes, in a few words, or None: a
+    `LinearAttentionCacheLayerMixin` per layer with its `recurrent_states` and `has_previous_state` dicts (the states
+    and their flags, by state index), and the cache's `update_recurrent_state(states, layer_idx, state_idx=)`.
+    transformers 5.24-5.25 have all of it; a release that changed it gets generate() without a cache (the same
+    sequences, computed again from the start at every token) rather than an error deep in the model."""
+    if LinearAttentionCacheLayerMixin is None:
+        return "has no LinearAttentionCacheLayerMixin layers"
+    if _parameters(getattr(type(cache), "update_recurrent_state", None)) != _parameters(
+        _verified_update_recurrent_state
+    ):
+        return "has no update_recurrent_state(recurrent_states, layer_idx, state_idx=...)"
+    for layer in cache.layers:
+        for name in ("recurrent_states", "has_previous_state"):
+            states = getattr(layer, name, None)
+            if not isinstance(states, dict) or not all(index in states for index in range(num_states)):
+                return f"keeps no `{name}` dict of {num_states} state(s) per layer"
+    return None
+
+
+def _new_cache(config: CharLSTMConfig) -> tuple[DynamicCache | None, str | None]:
+    """(`DynamicCache(config=config)`, None), or (None, what keeps it from holding this model's states) where this
+    transformers builds no cache of the layout this file reads and writes (`_cache_layout_problem`)."""
+    try:
+        cache = DynamicCache(config=config)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        return None, f"cannot be built for this model ({type(error).__name__}: {error})"
+    if len(getattr(cache, "layers", ())) != config.num_hidden_layers:
+        return None, f"has {len(getattr(cache, 'layers', ()))} layers for {config.num_hidden_layers} recurrent layers"
+    problem = _cache_layout_problem(cache, config.number_of_conv_states)
+    return (None, problem) if problem is not None else (cache, None)
+
+
+def _cache_for_forward(cache: Cache | None, use_cache: bool, config: CharLSTMConfig, num_layers: int) -> Cache | None:
+    """The cache a forward call reads and writes: `cache` (checked by `_check_cache`), or a new one where `use_cache`
+    asks for it and this transformers builds one that can hold the states (else none, with a warning)."""
+    if use_cache and cache is None:
+        cache, problem = _new_cache(config)
+        if problem is not None:
+            warnings.warn(
+                f"The recurrent-state cache of this transformers ({transformers_version}) {problem}: the model "
+                "returns no cache (use_cache=False).", stacklevel=3)
+    if cache is not None:
+        _check_cache(cache, num_layers, config.number_of_conv_states)
+    return cache
+
+
+def _counts_tokens(cache: Cache) -> bool:
+    """Whether `cache.get_seq_length()` answers for this model's cache (transformers 5.25: the count its layers keep,
+    which `_set_seen_tokens` sets; 5.24 refuses a cache of recurrent-state layers only)."""
+    try:
+        cache.get_seq_length()
+    except (ValueError, TypeError, AttributeError, NotImplementedError):
+        return False
+    return True
 
 
 def _read_state(cache: Cache, layer_idx: int, num_states: int) -> tuple[torch.Tensor, ...] | None:
@@ -107,7 +206,8 @@ def _seen_tokens(cache: Cache | None) -> int:
     if cache is None or len(getattr(cache, "layers", ())) == 0:
         return 0
     layer = cache.layers[0]
-    if not isinstance(layer, LinearAttentionCacheLayerMixin) or not any(layer.has_previous_state.values()):
+    flags = getattr(layer, "has_previous_state", None)
+    if not isinstance(flags, dict) or not any(flags.values()):
         return 0
     return getattr(cache, _SEEN_TOKENS_ATTR, 0)
 
@@ -228,12 +328,32 @@ _STEP_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDi
 _INPUT_TABLE_MAX_ELEMENTS = 1 << 22
 
 
+@functools.cache
 def _onednn_linear_usable() -> bool:
-    """Whether oneDNN's linear with prepacked weights can be called (a CPU build of torch with oneDNN)."""
-    return (
+    """Whether oneDNN's linear with prepacked weights can be called and computes what `nn.functional.linear` computes:
+    a CPU build of torch with oneDNN whose private ops `torch.ops.mkldnn._reorder_linear_weight` and
+    `_linear_pointwise` (plain, with a fused sigmoid, and its `binary` overload with a fused addition) take the
+    arguments they take in torch 2.6-2.13 and give the plain product's values on a small probe. Checked once per
+    process; where it fails the decoding step uses torch's own products."""
+    if not (
         torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight, bias, x, add = (torch.randn(*shape, generator=generator) for shape in ((8, 16), (8,), (3, 16), (3, 8)))
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+        plain = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        sigmoid = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "sigmoid", [], "")
+        added = torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, bias, "add")
+    except (RuntimeError, TypeError, AttributeError):  # another schema, or an op this build does not run
+        return False
+    expected = nn.functional.linear(x, weight, bias)
+    return all(
+        torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        for got, want in ((plain, expected), (sigmoid, expected.sigmoid()), (added, expected + add))
     )
 
 
@@ -283,7 +403,7 @@ class _StepLinear:
             torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
             torch.ops.mkldnn._linear_pointwise.binary(probe, weight.new_zeros(1, weight.shape[0]), packed, bias, "add")
             self.packed = packed
-        except RuntimeError:  # an older or partial oneDNN build: the plain product is always correct
+        except (RuntimeError, TypeError):  # an older or partial oneDNN build: the plain product is always correct
             self.packed = False
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None, sigmoid: bool = False) -> torch.Tensor:
@@ -805,7 +925,6 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         if kwargs:
             cache = _check_kwargs(kwargs, frozenset(), type(self).__name__, cache)
         config = self.config
-        num_states = config.number_of_conv_states
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         )
@@ -815,17 +934,10 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch_size, seq_len = inputs_embeds.shape[:2]
 
-        if use_cache and cache is None:
-            cache = DynamicCache(config=config)
-        if cache is not None:
-            _check_cache(cache, len(self.layers), num_states)
-            seen_before = _seen_tokens(cache)
-
-        packing = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -seq_len:]
-            if not bool(mask.bool().all()):
-                packing = _Packing(mask)
+        cache = _cache_for_forward(cache, use_cache, config, len(self.layers))
+        seen_before = _seen_tokens(cache)
+        mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
+        packing = _Packing(mask) if mask is not None and not bool(mask.bool().all()) else None
 
         # Decoding one token without autograd (generation): a hand-fused step instead of the sequence kernel, whose
         # per-call cost dominates a single step (docs/benchmarks.md). Training and prompts keep the fused cuDNN/oneDNN
@@ -905,6 +1017,90 @@ def _lean_head(plan: tuple, hidden: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
+def _lean_next_tokens(logits_processor, input_ids: torch.Tensor, logits: torch.Tensor, do_sample: bool):
+    """The next token of each row (B,) as transformers' loop picks it from the logits (B, V) of sequences input_ids
+    (B, T): the logits processors in turn, then a multinomial draw from the softmax, or the argmax."""
+    scores = logits
+    for processor in logits_processor:
+        scores = processor(input_ids, scores)
+    if do_sample:
+        return torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return torch.argmax(scores, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers' private generation internals as verified (transformers 5.24-5.25). The lean decoding loop and the
+# one-token preparation use them only where they are so; elsewhere transformers' own code runs (docs/design.md).
+
+_MISSING = object()
+
+
+def _verified_sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                     streamer=None, **model_kwargs):
+    """The parameters of `GenerationMixin._sample` as verified; called with `_sample`'s arguments, it names them."""
+    return input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs
+
+
+def _verified_prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True):
+    """The parameters of `GenerationMixin._prefill` as verified: the lean loop calls it so, for the prompt."""
+
+
+def _verified_prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None,
+                                            attention_mask=None, inputs_embeds=None, is_first_iteration=False,
+                                            **kwargs):
+    """The parameters of `GenerationMixin.prepare_inputs_for_generation` as verified."""
+
+
+def _verified_max_length_criteria(self, max_length, max_position_embeddings=None):
+    """The parameters of `MaxLengthCriteria.__init__` as verified (it keeps both as attributes)."""
+
+
+def _lean_internals_verified(transformers_sample, prefill) -> bool:
+    """Whether transformers' `_sample` (the loop the lean one stands in for: generate() calls `_sample` with its
+    arguments) and `_prefill` take the parameters verified here. Cached per function object (`_parameters`)."""
+    return _parameters(transformers_sample) == _parameters(_verified_sample) and _parameters(prefill) == _parameters(
+        _verified_prefill
+    )
+
+
+def _plain_max_length(criteria) -> int | None:
+    """The length at which `criteria` stops every row, when it is a plain `MaxLengthCriteria` as verified (exactly
+    that class, its `__init__` as verified, `max_length` an int and `max_position_embeddings` None: its call is then
+    `input_ids.shape[1] >= max_length` for every row); else None, and the lean loop calls it as transformers does."""
+    if MaxLengthCriteria is None or type(criteria) is not MaxLengthCriteria:
+        return None
+    if _parameters(MaxLengthCriteria.__init__) != _parameters(_verified_max_length_criteria):
+        return None
+    attributes = vars(criteria)
+    max_length = attributes.get("max_length")
+    if attributes.get("max_position_embeddings", _MISSING) is not None or type(max_length) is not int:
+        return None
+    return max_length
+
+
+def _split_stopping_criteria(stopping_criteria) -> tuple[int | None, list]:
+    """(the smallest length of the plain length criteria among `stopping_criteria`, or None; the other criteria)."""
+    max_length, others = None, []
+    for criteria in stopping_criteria:
+        length = _plain_max_length(criteria)
+        if length is None:
+            others.append(criteria)
+        else:
+            max_length = length if max_length is None else min(max_length, length)
+    return max_length, others
+
+
+def _is_token_id(value, vocab_size: int) -> bool:
+    """Whether `value` is an integer tensor of one id in [0, vocab_size), as transformers' `_pad_token_tensor` is."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not value.is_floating_point()
+        and not value.is_complex()
+        and 0 <= int(value) < vocab_size
+    )
+
+
 class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     """CharLSTMModel + dropout + a linear head over the vocabulary."""
 
@@ -935,7 +1131,35 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, Cache):
             setattr(cache, _RESUME_PENDING_ATTR, bool(_seen_tokens(cache)))
+        kwargs.update(self._settings_transformers_cannot_carry_out(args, kwargs, cache))
         return super().generate(*args, **kwargs)
+
+    def _settings_transformers_cannot_carry_out(self, args: tuple, kwargs: dict, cache) -> dict:
+        """The generate() settings that the installed transformers cannot carry out for this model, each replaced by
+        one that gives the same sequences (said in a warning); {} on transformers 5.25:
+
+        * its cache layers lack what this file reads and writes (`_cache_layout_problem`): `use_cache=False`, every
+          token computed from the start (a cache the user passed gets forward's error instead);
+        * `prefill_chunk_size` where its cache cannot count a recurrent state's tokens (5.24: `get_seq_length()`
+          refuses a cache of recurrent-state layers only, and its chunked prefill calls it): the prompt in one piece.
+        """
+        changes = {}
+        fresh, problem = _new_cache(self.config)
+        if problem is not None and cache is None and kwargs.get("use_cache") is not False:
+            changes["use_cache"] = False
+            warnings.warn(
+                f"The recurrent-state cache of this transformers ({transformers_version}) {problem}: generate() runs "
+                "without a cache, each token from the start (the same sequences, slower).", stacklevel=3)
+        config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or self.generation_config
+        chunk = kwargs["prefill_chunk_size"] if "prefill_chunk_size" in kwargs else getattr(
+            config, "prefill_chunk_size", None)
+        if chunk is not None and fresh is not None and not _counts_tokens(fresh):
+            changes["prefill_chunk_size"] = None
+            warnings.warn(
+                f"transformers {transformers_version} cannot cut the prompt into chunks for a recurrent-state cache "
+                "(its get_seq_length() refuses one): prefill_chunk_size is ignored, the prompt goes in whole (the "
+                "same sequences).", stacklevel=3)
+        return changes
 
     def prepare_inputs_for_generation(
         self,
@@ -949,7 +1173,11 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     ):
         for name in _GENERATE_ONLY_KWARGS:  # generate() passes them on to here; they are not the model's inputs
             kwargs.pop(name, None)
-        if not is_first_iteration and cache is not None and next_sequence_length is not None:
+        transformers_prepare = super().prepare_inputs_for_generation
+        verified = _parameters(getattr(transformers_prepare, "__func__", None)) == _parameters(
+            _verified_prepare_inputs_for_generation
+        )
+        if verified and not is_first_iteration and cache is not None and next_sequence_length is not None:
             # Every step after the prompt needs only the new token(s) and the state: no mask (padding is already
             # absorbed in the state), no positions. Building them here skips transformers' generic preparation, which
             # costs about half a model step per token on a CPU (for a model registered with the Auto classes it
@@ -971,16 +1199,12 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             next_sequence_length = _columns_to_feed(_seen_tokens(cache), input_ids, inputs_embeds, attention_mask)
         if is_first_iteration:
             self.model.forget_decoding_weights()  # a new generate(): weights may have been edited in between
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            next_sequence_length=next_sequence_length,
-            cache=cache,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
-        return model_inputs
+        # Only what was given: where transformers renamed a parameter, a default passed under the old name would
+        # reach forward as an unknown input.
+        given = dict(next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+                     inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration)
+        given = {name: value for name, value in given.items() if value is not None and value is not False}
+        return transformers_prepare(input_ids, **given, **kwargs)
 
     # -----------------------------------------------------------------------------------------------------------------
     # generate()'s sampling and greedy loop, lean on a CPU
@@ -988,9 +1212,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     def _lean_decoding_possible(self, logits_processor, generation_config, synced_gpus: bool, model_kwargs) -> bool:
         """Whether `_sample` may run its lean loop: plain sampling or greedy search on a CPU in eval mode, returning
         only the sequences, every module in eval mode, a plain embedding and head, no hooks, `forward` neither wrapped
-        nor compiled, no autocast, and logits processors that take no extra arguments. Anything else (scores or a
-        cache to return, several devices, a GPU, dropout on, a model prepared by accelerate for mixed precision)
-        runs transformers' own loop."""
+        nor compiled, no autocast, a pad id as verified (`_pad_token_tensor`: None or one id of the vocabulary), and
+        logits processors that take no extra arguments. Anything else (scores or a cache to return, several devices,
+        a GPU, dropout on, a model prepared by accelerate for mixed precision) runs transformers' own loop."""
         if (
             synced_gpus
             or torch.is_grad_enabled()
@@ -999,7 +1223,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             or type(self.model.embeddings) is not nn.Embedding
             or getattr(self, "_compiled_call_impl", None) is not None  # model.compile(): the compiled forward
             or generation_config.return_dict_in_generate
-            or generation_config.is_assistant
+            or getattr(generation_config, "is_assistant", False)
             or not model_kwargs.get("use_cache", True)
             or self.lm_head.weight.device.type != "cpu"
             or not self.model._weights_in_place()
@@ -1010,60 +1234,61 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             or any(module.training or module._forward_hooks or module._forward_pre_hooks for module in self.modules())
         ):
             return False
-        pad = generation_config._pad_token_tensor
-        if pad is not None and not 0 <= int(pad) < self.config.vocab_size:
-            return False  # a pad id the model cannot read: forward's own error, in transformers' loop
+        # transformers' pad id for finished rows (set by generate(); absent: another transformers' layout)
+        pad = getattr(generation_config, "_pad_token_tensor", _MISSING)
+        if pad is not None and not _is_token_id(pad, self.config.vocab_size):
+            return False  # not as verified, or a pad id the model cannot read: forward's own error, in that loop
         # LogitsProcessorList passes no keyword arguments here: it would refuse a processor that needs some.
         return all(len(inspect.signature(processor.__call__).parameters) <= 2 for processor in logits_processor)
 
-    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                streamer=None, **model_kwargs):
+    @functools.wraps(GenerationMixin._sample, assigned=())
+    def _sample(self, *args, **kwargs):
         """generate()'s loop for sampling and greedy search. On a CPU, per token, transformers' own loop costs about
         as much as this model's step (it inspects every logits processor's signature, builds the stopping criteria's
-        tensors and the model's output objects, goes through the cache); the lean loop here does the same
+        tensors and the model's output objects, goes through the cache); the lean loop (`_lean_sample`) does the same
         arithmetic, in the same order, with the same random draws, so its sequences are those of transformers' loop
-        (tested), and falls back to that loop for everything it does not cover (`_lean_decoding_possible`)."""
-        if not self._lean_decoding_possible(logits_processor, generation_config, synced_gpus, model_kwargs):
-            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
-                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
-        pad_token_id = generation_config._pad_token_tensor
+        (tested). It runs where the transformers internals it leans on are as verified (`_lean_internals_verified`:
+        this method's parameters and `_prefill`'s) and it covers the call (`_lean_decoding_possible`); anything else
+        goes to transformers' loop with the arguments as they came (`__wrapped__` shows generate() the installed
+        `_sample`'s parameters, so it passes what that loop takes)."""
+        transformers_sample = super()._sample
+        if _lean_internals_verified(getattr(transformers_sample, "__func__", None), getattr(type(self), "_prefill")):
+            arguments = _verified_sample(self, *args, **kwargs)
+            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs = (
+                arguments
+            )
+            if self._lean_decoding_possible(logits_processor, generation_config, synced_gpus, model_kwargs):
+                return self._lean_sample(input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                                         model_kwargs)
+        return transformers_sample(*args, **kwargs)
+
+    def _lean_sample(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+        """The lean loop: the prompt through `forward` (transformers' `_prefill`, which also cuts a continued
+        sequence), then per token the logits processors and the draw (`_lean_next_tokens`), the stopping criteria and
+        the streamer in transformers' order, and the model's step (`_lean_layers`, `_lean_head`).
+        input_ids (B, T) -> the sequences (B, T + new tokens)."""
+        pad_token_id = generation_config._pad_token_tensor  # as verified in `_lean_decoding_possible`
         if pad_token_id is not None:
             pad_token_id = pad_token_id.to(input_ids.device)
         has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
-        # A plain MaxLengthCriteria is a comparison of lengths; every other criterion is called as transformers does.
-        max_length = None
-        other_criteria = []
-        for criteria in stopping_criteria:
-            if type(criteria) is MaxLengthCriteria and criteria.max_position_embeddings is None:
-                max_length = criteria.max_length if max_length is None else min(max_length, criteria.max_length)
-            else:
-                other_criteria.append(criteria)
+        max_length, other_criteria = _split_stopping_criteria(stopping_criteria)
         unfinished_sequences = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
 
         outputs = self._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
-        model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        cache = outputs.cache  # the cache transformers' loop goes on with (its model_kwargs["cache"])
         del outputs
-        cache = model_kwargs["cache"]
         num_states = self.config.number_of_conv_states
         states = [_read_state(cache, layer_idx, num_states) for layer_idx in range(len(self.model.layers))]
-        seen = _seen_tokens(cache)
+        seen, steps = _seen_tokens(cache), 0
         plan = _lean_plan(self, input_ids)
-        steps = 0
         # The sequences grow in one buffer (a view of its first columns is input_ids), not by a copy per token.
         length = input_ids.shape[1]
         buffer = input_ids.new_empty(input_ids.shape[0], max(max_length or 0, length + 64))
         buffer[:, :length] = input_ids
         try:
             while True:
-                scores = logits
-                for processor in logits_processor:
-                    scores = processor(input_ids, scores)
-                if generation_config.do_sample:
-                    probs = nn.functional.softmax(scores, dim=-1)
-                    next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-                else:
-                    next_tokens = torch.argmax(scores, dim=-1)
+                next_tokens = _lean_next_tokens(logits_processor, input_ids, logits, generation_config.do_sample)
                 if has_eos_stopping_criteria:
                     next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
                 if length == buffer.shape[1]:  # no max_length: twice the room
@@ -1076,7 +1301,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
                     unfinished_sequences = unfinished_sequences & ~criteria(input_ids, None)
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
-                if max_length is not None and input_ids.shape[1] >= max_length:
+                if max_length is not None and length >= max_length:
                     break
                 if other_criteria and bool(unfinished_sequences.max() == 0):
                     break
