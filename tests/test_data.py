@@ -324,3 +324,24 @@ def test_stateful_text_too_short_names_the_split_and_the_fix():
         DataError, match="validation text .* too short for 8 streams.*smaller --per_device_eval_batch_size"
     ):
         encode_streams(Dataset.from_dict({"text": ["abc" * 20]}), tokenizer, "text", 10, 8, name="validation")
+
+
+def test_a_stream_over_several_processes_gives_each_its_own_files(tmp_path):
+    """--streaming with two processes: accelerate deals the stream's shards (files, parts of large files) out to the
+    processes, so each reads only its own, and together they read every block once."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    for index in range(4):
+        write_text(tmp_path / f"part{index}.txt", f"file number {index} " * 30)
+    raw = load_raw_datasets(train_file=str(tmp_path / "part*.txt"), streaming=True)
+    assert raw["train"].n_shards == 4
+    tokenizer = build_tokenizer(raw["train"], "text", "\n\n")
+    blocks = encode_blocks(raw["train"], tokenizer, "text", block_size=16)
+    seen = []
+    for rank in (0, 1):
+        loader = prepare_data_loader(DataLoader(blocks, batch_size=2, collate_fn=collate_blocks), num_processes=2,
+                                     process_index=rank, dispatch_batches=False, put_on_device=False)
+        texts = {tokenizer.decode(row) for batch in loader for row in batch["input_ids"]}
+        seen.append({digit for text in texts for digit in "0123" if f"number {digit}" in text})
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == {"0", "1", "2", "3"}

@@ -40,6 +40,7 @@ from .encoding import (  # noqa: F401  (imported from char_lstm.data before issu
 from .errors import DataError
 from .text_files import (
     CONTINUES_COLUMN,
+    PART_BYTES,
     ROW_CHARS,
     file_parts,
     find_files,
@@ -51,6 +52,8 @@ from .text_files import (
 
 logger = logging.getLogger(__name__)
 
+# Parts of a streamed text file (`file_parts`): each training process reads its own parts (`datasets` shards).
+STREAM_PART_BYTES = 1 << 23
 # The text of text files, one row per piece of at most ROW_CHARS characters (`char_lstm.text_files`).
 TEXT_FEATURES = Features({"text": Value("large_string"), CONTINUES_COLUMN: Value("bool")})
 
@@ -141,7 +144,9 @@ def load_files(
     if builder is None:
         if len(files) == 1:  # named on its own: the reasons it is not text are errors
             text_files(files, True, encoding, "--train_file")
-        parts = file_parts([os.path.abspath(path) for path in files], encoding)
+        # streamed: smaller parts, so that even a text of one file has a part for each of several processes
+        parts = file_parts([os.path.abspath(path) for path in files], encoding,
+                           STREAM_PART_BYTES if streaming else PART_BYTES)
         kwargs = {
             "parts": [list(part) for part in parts],
             "encoding": encoding,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .data import dataset_label, load_raw_datasets, resolve_dataset_name
-from .encoding import boundary_id, iter_texts, join_documents
+from .encoding import boundary_id, iter_documents, join_documents
 from .errors import DataError, UsageError
 from .loading import check_model_path, load_model_and_tokenizer, pick_device, resolve_dtype
 from .metrics import load_bits_per_character
@@ -116,8 +116,8 @@ class EvaluateArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
 
 
-def load_evaluation_text(args: EvaluateArguments) -> tuple[list[str], str]:
-    """(the documents to measure; what they are, for the results)."""
+def load_evaluation_text(args: EvaluateArguments) -> tuple[list[tuple[str, bool]], str]:
+    """(the rows to measure, each (text, continues the document before it); what they are, for the results)."""
     if args.validation_file is not None:
         dataset = load_raw_datasets(train_file=args.validation_file, text_column=args.text_column,
                                     encoding=args.encoding, file_option="--validation_file")["train"]
@@ -131,7 +131,7 @@ def load_evaluation_text(args: EvaluateArguments) -> tuple[list[str], str]:
         dataset, name = raw[args.split], f"{dataset_label(dataset_name)}:{args.split}"
     else:
         raise UsageError("Nothing to evaluate on: pass --validation_file or --dataset_name (with --split).")
-    return list(iter_texts(dataset, args.text_column)), name
+    return list(iter_documents(dataset, args.text_column)), name
 
 
 def run_evaluate(args: EvaluateArguments) -> dict:
@@ -141,8 +141,10 @@ def run_evaluate(args: EvaluateArguments) -> dict:
     if unknown_modes:
         raise UsageError(f"Unknown --modes {sorted(unknown_modes)}; choose from {list(MODES)}.")
     check_model_path(args.model_name_or_path)  # before the data are loaded
-    documents, data = load_evaluation_text(args)
-    text = args.document_separator.join(documents)
+    rows, data = load_evaluation_text(args)
+    documents, continues = [text for text, _ in rows], [flag for _, flag in rows]
+    text = "".join(("" if flag or index == 0 else args.document_separator) + row
+                   for index, (row, flag) in enumerate(zip(documents, continues)))
     model, tokenizer = load_model_and_tokenizer(
         args.model_name_or_path, device=pick_device(args.device), dtype=resolve_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code,
@@ -154,7 +156,7 @@ def run_evaluate(args: EvaluateArguments) -> dict:
               f"{''.join(oov)!r}", file=sys.stderr)
     # As in training: every document starts with the boundary token when the tokenizer has one (so the first
     # character is predicted too, given "a document starts"), else documents joined with the separator.
-    ids = join_documents(tokenizer, documents, args.document_separator, boundary_id(tokenizer))
+    ids = join_documents(tokenizer, documents, args.document_separator, boundary_id(tokenizer), continues)
     results = {
         "model": args.model_name_or_path,
         "data": data,

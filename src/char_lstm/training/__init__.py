@@ -89,6 +89,7 @@ from .preparation import (
     load_datasets,
     load_tokenizer_and_model,
     periodic_eval_blocks,
+    shard_the_stream,
     warn_unknown_characters,
 )
 from .runtime import (
@@ -173,6 +174,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     # 3. Blocks of ids; the periodic evaluations read a sample of the validation blocks, the final one all of them
     train_blocks, eval_blocks = encode_datasets(tokenizer, data_args, training_args, train_raw, eval_raw)
     sample_blocks = periodic_eval_blocks(data_args, training_args, train_blocks, eval_blocks)
+    shard_the_stream(training_args, train_blocks)
 
     # 4. Trainer, with the run's callbacks
     set_generation_defaults(model, tokenizer, training_args)

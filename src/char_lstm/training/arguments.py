@@ -367,6 +367,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                          "created if it does not exist).")
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps (the length of a stream is not known in advance).")
+    if data_args.max_vocab_size is not None and data_args.max_vocab_size < 1:
+        raise UsageError(f"--max_vocab_size must be at least 1 character, got {data_args.max_vocab_size}.")
+    if data_args.min_char_count < 1:
+        raise UsageError(f"--min_char_count must be at least 1, got {data_args.min_char_count}.")
     if data_args.stateful:
         if data_args.streaming:
             raise UsageError("--stateful lays the whole text out as streams and needs its length: drop --streaming.")

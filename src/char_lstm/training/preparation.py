@@ -5,6 +5,8 @@ import logging
 from dataclasses import replace
 
 import numpy as np
+from accelerate.utils import broadcast_object_list
+from datasets import IterableDataset
 from transformers import AutoTokenizer
 
 from ..configuration_char_lstm import CharLSTMConfig
@@ -61,9 +63,29 @@ def is_default_corpus(data_args: DataArguments) -> bool:
 def count_training_characters(data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_raw):
     """How often each character occurs in the training text (`count_characters`: one pass, kept in the `datasets`
     cache), which gives the vocabulary, the characters outside it and the unigram baseline. A streamed text is read
-    to its end for it (as it always was to build a vocabulary)."""
+    to its end for it (as it always was to build a vocabulary), by the main process only: the others get its counts
+    and read only their own part of the text, to train on."""
+    if data_args.streaming and training_args.world_size > 1:
+        counts = [count_characters(train_raw, data_args.text_column) if training_args.process_index == 0 else None]
+        return broadcast_object_list(counts, from_process=0)[0]
     with training_args.main_process_first(desc="counting characters"):
         return count_characters(train_raw, data_args.text_column, data_args.preprocessing_num_workers)
+
+
+def shard_the_stream(training_args: CharLSTMTrainingArguments, train_blocks) -> None:
+    """With --streaming and several processes, each process reads its own shards of the training text (a file, or a
+    part of a large one: `datasets` shards, dealt out by accelerate) instead of the main process reading all of it
+    and sending the batches out (accelerate's default for a stream). A text with fewer shards than processes is
+    read by the main process, as before, said in one line."""
+    world = training_args.world_size
+    if world <= 1 or not isinstance(train_blocks, IterableDataset):
+        return
+    if train_blocks.n_shards >= world:
+        training_args.accelerator_config.dispatch_batches = False
+    elif training_args.process_index == 0:
+        logger.info(f"--streaming: the training text has {train_blocks.n_shards} part(s) for {world} processes, so "
+                    "the main process reads it and sends each process its batches (more files, or larger ones, "
+                    "let every process read its own part).")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
