@@ -16,6 +16,7 @@ from char_lstm.cli import parse_command_line
 from char_lstm.convert import ConvertArguments
 from char_lstm.doctor import DoctorArguments
 from char_lstm.evaluation import EvaluateArguments
+from char_lstm.export import ExportArguments
 from char_lstm.hub import PushArguments
 from char_lstm.sampling import GenerateArguments
 from char_lstm.training import parse_arguments as parse_train_arguments
@@ -54,6 +55,7 @@ PARSERS = {
     "scripts/evaluate.py": dataclass_parser(EvaluateArguments),
     "scripts/push_to_hub.py": dataclass_parser(PushArguments),
     "scripts/convert_pytorch_checkpoint.py": dataclass_parser(ConvertArguments),
+    "scripts/export.py": dataclass_parser(ExportArguments),
     "scripts/doctor.py": dataclass_parser(DoctorArguments),
     "scripts/bptt_demo.py": lambda argv: script_function("scripts/bptt_demo.py", "parse_arguments")(argv),
     "scripts/benchmark.py": benchmark_parser,
