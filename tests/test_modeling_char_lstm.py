@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel
 from char_lstm.modeling_char_lstm import _STEP_WEIGHTS, _StepLinear, cache_from_states
@@ -853,3 +853,60 @@ def test_a_parametrized_recurrent_weight_is_read_through_its_parametrization(tok
     parametrize.remove_parametrizations(layer, "weight_hh_l0", leave_parametrized=True)
     assert type(layer) is type(model.model.layers[1])  # the layer's own class again: the decoding step is back
     assert torch.equal(model.generate(input_ids=ids[:, :4], max_new_tokens=12, do_sample=False), generated)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Large vocabularies: the adaptive softmax head
+
+
+def adaptive_model(vocab_size=300, cell_type="lstm", seed=0):
+    torch.manual_seed(seed)
+    config = CharLSTMConfig(vocab_size=vocab_size, embedding_size=16, hidden_size=32, dropout=0.1,
+                            cell_type=cell_type, adaptive_softmax_cutoffs=[20, 100], unk_token_id=1, eos_token_id=2,
+                            bos_token_id=2)
+    return CharLSTMForCausalLM(config)
+
+
+def test_adaptive_softmax_trains_on_the_target_clusters_and_scores_with_full_log_probabilities():
+    model = adaptive_model()
+    ids = torch.randint(0, 300, (4, 30), generator=torch.Generator().manual_seed(1))
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None and torch.isfinite(out.loss)  # training computes only the targets' clusters
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.model.parameters())
+    model.eval()
+    with torch.no_grad():
+        scored = model(input_ids=ids, labels=ids)
+        log_probs = model.lm_head.log_prob(model.model(input_ids=ids).last_hidden_state.reshape(-1, 32))
+    assert scored.logits.shape == (4, 30, 300)
+    assert torch.allclose(torch.logsumexp(scored.logits, dim=-1), torch.zeros(4, 30), atol=1e-5)
+    assert torch.allclose(scored.logits.reshape(-1, 300), log_probs)
+    targets = ids[:, 1:].reshape(-1)
+    nll = -scored.logits[:, :-1].reshape(-1, 300).gather(1, targets[:, None]).mean()
+    assert torch.allclose(scored.loss, nll, atol=1e-5)
+    with pytest.raises(ValueError, match="adaptive_softmax_cutoffs must be increasing ids"):
+        CharLSTMConfig(vocab_size=50, adaptive_softmax_cutoffs=[40, 10])
+    with pytest.raises(ValueError, match="needs the linear output layer"):
+        CharLSTMConfig(vocab_size=50, embedding_size=8, hidden_size=8, tie_word_embeddings=True,
+                       adaptive_softmax_cutoffs=[10])
+
+
+@pytest.mark.parametrize("cell_type", ["lstm", "gru"])
+def test_adaptive_softmax_generates_as_transformers_loop_and_round_trips(tmp_path, cell_type):
+    model = adaptive_model(cell_type=cell_type).eval()
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.ones_like(prompt)
+    greedy = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    transformers_loop = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                       return_dict_in_generate=True).sequences
+    assert torch.equal(greedy, transformers_loop)
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=True, top_p=0.9)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                                               top_p=0.9, return_dict_in_generate=True).sequences)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded.lm_head) is torch.nn.AdaptiveLogSoftmaxWithLoss and loaded.get_output_embeddings() is None
+    assert torch.equal(loaded.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False), greedy)

@@ -39,9 +39,17 @@ class CharLSTMConfig(PretrainedConfig):
         forget_bias (`float`, defaults to 0.0):
             Initial bias of the LSTM forget gate (ignored by GRU/RNN). 1.0 is a classic choice for long dependencies;
             it trained slower in our short CPU runs, hence 0.
+        adaptive_softmax_cutoffs (`list[int]`, *optional*):
+            With it, the output layer is an adaptive softmax (`torch.nn.AdaptiveLogSoftmaxWithLoss`, Grave et al.,
+            2017) instead of one linear layer over the whole vocabulary: the ids below the first cutoff (the most
+            frequent characters: the tokenizer must number them by frequency) get the full layer, and each range
+            between cutoffs a cluster behind a smaller projection. For vocabularies of thousands of characters
+            (Chinese, Japanese), where the full layer costs more than the recurrent layers. `logits` are then the
+            log-probabilities, whose softmax is the model's distribution, as with any logits.
+        adaptive_softmax_div_value (`float`, defaults to 4.0):
+            Each cluster's projection is this many times narrower than the previous one's.
         pad_token_id / unk_token_id / bos_token_id / eos_token_id (`int`, *optional*):
-            Ids of the special tokens, normally taken from the tokenizer (`unk_token_id` defaults to None: with it
-            set, `generate()` refuses prompts made only of that id).
+            Ids of the special tokens, normally taken from the tokenizer.
         use_cache (`bool`, defaults to `True`):
             Whether the model returns its recurrent state (as a `Cache`) so that generation feeds one token per step.
 
@@ -72,6 +80,8 @@ class CharLSTMConfig(PretrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         use_cache: bool = True,
+        adaptive_softmax_cutoffs: list[int] | None = None,
+        adaptive_softmax_div_value: float = 4.0,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -88,6 +98,8 @@ class CharLSTMConfig(PretrainedConfig):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.use_cache = use_cache
+        self.adaptive_softmax_cutoffs = list(adaptive_softmax_cutoffs) if adaptive_softmax_cutoffs else None
+        self.adaptive_softmax_div_value = adaptive_softmax_div_value
         self._check_values()
         super().__init__(**kwargs)
 
@@ -110,6 +122,20 @@ class CharLSTMConfig(PretrainedConfig):
                 f"(got {self.embedding_size} and {self.hidden_size}); set tie_word_embeddings=False or make them "
                 "equal."
             )
+        cutoffs = self.adaptive_softmax_cutoffs
+        if cutoffs is not None:
+            if (not all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs)
+                    or cutoffs != sorted(set(cutoffs)) or cutoffs[0] <= 0 or cutoffs[-1] >= self.vocab_size - 1):
+                raise ValueError(
+                    "CharLSTMConfig.adaptive_softmax_cutoffs must be increasing ids in [1, vocab_size - 2] "
+                    f"(vocab_size={self.vocab_size}), e.g. [256, 2048], got {cutoffs!r}."
+                )
+            if self.tie_word_embeddings:
+                raise ValueError("CharLSTMConfig.tie_word_embeddings=True needs the linear output layer: drop "
+                                 "adaptive_softmax_cutoffs or set tie_word_embeddings=False.")
+            if not isinstance(self.adaptive_softmax_div_value, (int, float)) or self.adaptive_softmax_div_value < 1:
+                raise ValueError(f"CharLSTMConfig.adaptive_softmax_div_value must be a number >= 1, got "
+                                 f"{self.adaptive_softmax_div_value!r}.")
         for name in ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value < self.vocab_size):

@@ -100,18 +100,26 @@ def count_characters(dataset: Dataset | IterableDataset, column: str, num_proc: 
 
 
 def vocabulary_from_counts(counts: Counter, separator: str, max_vocab_size: int | None = None,
-                           min_char_count: int = 1) -> tuple[CharLSTMTokenizer, dict[str, int]]:
+                           min_char_count: int = 1, by_frequency: bool = False
+                           ) -> tuple[CharLSTMTokenizer, dict[str, int]]:
     """(the tokenizer of the training text's characters, with the document boundary token `<eos>`; the characters
     left out, with their counts). With `max_vocab_size` only the most frequent characters are kept (ties: the lower
     code point), with `min_char_count` only those that occur at least that often; the others become `<unk>`. The
-    separator's characters are always kept (see `join_documents`)."""
+    separator's characters are always kept (see `join_documents`). Ids follow the code points (`from_corpus`), or
+    with `by_frequency` the counts, most frequent first after the special tokens (what an adaptive softmax needs)."""
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     kept = [char for char, count in ranked if count >= min_char_count]
     if max_vocab_size is not None:
         kept = kept[:max_vocab_size]
     kept_set = set(kept)
     left_out = {char: count for char, count in counts.items() if char not in kept_set}
-    tokenizer = CharLSTMTokenizer.from_corpus(["".join(kept), separator], document_boundary=True)
+    kept += [char for char in dict.fromkeys(separator) if char not in kept_set]
+    tokenizer = CharLSTMTokenizer.from_corpus(["".join(kept)], document_boundary=True)
+    if by_frequency:
+        ordered = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        specials = [token for token, _ in ordered if len(token) > 1]
+        vocab = {token: index for index, token in enumerate(specials + kept)}
+        tokenizer = CharLSTMTokenizer(vocab=vocab, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
     return tokenizer, left_out
 
 

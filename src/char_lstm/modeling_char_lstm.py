@@ -350,7 +350,8 @@ def _onednn_linear_usable() -> bool:
         added = torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, bias, "add")
     except (RuntimeError, TypeError, AttributeError):  # another schema, or an op this build does not run
         return False
-    expected = nn.functional.linear(x, weight, bias)
+    with torch.autocast("cpu", enabled=False):  # checked once, maybe first inside a bf16 run's autocast
+        expected = nn.functional.linear(x, weight, bias)
     return all(
         torch.allclose(got, want, rtol=1e-4, atol=1e-5)
         for got, want in ((plain, expected), (sigmoid, expected.sigmoid()), (added, expected + add))
@@ -996,6 +997,8 @@ def _lean_plan(model: "CharLSTMForCausalLM", input_ids: torch.Tensor) -> tuple:
         for idx, rnn in enumerate(model.model.layers)
     ]
     embeddings = None if use_table else model.model.embeddings
+    if isinstance(model.lm_head, nn.AdaptiveLogSoftmaxWithLoss):
+        return weights, cell_type, embeddings, model.lm_head.log_prob, None
     return weights, cell_type, embeddings, model.lm_head.weight, model.lm_head.bias
 
 
@@ -1013,7 +1016,8 @@ def _lean_layers(plan: tuple, tokens: torch.Tensor, states: list) -> torch.Tenso
 def _lean_head(plan: tuple, hidden: torch.Tensor) -> torch.Tensor:
     """The head's logits (B, V) in float32 from the last layer's output (B, H)."""
     _, _, _, head_weight, head_bias = plan
-    logits = nn.functional.linear(hidden, head_weight, head_bias)
+    # the adaptive softmax's full log-probabilities, or the linear head
+    logits = head_weight(hidden) if callable(head_weight) else nn.functional.linear(hidden, head_weight, head_bias)
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
@@ -1110,7 +1114,14 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = CharLSTMModel(config)
         self.dropout = CharLSTMDropout(config.dropout)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        if getattr(config, "adaptive_softmax_cutoffs", None):
+            # the most frequent ids get the full layer, each cluster of rarer ones a narrower projection
+            self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(
+                config.hidden_size, config.vocab_size, config.adaptive_softmax_cutoffs,
+                div_value=config.adaptive_softmax_div_value, head_bias=True,
+            )
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -1119,8 +1130,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.model.embeddings = new_embeddings
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
+    def get_output_embeddings(self) -> nn.Linear | None:
+        # an adaptive softmax has no one matrix over the vocabulary to tie or resize
+        return self.lm_head if isinstance(self.lm_head, nn.Linear) else None
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
@@ -1219,13 +1231,14 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             synced_gpus
             or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu")  # a user's autocast: the cache keeps bf16 states between steps
-            or type(self.lm_head) is not nn.Linear  # a subclass, an adapter: its forward runs in forward
+            # a subclass, an adapter: its forward runs in forward
+            or type(self.lm_head) not in (nn.Linear, nn.AdaptiveLogSoftmaxWithLoss)
             or type(self.model.embeddings) is not nn.Embedding
             or getattr(self, "_compiled_call_impl", None) is not None  # model.compile(): the compiled forward
             or generation_config.return_dict_in_generate
             or getattr(generation_config, "is_assistant", False)
             or not model_kwargs.get("use_cache", True)
-            or self.lm_head.weight.device.type != "cpu"
+            or self.model.embeddings.weight.device.type != "cpu"
             or not self.model._weights_in_place()
             or "forward" in self.__dict__  # wrapped on the instance (accelerate's autocast for mixed precision...)
             or nn.modules.module._global_forward_hooks
@@ -1317,6 +1330,31 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             streamer.end()
         return input_ids.contiguous()
 
+    def _adaptive_head(self, hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels=None,
+                       num_items_in_batch=None, ignore_index: int = -100):
+        """(logits, loss) of the adaptive softmax head from the last hidden states (B, T, H). Training with labels:
+        only the clusters of the targets are computed (the head's own loss path) and no logits are returned (None);
+        otherwise the logits are the full log-probabilities (B, T, V) and the loss, when asked for, their negative at
+        the targets. The loss is reduced as transformers' causal-LM loss (a sum over `num_items_in_batch` when
+        Trainer passes it, else the mean)."""
+        if labels is not None and self.training and torch.is_grad_enabled():
+            if shift_labels is None:
+                hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+            targets = shift_labels.reshape(-1).to(hidden.device)
+            keep = targets != ignore_index
+            nll = -self.lm_head(hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]).output
+            if num_items_in_batch is not None:
+                return None, nll.sum() / torch.as_tensor(num_items_in_batch, device=nll.device)
+            return None, nll.mean()
+        batch, length = hidden.shape[:2]
+        logits = self.lm_head.log_prob(hidden.reshape(batch * length, -1)).view(batch, length, -1)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                                      ignore_index=ignore_index)
+        return logits, loss
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1352,11 +1390,13 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(self.dropout(hidden_states))
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if isinstance(self.lm_head, nn.AdaptiveLogSoftmaxWithLoss):
+            logits, loss = self._adaptive_head(self.dropout(hidden_states), labels, **kwargs)
+        else:
+            logits = self.lm_head(self.dropout(hidden_states))
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         if not return_dict:
             output = tuple(v for v in (logits, outputs.cache, outputs.hidden_states) if v is not None)

@@ -166,6 +166,9 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     # 2. Tokenizer and model: new ones built for the text (one pass of character counts), or a saved model
     train_counts = count_training_characters(data_args, training_args, train_raw)
     tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_counts)
+    if model.config.adaptive_softmax_cutoffs and training_args.label_smoothing_factor:
+        raise UsageError("--label_smoothing_factor smooths over the logits of the full softmax, which an adaptive "
+                         "softmax does not compute in training: pass --adaptive_softmax off, or drop it.")
     if resume is not None:
         check_resume_matches(resume, model.config, model_args.model_name_or_path)
     if training_args.process_index == 0:

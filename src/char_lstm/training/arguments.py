@@ -42,6 +42,8 @@ class ModelArguments:
     num_hidden_layers: int = field(default=2, metadata={"help": "Number of recurrent layers."})
     dropout: float = field(default=0.5, metadata={"help": "Dropout between layers and before the head, in [0, 1)."})
     cell_type: str = field(default="lstm", metadata={"help": "lstm, gru or rnn."})
+    adaptive_softmax: str = field(default="auto", metadata={"help": "Output layer for large vocabularies: 'auto' (an "
+                                  "adaptive softmax above 1024 characters), 'off', or its cutoffs, e.g. '256,2048'."})
 
 
 @dataclass

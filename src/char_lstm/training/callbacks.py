@@ -74,7 +74,8 @@ def default_sample_prompt(tokenizer, texts, column: str, default_corpus: bool = 
     start = next(iter_texts(texts, column), "")[: 1 << 16]
     for line in start.split("\n")[1:-1]:  # the first and last lines may be cut
         head = line[:most]
-        if len(head.strip()) >= 3 and not head[0].isspace() and not tokenizer.oov_characters(head):
+        # printable (no tab, no terminal escape codes), not starting with a space, every character known
+        if len(head.strip()) >= 3 and head.isprintable() and head[0] != " " and not tokenizer.oov_characters(head):
             cut = head.rfind(" ") if len(line) > most else -1
             return head[:cut] if cut > len(head) // 2 else head
     known = "".join(c for c in start[:64] if not tokenizer.oov_characters(c))[:8]

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from ..configuration_char_lstm import CharLSTMConfig
 from ..data import BUNDLED_DATASET, DEFAULT_DATASET, load_raw_datasets, resolve_dataset_name, split_validation_tail
 from ..encoding import count_characters, encode_blocks, encode_streams, vocabulary_from_counts
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ..loading import check_vocab_match, hub_cache_only
 from ..modeling_char_lstm import CharLSTMForCausalLM
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
@@ -107,11 +107,14 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
             cache_only = hub_cache_only(name, None, "--tokenizer_name")
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
         else:
-            tokenizer, left_out = vocabulary_from_counts(
-                train_counts, data_args.document_separator, data_args.max_vocab_size, data_args.min_char_count
-            )
+            vocab_args = (train_counts, data_args.document_separator, data_args.max_vocab_size,
+                          data_args.min_char_count)
+            tokenizer, left_out = vocabulary_from_counts(*vocab_args)
+            if adaptive_cutoffs(model_args.adaptive_softmax, len(tokenizer)) is not None:
+                tokenizer, _ = vocabulary_from_counts(*vocab_args, by_frequency=True)  # ids by frequency
             if left_out:
                 _say_left_out(left_out, train_counts, data_args)
+        cutoffs = adaptive_cutoffs(model_args.adaptive_softmax, len(tokenizer), say=True)
         config = CharLSTMConfig(
             vocab_size=len(tokenizer),
             embedding_size=model_args.embedding_size,
@@ -123,10 +126,39 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
             unk_token_id=tokenizer.unk_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            adaptive_softmax_cutoffs=cutoffs,
         )
         model = CharLSTMForCausalLM(config)
     check_vocab_match(model.config, tokenizer)
     return tokenizer, model
+
+
+# Vocabularies above this many tokens get an adaptive softmax with --adaptive_softmax auto (the default).
+ADAPTIVE_MIN_VOCAB = 1024
+
+
+def adaptive_cutoffs(setting: str, vocab_size: int, say: bool = False) -> list[int] | None:
+    """The cutoffs of the adaptive softmax for `--adaptive_softmax` (`auto`, `off` or cutoffs such as `256,2048`),
+    or None for the full softmax. `auto`: 256 (the frequent characters get the full layer) and, above 4096 tokens,
+    2048 too, for vocabularies of more than `ADAPTIVE_MIN_VOCAB` tokens (then said in one info line with `say`)."""
+    setting = setting.strip().lower()
+    if setting == "off" or (setting == "auto" and vocab_size <= ADAPTIVE_MIN_VOCAB):
+        return None
+    if setting == "auto":
+        cutoffs = [256, 2048] if vocab_size > 4096 else [256]
+        if say:
+            logger.info(f"{vocab_size} tokens: the output layer is an adaptive softmax (cutoffs {cutoffs}: the 256 "
+                        "most frequent characters get the full layer, the rarer ones narrower clusters), several "
+                        "times cheaper than one layer over the whole vocabulary; --adaptive_softmax off for that.")
+        return cutoffs
+    try:
+        cutoffs = [int(part) for part in setting.split(",") if part.strip()]
+    except ValueError:
+        cutoffs = None
+    if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= vocab_size - 1:
+        raise UsageError(f"--adaptive_softmax {setting!r}: use auto, off, or increasing cutoffs below the vocabulary "
+                         f"size minus 1 ({vocab_size - 1}), e.g. 256,2048.")
+    return cutoffs
 
 
 def _say_left_out(left_out: dict[str, int], counts: dict[str, int], data_args: DataArguments) -> None:
@@ -148,6 +180,8 @@ def warn_unknown_characters(tokenizer, model_args: ModelArguments, data_args: Da
     if model_args.model_name_or_path or model_args.tokenizer_name:
         texts = {"training": train_counts, **texts}  # a vocabulary not built from this text
     known = tokenizer.get_vocab()
+    if not (model_args.model_name_or_path or model_args.tokenizer_name):
+        known = {**dict.fromkeys(train_counts), **known}  # left out by --max_vocab_size/--min_char_count: said
     for name, counts in texts.items():
         oov = {char: n for char, n in counts.items() if char not in known}
         if oov:

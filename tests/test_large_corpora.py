@@ -1,0 +1,88 @@
+"""Corpora as users bring them, in training: many distinct characters (the adaptive softmax, the vocabulary
+controls), source trees. Small generated data; the sizes and speeds are measured by benchmarks/scale.py."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from char_lstm.errors import UsageError
+from char_lstm.training import parse_arguments, train
+from helpers import write_text
+
+
+TINY = [
+    "--embedding_size", "16", "--hidden_size", "32", "--dropout", "0.0", "--block_size", "32",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--report_to", "none",
+    "--dataloader_pin_memory", "false", "--sample_length", "20", "--max_steps", "4", "--eval_steps", "4",
+    "--save_steps", "4", "--sample_every_evals", "0",
+]
+
+
+def many_characters(n_chars: int = 30_000, distinct: int = 1500, seed: int = 0) -> str:
+    """Lines of CJK characters drawn with Zipf-like frequencies (a few hundred frequent, the rest rare), as Chinese
+    text has them."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, distinct + 1)
+    codes = 0x4E00 + rng.choice(distinct, size=n_chars, p=weights / weights.sum())
+    chars = [chr(code) for code in codes]
+    return "".join(c + ("\n" if i % 24 == 23 else "") for i, c in enumerate(chars))
+
+
+def run(tmp_path, text, *extra, out="out"):
+    data = write_text(tmp_path / "train.txt", text)
+    metrics = train(*parse_arguments(["--train_file", str(data), "--output_dir", str(tmp_path / out), *TINY,
+                                      *extra]))
+    return metrics, tmp_path / out
+
+
+def test_a_large_vocabulary_gets_an_adaptive_softmax_over_ids_by_frequency(tmp_path, caplog):
+    text = many_characters()
+    with caplog.at_level(logging.INFO, logger="char_lstm"):
+        metrics, out = run(tmp_path, text)
+    assert np.isfinite(metrics["eval_loss"]) and np.isfinite(metrics["eval_bits_per_char"])
+    lines = [r.message for r in caplog.records if "adaptive softmax" in r.message]
+    assert len(lines) == 1 and "--adaptive_softmax off" in lines[0]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.adaptive_softmax_cutoffs == [256]
+    train_text = text[: len(text) - math.ceil(len(text) * 0.05)]  # without the validation tail
+    counts = {c: train_text.count(c) for c in set(train_text)}
+    most_frequent = max(counts, key=lambda c: (counts[c], -ord(c)))
+    assert tokenizer.convert_tokens_to_ids(most_frequent) == 3  # after <pad>, <unk>, <eos>
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in sorted(counts, key=lambda c: (-counts[c], c))]
+    assert ids == list(range(3, 3 + len(counts)))
+    prompt = tokenizer([text[:5]], return_tensors="pt")
+    assert model.generate(**prompt, max_new_tokens=8, do_sample=False).shape == (1, 13)
+
+
+def test_the_full_softmax_and_the_vocabulary_controls(tmp_path, caplog):
+    text = many_characters(distinct=1200)
+    with caplog.at_level(logging.INFO, logger="char_lstm"):
+        _, out = run(tmp_path, text, "--adaptive_softmax", "off", "--max_vocab_size", "300")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.adaptive_softmax_cutoffs is None and model.config.vocab_size == 300 + 3  # and 3 specials
+    lines = [r.message for r in caplog.records if "become <unk>" in r.message]
+    assert len(lines) == 1 and lines[0].startswith("--max_vocab_size 300: ")
+    assert " distinct characters become <unk> (" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="char_lstm"):
+        _, out = run(tmp_path, text, "--min_char_count", "20", "--adaptive_softmax", "16,64", out="out2")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.adaptive_softmax_cutoffs == [16, 64]
+    assert any(r.message.startswith("--min_char_count 20: ") for r in caplog.records)
+    assert all(text.count(c) >= 20 for c in AutoTokenizer.from_pretrained(out).get_vocab() if len(c) == 1 and
+               c != "\n")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--adaptive_softmax", "2048,256"), "--adaptive_softmax '2048,256': use auto, off, or increasing cutoffs"),
+    (("--adaptive_softmax", "many"), "--adaptive_softmax 'many': use auto, off"),
+    (("--label_smoothing_factor", "0.1"), "--label_smoothing_factor smooths over the logits of the full softmax"),
+    (("--max_vocab_size", "0"), "--max_vocab_size must be at least 1 character, got 0."),
+])
+def test_bad_large_vocabulary_flags_are_one_line(tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message.replace("(", "\\(").replace("'", ".")):
+        run(tmp_path, many_characters(n_chars=10_000, distinct=2000), *flags)
