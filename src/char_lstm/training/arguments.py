@@ -240,7 +240,6 @@ PRESETS = {
         # stops early still logs a few
         "logging_steps": 100,
         "logging_first_step": True,
-        "max_eval_samples": 256,
     },
     # The char-rnn recipe of the course's model (the defaults, named).
     "char-rnn": {
