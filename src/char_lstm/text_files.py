@@ -131,18 +131,25 @@ def text_files(files: list[str], named: bool, encoding: str, option: str) -> lis
         if os.path.getsize(path) == 0:
             raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
         reason = _not_text(path, encoding)
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
         if reason == "NUL bytes":
-            raise DataError(
-                f"{path} has NUL bytes: it is a binary file, or UTF-16 without a byte-order mark (then pass "
-                "--encoding utf-16-le or utf-16-be, or convert the file to UTF-8)."
-            )
+            odd, even = head[1::2].count(0), head[0::2].count(0)
+            if max(odd, even) > 0.8 * (len(head) // 2):  # a NUL next to every ASCII character
+                order = "le" if odd > even else "be"
+                raise DataError(
+                    f"{path} has NUL characters next to every character: it looks like UTF-16 without a byte-order "
+                    f"mark; pass --encoding utf-16-{order}, or convert the file to UTF-8."
+                )
+            raise DataError(f"{path} has NUL bytes: it is a binary file, not text; give a text file (or a folder, "
+                            "where such files are skipped).")
         if reason is not None:
-            with open(path, "rb") as f:
-                data = f.read(SNIFF_BYTES)
             try:
-                data.decode(encoding)
+                head.decode(encoding)
             except UnicodeDecodeError as error:
-                raise _decode_error(path, data, error, encoding) from None
+                raise _decode_error(path, head, error, encoding) from None
+        elif len(head) < SNIFF_BYTES and not head.decode(encoding).strip():
+            raise DataError(f"{path} holds only whitespace: the training text needs characters to learn from.")
         return files
     kept, skipped, empty = [], [], 0
     for path in files:

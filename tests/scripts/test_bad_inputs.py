@@ -71,8 +71,8 @@ TRAIN_CASES = {
     "whitespace only": (lambda d: ["--train_file", str(write_text(d / "w.txt", " \n\t\n  \n")), *TINY],
                         "w.txt holds only whitespace"),
     "utf-16 without bom": (lambda d: ["--train_file", str((d / "u.txt").write_bytes(shakespeare_like(600).encode(
-                           "utf-16-le")) and d / "u.txt"), *TINY], "u.txt has NUL characters (the first at character "
-                           "1): it looks like UTF-16 without a byte-order mark; pass --encoding utf-16-le"),
+                           "utf-16-le")) and d / "u.txt"), *TINY], "u.txt has NUL characters next to every character: "
+                           "it looks like UTF-16 without a byte-order mark; pass --encoding utf-16-le"),
 }
 
 
