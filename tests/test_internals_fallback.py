@@ -181,19 +181,33 @@ def _max_length_init_resigned(self, max_length, max_position_embeddings=None, mi
     self.max_length, self.max_position_embeddings, self.min_length = max_length, max_position_embeddings, min_length
 
 
-@pytest.mark.parametrize("init", [_max_length_init_without_the_attribute, _max_length_init_resigned])
-def test_a_changed_max_length_criteria_is_called_as_transformers_calls_it(model, batch, monkeypatch, init):
+def _max_length_call(self, input_ids, scores, **kwargs):
+    return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.max_length, dtype=torch.bool)
+
+
+def _max_length_call_resigned(self, input_ids, scores, new_tokens=None, **kwargs):
+    return _max_length_call(self, input_ids, scores)
+
+
+@pytest.mark.parametrize("init, call", [
+    (_max_length_init_without_the_attribute, _max_length_call),
+    (_max_length_init_resigned, _max_length_call),
+    (MaxLengthCriteria.__init__, _max_length_call_resigned),
+])
+def test_a_changed_max_length_criteria_is_called_as_transformers_calls_it(model, batch, monkeypatch, init, call):
     """The lean loop reads a `MaxLengthCriteria` as verified as a comparison of lengths; one without
-    `max_position_embeddings`, or of another signature, it calls at every step, as transformers' loop does."""
+    `max_position_embeddings`, or whose methods take other parameters, it calls at every step, as transformers'
+    loop does."""
     before = generate_each_way(model, batch)
     lengths = []
 
-    def call(self, input_ids, scores, **kwargs):
-        lengths.append(input_ids.shape[1])
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.max_length, dtype=torch.bool)
+    @functools.wraps(call)
+    def counted_call(self, *args, **kwargs):
+        lengths.append(args[0].shape[1])
+        return call(self, *args, **kwargs)
 
     monkeypatch.setattr(MaxLengthCriteria, "__init__", init)
-    monkeypatch.setattr(MaxLengthCriteria, "__call__", call)
+    monkeypatch.setattr(MaxLengthCriteria, "__call__", counted_call)
     calls = transformers_loop_as_today(monkeypatch)
     assert_same(generate_each_way(model, batch), before)
     width = batch["input_ids"].shape[1]

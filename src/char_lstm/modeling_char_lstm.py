@@ -1059,6 +1059,16 @@ def _verified_max_length_criteria(self, max_length, max_position_embeddings=None
     """The parameters of `MaxLengthCriteria.__init__` as verified (it keeps both as attributes)."""
 
 
+def _verified_max_length_call(self, input_ids, scores, **kwargs):
+    """The parameters of `MaxLengthCriteria.__call__` as verified."""
+
+
+def _with_parameters_of(function):
+    """A decorator: `inspect.signature` of the decorated function shows the parameters of `function` (its
+    `__wrapped__`; name and docstring kept), where `function` exists."""
+    return functools.wraps(function, assigned=()) if function is not None else (lambda decorated: decorated)
+
+
 def _lean_internals_verified(transformers_sample, prefill) -> bool:
     """Whether transformers' `_sample` (the loop the lean one stands in for: generate() calls `_sample` with its
     arguments) and `_prefill` take the parameters verified here. Cached per function object (`_parameters`)."""
@@ -1069,11 +1079,13 @@ def _lean_internals_verified(transformers_sample, prefill) -> bool:
 
 def _plain_max_length(criteria) -> int | None:
     """The length at which `criteria` stops every row, when it is a plain `MaxLengthCriteria` as verified (exactly
-    that class, its `__init__` as verified, `max_length` an int and `max_position_embeddings` None: its call is then
+    that class, its methods' parameters, `max_length` an int and `max_position_embeddings` None: its call is then
     `input_ids.shape[1] >= max_length` for every row); else None, and the lean loop calls it as transformers does."""
     if MaxLengthCriteria is None or type(criteria) is not MaxLengthCriteria:
         return None
-    if _parameters(MaxLengthCriteria.__init__) != _parameters(_verified_max_length_criteria):
+    if _parameters(MaxLengthCriteria.__init__) != _parameters(_verified_max_length_criteria) or _parameters(
+        MaxLengthCriteria.__call__
+    ) != _parameters(_verified_max_length_call):
         return None
     attributes = vars(criteria)
     max_length = attributes.get("max_length")
@@ -1254,7 +1266,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         # LogitsProcessorList passes no keyword arguments here: it would refuse a processor that needs some.
         return all(len(inspect.signature(processor.__call__).parameters) <= 2 for processor in logits_processor)
 
-    @functools.wraps(GenerationMixin._sample, assigned=())
+    @_with_parameters_of(getattr(GenerationMixin, "_sample", None))
     def _sample(self, *args, **kwargs):
         """generate()'s loop for sampling and greedy search. On a CPU, per token, transformers' own loop costs about
         as much as this model's step (it inspects every logits processor's signature, builds the stopping criteria's
@@ -1265,7 +1277,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         goes to transformers' loop with the arguments as they came (`__wrapped__` shows generate() the installed
         `_sample`'s parameters, so it passes what that loop takes)."""
         transformers_sample = super()._sample
-        if _lean_internals_verified(getattr(transformers_sample, "__func__", None), getattr(type(self), "_prefill")):
+        prefill = getattr(type(self), "_prefill", None)
+        if _lean_internals_verified(getattr(transformers_sample, "__func__", None), prefill):
             arguments = _verified_sample(self, *args, **kwargs)
             input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs = (
                 arguments
