@@ -26,18 +26,15 @@ from .encoding import (  # noqa: F401  (imported from char_lstm.data before issu
     boundary_id,
     build_tokenizer,
     collate_blocks,
-    collate_stream_blocks,
     count_oov,
     encode_blocks,
-    encode_streams,
-    encode_text,
     iter_texts,
     join_documents,
     passes_num_proc,
     rows_per_batch,
-    stream_layout,
 )
 from .errors import DataError
+from .streams import collate_stream_blocks, encode_streams, encode_text, stream_layout  # noqa: F401
 from .text_files import (
     CONTINUES_COLUMN,
     PART_BYTES,

@@ -7,10 +7,8 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
 import numpy as np
-import pyarrow as pa
 import torch
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
-from datasets.table import InMemoryTable
 
 from .errors import DataError
 from .text_files import CONTINUES_COLUMN, ROW_CHARS
@@ -234,87 +232,3 @@ def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack blocks into `input_ids` and `labels` (the same ids: the model shifts them)."""
     input_ids = torch.from_numpy(np.asarray([example["input_ids"] for example in examples], dtype=np.int64))
     return {"input_ids": input_ids, "labels": input_ids.clone()}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Streams for stateful truncated BPTT
-
-
-def encode_text(dataset: Dataset, tokenizer: CharLSTMTokenizer, column: str, separator: str = "\n\n") -> np.ndarray:
-    """The whole text of `dataset` (documents joined by `join_documents`) as one array of ids."""
-    rows = list(iter_documents(dataset, column))
-    return join_documents(tokenizer, [text for text, _ in rows], separator, boundary_id(tokenizer),
-                          [continues for _, continues in rows])
-
-
-def stream_layout(num_ids: int, num_streams: int, block_size: int, name: str = "training") -> np.ndarray:
-    """Where each window starts, for `num_streams` contiguous streams read `block_size` characters per step.
-
-    The text (`num_ids` ids) is cut into `num_streams` equal contiguous pieces; step k reads the k-th window of
-    `block_size + 1` ids of every piece. Returns the start offsets in row order `k * num_streams + s` (window k of
-    stream s), shape `(windows_per_stream * num_streams,)`.
-
-    Why this order: with a sequential sampler, batches of `B` rows are consecutive streams, and accelerate deals
-    batches out to the processes in turn (batch i to process i % P). So with `num_streams = P * B`, process p always
-    gets streams p*B .. p*B + B - 1, each continuing where its previous batch stopped, and no two processes share
-    any text."""
-    stream_length = (num_ids - 1) // num_streams  # predictions per stream
-    windows = stream_length // block_size
-    if windows <= 0:
-        raise DataError(
-            f"The {name} text ({num_ids} characters) is too short for {num_streams} streams (one per batch row of "
-            f"every process) of at least {block_size + 1} characters: use more text, a smaller "
-            f"--per_device_{'eval' if name == 'validation' else 'train'}_batch_size or a smaller --block_size."
-        )
-    stream_starts = np.arange(num_streams, dtype=np.int64) * stream_length
-    window_offsets = np.arange(windows, dtype=np.int64) * block_size
-    return (window_offsets[:, None] + stream_starts[None, :]).reshape(-1)
-
-
-def encode_streams(
-    dataset: Dataset,
-    tokenizer: CharLSTMTokenizer,
-    column: str,
-    block_size: int,
-    num_streams: int,
-    separator: str = "\n\n",
-    name: str = "training",
-) -> Dataset:
-    """Rows of text -> windows of `block_size + 1` ids laid out as `num_streams` contiguous streams (see
-    `stream_layout`), with a `window` column giving each row's step in its stream (0 = the stream starts)."""
-    if block_size <= 0:
-        raise DataError(f"--block_size must be a positive number of characters, got {block_size}.")
-    if isinstance(dataset, IterableDataset):
-        raise DataError(
-            "--stateful needs the length of the text to lay out its streams: it cannot be used with --streaming."
-        )
-    ids = encode_text(dataset, tokenizer, column, separator)
-    starts = stream_layout(len(ids), num_streams, block_size, name)
-    windows = np.lib.stride_tricks.sliding_window_view(ids, block_size + 1)[starts]
-    window_index = np.repeat(np.arange(len(starts) // num_streams, dtype=np.int32), num_streams)
-    # Built as Arrow arrays directly: `Dataset.from_dict` would go through Python lists (20 s for 50 MB of text).
-    offsets = np.arange(0, (len(starts) + 1) * (block_size + 1), block_size + 1, dtype=np.int64)
-    table = pa.table(
-        {
-            "input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(windows.reshape(-1))),
-            "window": pa.array(window_index),
-        }
-    )
-    return Dataset(InMemoryTable(table))
-
-
-def collate_stream_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Windows of `block_size + 1` ids -> `input_ids` (the first `block_size`), `shift_labels` (the next character of
-    each), `labels` (= `input_ids`, what transformers' causal-LM convention expects) and `window`.
-
-    The inputs stop one id short of the window so that the state carried to the next window has read exactly the text
-    before it; `shift_labels` keeps the last prediction of each window (the model's loss uses it instead of shifting
-    `labels`)."""
-    blocks = torch.from_numpy(np.asarray([example["input_ids"] for example in examples], dtype=np.int64))
-    input_ids = blocks[:, :-1]
-    return {
-        "input_ids": input_ids,
-        "labels": input_ids.clone(),
-        "shift_labels": blocks[:, 1:].contiguous(),
-        "window": torch.tensor([example["window"] for example in examples], dtype=torch.int64),
-    }

@@ -23,8 +23,9 @@ from functools import partial
 
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback, set_seed
 
-from ..encoding import collate_blocks, collate_stream_blocks
+from ..encoding import collate_blocks
 from ..errors import UsageError
+from ..streams import collate_stream_blocks
 from .arguments import (
     PRESETS,
     CharLSTMTrainingArguments,

@@ -11,10 +11,11 @@ from transformers import AutoTokenizer
 
 from ..configuration_char_lstm import CharLSTMConfig
 from ..data import BUNDLED_DATASET, DEFAULT_DATASET, load_raw_datasets, resolve_dataset_name, split_validation_tail
-from ..encoding import count_characters, encode_blocks, encode_streams, vocabulary_from_counts
+from ..encoding import count_characters, encode_blocks, vocabulary_from_counts
 from ..errors import DataError, UsageError
 from ..loading import check_vocab_match, hub_cache_only
 from ..modeling_char_lstm import CharLSTMForCausalLM
+from ..streams import encode_streams
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
 
 
