@@ -24,7 +24,6 @@ from functools import partial
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback, set_seed
 
 from ..encoding import collate_blocks
-from ..errors import UsageError
 from ..streams import collate_stream_blocks
 from .arguments import (
     PRESETS,
@@ -86,10 +85,10 @@ from .output_dir import (
 from .preparation import (
     count_training_characters,
     encode_datasets,
-    is_default_corpus,
     load_datasets,
     load_tokenizer_and_model,
     periodic_eval_blocks,
+    run_sample_prompt,
     shard_the_stream,
     warn_unknown_characters,
 )
@@ -166,10 +165,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
 
     # 2. Tokenizer and model: new ones built for the text (one pass of character counts), or a saved model
     train_counts = count_training_characters(data_args, training_args, train_raw)
-    tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_counts)
-    if model.config.adaptive_softmax_cutoffs and training_args.label_smoothing_factor:
-        raise UsageError("--label_smoothing_factor smooths over the logits of the full softmax, which an adaptive "
-                         "softmax does not compute in training: pass --adaptive_softmax off, or drop it.")
+    tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_counts, training_args)
     if resume is not None:
         check_resume_matches(resume, model.config, model_args.model_name_or_path)
     if training_args.process_index == 0:
@@ -182,13 +178,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
 
     # 4. Trainer, with the run's callbacks
     set_generation_defaults(model, tokenizer, training_args)
-    prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, eval_raw, data_args.text_column,
-                                                                  is_default_corpus(data_args))
-    training_args.sample_prompt = prompt  # the prompt a stop message suggests sampling with: one the model knows
-    if tokenizer.oov_characters(prompt):
-        raise UsageError(
-            f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
-        )
+    prompt = training_args.sample_prompt = run_sample_prompt(tokenizer, data_args, training_args, eval_raw)
     baselines = baselines_from_counts(train_counts, tokenizer, model.config.vocab_size)
     diagnostics = TrainingDiagnostics(baselines, model.config.cell_type, model.config.hidden_size,
                                       data_args.block_size, has_eval_data=eval_blocks is not None,

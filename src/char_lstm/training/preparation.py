@@ -17,6 +17,7 @@ from ..loading import check_vocab_match, hub_cache_only
 from ..modeling_char_lstm import CharLSTMForCausalLM
 from ..streams import encode_streams
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
+from .callbacks import default_sample_prompt
 
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def shard_the_stream(training_args: CharLSTMTrainingArguments, train_blocks) -> 
 # 2. Tokenizer and model
 
 
-def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArguments, train_counts: dict[str, int]):
+def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArguments, train_counts: dict[str, int],
+                             training_args: CharLSTMTrainingArguments | None = None):
     """The saved model and its tokenizer (`--model_name_or_path`), or a new model over a saved tokenizer
     (`--tokenizer_name`) or over a vocabulary built from the training text's character counts."""
     if model_args.model_name_or_path is not None:
@@ -131,7 +133,22 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
         )
         model = CharLSTMForCausalLM(config)
     check_vocab_match(model.config, tokenizer)
+    if model.config.adaptive_softmax_cutoffs and training_args is not None and training_args.label_smoothing_factor:
+        raise UsageError("--label_smoothing_factor smooths over the logits of the full softmax, which an adaptive "
+                         "softmax does not compute in training: pass --adaptive_softmax off, or drop it.")
     return tokenizer, model
+
+
+def run_sample_prompt(tokenizer, data_args: DataArguments, training_args: CharLSTMTrainingArguments, eval_raw) -> str:
+    """--sample_prompt, or the default one (`default_sample_prompt`); characters outside the vocabulary are one
+    line. It is also the prompt the stop messages suggest sampling with: one the model knows."""
+    prompt = training_args.sample_prompt or default_sample_prompt(tokenizer, eval_raw, data_args.text_column,
+                                                                  is_default_corpus(data_args))
+    if tokenizer.oov_characters(prompt):
+        raise UsageError(
+            f"--sample_prompt {prompt!r} has characters outside the vocabulary: {tokenizer.oov_characters(prompt)}."
+        )
+    return prompt
 
 
 # Vocabularies above this many tokens get an adaptive softmax with --adaptive_softmax auto (the default).
