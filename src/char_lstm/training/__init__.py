@@ -39,6 +39,7 @@ from .callbacks import (
     DivergenceGuard,
     LearningRateLogCallback,
     MetricsProgressCallback,
+    ReleaseMappedPages,
     SampleCallback,
     TimeLimitCallback,
     TrainingDiverged,
@@ -270,7 +271,7 @@ def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataAr
         processing_class=tokenizer,
         compute_metrics=BatchedMetrics(shifted=data_args.stateful),
         preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful),
-        callbacks=[sampler, *callbacks],
+        callbacks=[sampler, ReleaseMappedPages([train_blocks, eval_blocks]), *callbacks],
     )
     sampler.trainer = trainer
     if trainer.pop_callback(ProgressCallback) is not None:  # the same bars, with numbers at 4 significant digits

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
 
-from ..encoding import iter_texts
+from ..encoding import iter_texts, release_mapped_pages
 from ..errors import see_troubleshooting
 from ..sampling import repetition_warning
 from .summary import run_summary
@@ -80,6 +80,26 @@ def default_sample_prompt(tokenizer, texts, column: str, default_corpus: bool = 
             return head[:cut] if cut > len(head) // 2 else head
     known = "".join(c for c in start[:64] if not tokenizer.oov_characters(c))[:8]
     return known or next(t for t in tokenizer.get_vocab() if len(t) == 1)
+
+
+class ReleaseMappedPages(TrainerCallback):
+    """Every `every` steps, and after each evaluation, unmap the pages of the memory-mapped training and evaluation
+    blocks that reading them has mapped into the process (`release_mapped_pages`): the training process's memory
+    stays flat however large its data."""
+
+    def __init__(self, datasets_to_release: list, every: int = 10):
+        self.datasets, self.every = [d for d in datasets_to_release if d is not None], every
+
+    def _release(self) -> None:
+        for dataset in self.datasets:
+            release_mapped_pages(dataset)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self._release()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._release()
 
 
 DIVERGENCE_HELP = (

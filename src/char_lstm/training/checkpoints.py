@@ -14,6 +14,7 @@ import warnings
 
 import torch
 from safetensors import safe_open
+from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
@@ -22,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 from ..errors import UsageError, first_sentence
+from .samplers import LeanRandomSampler
 
 
 logger = logging.getLogger(__name__)
@@ -305,6 +307,12 @@ class CharLSTMTrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             config.use_cache = training_value
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is RandomSampler and self.args.accelerator_config.use_seedable_sampler:
+            return LeanRandomSampler(len(sampler.data_source), self.args.data_seed)  # the same order, lean
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # --label_smoothing_factor: Trainer shifts the labels for its smoother only for transformers' own causal LMs
