@@ -1362,10 +1362,14 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         batch, length = hidden.shape[:2]
         logits = self.lm_head.log_prob(hidden.reshape(batch * length, -1)).view(batch, length, -1)
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                      shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                                      ignore_index=ignore_index)
+        if labels is not None:  # the log-probabilities at the targets: no second log-softmax over the vocabulary
+            if shift_labels is None:
+                shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+            targets = shift_labels.to(logits.device)
+            keep = targets != ignore_index
+            nll = -logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep]
+            total = torch.as_tensor(num_items_in_batch, device=nll.device) if num_items_in_batch is not None else None
+            loss = nll.sum() / total if total is not None else nll.mean()
         return logits, loss
 
     def forward(

@@ -270,7 +270,8 @@ def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataAr
         data_collator=collate_stream_blocks if data_args.stateful else collate_blocks,
         processing_class=tokenizer,
         compute_metrics=BatchedMetrics(shifted=data_args.stateful),
-        preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful),
+        preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful,
+                                              log_probs=bool(model.config.adaptive_softmax_cutoffs)),
         callbacks=[sampler, ReleaseMappedPages([train_blocks, eval_blocks]), *callbacks],
     )
     sampler.trainer = trainer
