@@ -183,7 +183,8 @@ def main() -> None:
         many, small = rows[-2], rows[-1]
         result["large_vocabulary"] = {
             "train_throughput_ratio": many["train_chars_per_s"] / small["train_chars_per_s"],
-            "generate_time_ratio": generate_seconds_per_char(many["model"]) / generate_seconds_per_char(small["model"]),
+            "generate_time_ratio": (generate_seconds_per_char(many["model"])
+                                    / generate_seconds_per_char(small["model"])),
         }
     print(f"\n{result['cpu']}, {result['cores']} cores")
     print(f"{'corpus':<12} {'MB':>7} {'prep MB/s':>9} {'1st step cold':>13} {'warm':>6} {'peak RSS':>9} "
