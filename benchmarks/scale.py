@@ -154,7 +154,7 @@ def generate_seconds_per_char(model_dir: str, new_chars: int = 400, repeats: int
     return best
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", action="append", default=[], help="NAME=PATH (a file, folder or glob)")
@@ -165,7 +165,11 @@ def main() -> None:
     parser.add_argument("--validation_split_percentage", type=float, default=0.5)
     parser.add_argument("--work_dir", default=None, help="where the caches and models go (default: a temp folder)")
     parser.add_argument("--output_json", default="scale.json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.child:
         return child(json.loads(args.child))
     from benchmark import cpu_name

@@ -60,6 +60,7 @@ PARSERS = {
     "scripts/bptt_demo.py": lambda argv: script_function("scripts/bptt_demo.py", "parse_arguments")(argv),
     "scripts/benchmark.py": benchmark_parser,
     "benchmarks/benchmark.py": benchmark_parser,
+    "benchmarks/scale.py": lambda argv: script_function("benchmarks/scale.py", "build_parser")().parse_args(argv),
     "demo/app.py": demo_parser,
 }
 
