@@ -42,6 +42,19 @@ def make_model(
     return CharLSTMForCausalLM(config).eval()
 
 
+def count_forward_calls(monkeypatch):
+    """Count the calls of CharLSTMForCausalLM.forward (wrapped on the class: a wrapper on the instance, as accelerate
+    puts there, sends generate() to transformers' loop). Returns the list that grows by one per call."""
+    calls, forward = [], CharLSTMForCausalLM.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CharLSTMForCausalLM, "forward", counted)
+    return calls
+
+
 def write_text(path, text: str):
     """Write `text` exactly (no newline translation)."""
     with open(path, "w", encoding="utf-8", newline="") as f:

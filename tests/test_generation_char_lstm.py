@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, TextStreamer
 
 from char_lstm import CharLSTMForCausalLM
-from helpers import make_model
+from helpers import count_forward_calls, make_model
 
 
 @pytest.fixture
@@ -138,7 +138,10 @@ def test_streamer_prints_the_generated_text_in_order(tokenizer, model, capsys):
     assert printed.rstrip("\n") == expected.rstrip("\n")
 
 
-def test_returned_cache_continues_the_sequence_exactly(tokenizer, cell_type):
+@pytest.mark.parametrize("passed", ["full sequence", "new tokens only"])
+def test_returned_cache_continues_the_sequence_exactly(tokenizer, cell_type, passed):
+    """Both of transformers' conventions for a returned cache: the full sequence, or the new tokens only with the
+    mask of the full sequence."""
     model = make_model(tokenizer, cell_type)
     batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True, padding_side="left")
     reference = model.generate(**batch, max_new_tokens=16, do_sample=False)
@@ -146,30 +149,15 @@ def test_returned_cache_continues_the_sequence_exactly(tokenizer, cell_type):
     first = model.generate(**batch, max_new_tokens=7, do_sample=False, return_dict_in_generate=True)
     mask = torch.cat([batch["attention_mask"], torch.ones(2, 7, dtype=torch.long)], dim=1)
     lengths, handle = record_forward_lengths(model)
-    second = model.generate(
-        first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=9, do_sample=False
-    )
+    given = first.sequences if passed == "full sequence" else first.sequences[:, -1:]
+    second = model.generate(given, attention_mask=mask, cache=first.cache, max_new_tokens=9, do_sample=False)
     handle.remove()
-    assert torch.equal(second, reference)
+    assert torch.equal(second, reference if passed == "full sequence" else reference[:, -10:])
     assert lengths[0] == 1  # only the last generated token, not yet seen by the state, is fed again
-
-
-def test_continuing_with_only_the_new_tokens_and_the_full_mask(tokenizer, cell_type):
-    """transformers' other convention for a returned cache: the new tokens only, with the mask of the full sequence."""
-    model = make_model(tokenizer, cell_type)
-    batch = tokenizer(["ROMEO:\nBut, soft", "All:"], return_tensors="pt", padding=True, padding_side="left")
-    reference = model.generate(**batch, max_new_tokens=16, do_sample=False)
-    first = model.generate(**batch, max_new_tokens=7, do_sample=False, return_dict_in_generate=True)
-    mask = torch.cat([batch["attention_mask"], torch.ones(2, 7, dtype=torch.long)], dim=1)
-    lengths, handle = record_forward_lengths(model)
-    second = model.generate(first.sequences[:, -1:], attention_mask=mask, cache=first.cache, max_new_tokens=9,
-                            do_sample=False)
-    handle.remove()
-    assert torch.equal(second[:, 1:], reference[:, -9:])
-    assert lengths[0] == 1
-    refused = "consumed 31 tokens and 1 new ones were passed, but the attention mask has 15 columns \\(expected 32\\)"
-    with pytest.raises(ValueError, match=refused):
-        model.generate(second[:, -1:], attention_mask=mask[:, :-8], cache=first.cache, max_new_tokens=2)
+    if passed == "new tokens only":
+        refused = "consumed 31 tokens and 1 new ones were passed, but the attention mask has 15 columns \\(expected 32"
+        with pytest.raises(ValueError, match=refused):
+            model.generate(second[:, -1:], attention_mask=mask[:, :-8], cache=first.cache, max_new_tokens=2)
 
 
 def test_the_cache_counts_the_columns_it_consumed(tokenizer, cell_type):
@@ -278,19 +266,6 @@ def both_loops(model, seed=0, **kwargs):
         torch.manual_seed(seed)
         reference = model.generate(**kwargs)
     return lean, reference
-
-
-def count_forward_calls(monkeypatch):
-    """Count the calls of CharLSTMForCausalLM.forward (wrapped on the class: a wrapper on the instance, as accelerate
-    puts there, sends generate() to transformers' loop). Returns the list that grows by one per call."""
-    calls, forward = [], CharLSTMForCausalLM.forward
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(CharLSTMForCausalLM, "forward", counted)
-    return calls
 
 
 def test_the_lean_loop_calls_the_model_for_the_prompt_only(tokenizer, model, monkeypatch):

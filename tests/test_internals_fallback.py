@@ -16,9 +16,8 @@ from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
-from char_lstm import CharLSTMForCausalLM
 from char_lstm.modeling_char_lstm import _onednn_linear_usable
-from helpers import make_model
+from helpers import count_forward_calls, make_model
 
 
 SETTINGS = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, temperature=0.9, top_k=20)}
@@ -76,17 +75,6 @@ def transformers_loop_as_today(monkeypatch, put_back=lambda kwargs: contextlib.n
             return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GenerationMixin, "_sample", transformers_loop)
-    return calls
-
-
-def count_forward_calls(monkeypatch):
-    calls, forward = [], CharLSTMForCausalLM.forward
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(CharLSTMForCausalLM, "forward", counted)
     return calls
 
 
