@@ -4,7 +4,10 @@
 only what Trainer does not do by itself:
 
 * `arguments`: the argument dataclasses (the reference char-rnn recipe's defaults), the presets, parsing and checks;
-* `preparation`: the stages before the Trainer: raw texts, tokenizer and model, blocks of ids;
+* `defaults`: char_lstm's defaults that need evaluations follow the flags given;
+* `preparation`: the stages before the Trainer: raw texts, character counts, tokenizer and model, blocks of ids, the
+  evaluation sample;
+* `samplers`: accelerate's random order without a Python list of every index (large corpora);
 * `callbacks`: samples while training, the divergence guard (Trainer keeps going with NaN weights), the time budget,
   the log line when the plateau scheduler lowers the learning rate;
 * `diagnostics`: the troubleshooting table, live: each failure mode (stuck loss, overfitting, gibberish, slow
@@ -15,7 +18,8 @@ only what Trainer does not do by itself:
 * `stateful`: stateful truncated BPTT (the state carried from batch to batch);
 * `runtime`: the process (CPU DDP launch, console, allocator, bf16 detection, Ctrl-C / SIGTERM);
 * `summary`: the lines a run ends with, and the record of the run the model card is written from;
-* `curves`: training_curves.png, the picture of the run on the model card.
+* `curves`: training_curves.png, the picture of the run on the model card;
+* `final`: the final evaluation on the whole validation split, and the final model written complete or absent.
 """
 
 import logging

@@ -337,6 +337,10 @@ class TrainingDiagnostics(TrainerCallback):
         if args.load_best_model_at_end:
             kept = (f"The best checkpoint (step {best_step}, eval loss {best_loss:.3f}) is kept and loaded at the end"
                     if state.best_model_checkpoint else "The best checkpoint is loaded at the end")
+        elif str(getattr(args.save_strategy, "value", args.save_strategy)) != str(
+                getattr(args.eval_strategy, "value", args.eval_strategy)):
+            kept = ("To keep the best checkpoint, save when you evaluate (the same --save_strategy and "
+                    "--eval_strategy) and pass --load_best_model_at_end true")
         else:
             kept = "Pass --load_best_model_at_end true to keep the best checkpoint"
         stop = ("" if self.early_stopping_patience else
