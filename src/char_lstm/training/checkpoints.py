@@ -360,7 +360,9 @@ class CharLSTMTrainer(Trainer):
                 publish_folder(staged, final)
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(run_dir, STAGING_DIR))
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            # by step number (checkpoint-N), as Trainer rotates; by time, transformers says "mtime may not be reliable"
+            # whenever two checkpoints are less than a second apart
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
 
 
 

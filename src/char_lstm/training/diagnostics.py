@@ -88,8 +88,8 @@ def baseline_gain_warning(eval_loss: float, baselines: Baselines, min_gain_bits:
              f"bits/char" if gain > 0 else
              f"does not beat the unigram baseline of the data ({bits(baselines.unigram):.2f} bits/char)")
     return (f"Generates gibberish: the final model ({bits(eval_loss):.2f} bits/char) {beats}: it has not converged. "
-            f"Train longer (--max_steps, --num_train_epochs), check that the loss decreases, and sample at a lower "
-            f"--temperature (0.5-0.8). {see_troubleshooting('generates-gibberish')}")
+            f"Train longer (--max_steps, --num_train_epochs), check that the loss decreases, and sample "
+            f"(scripts/generate.py) at a lower --temperature (0.5-0.8). {see_troubleshooting('generates-gibberish')}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -204,9 +204,10 @@ def warn_unknown_characters(tokenizer, model_args: ModelArguments, data_args: Da
         oov = {char: n for char, n in counts.items() if char not in known}
         if oov:
             share = sum(oov.values()) / max(1, sum(counts.values()))
+            more = f" and {len(oov) - 40} more" if len(oov) > 40 else ""
             logger.warning(
                 f"{sum(oov.values())} characters of the {name} text ({share:.3%}) are not in the vocabulary and "
-                f"become <unk>: {''.join(sorted(oov)[:200])!r}"
+                f"become <unk>: {''.join(sorted(oov)[:40])!r}{more}"
             )
 
 
