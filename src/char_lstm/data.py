@@ -126,9 +126,9 @@ def expand_files(spec: str, option: str, include: list[str] | None = None, exclu
     """A file, a folder (recursive) or a glob -> the sorted list of files to read; in a folder or glob, files that
     are not text are skipped (one info line), and `include` / `exclude` patterns filter the paths."""
     files, named = find_files(spec, option, include, exclude)
-    if named or structured_builder(files) is not None:
+    if structured_builder(files) is not None:
         return files
-    return text_files(files, named, encoding, option)
+    return text_files(files, named, encoding, option)  # named on its own: why it is not text is an error
 
 
 def load_files(
@@ -139,8 +139,6 @@ def load_files(
     continue a file) or, when every file is .jsonl/.json/.csv/.parquet, their rows as they are."""
     builder = structured_builder(files)
     if builder is None:
-        if len(files) == 1:  # named on its own: the reasons it is not text are errors
-            text_files(files, True, encoding, "--train_file")
         # streamed: smaller parts, so that even a text of one file has a part for each of several processes
         parts = file_parts([os.path.abspath(path) for path in files], encoding,
                            STREAM_PART_BYTES if streaming else PART_BYTES)
