@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel
-from char_lstm.modeling_char_lstm import _STEP_WEIGHTS, _StepLinear, cache_from_states
+from char_lstm.modeling_char_lstm import (
+    _STEP_WEIGHTS,
+    _adaptive_argmax,
+    _adaptive_sample,
+    _StepLinear,
+    cache_from_states,
+)
 from helpers import CORPUS, make_model
 
 
@@ -890,6 +896,75 @@ def test_adaptive_softmax_trains_on_the_target_clusters_and_scores_with_full_log
     with pytest.raises(ValueError, match="needs the linear output layer"):
         CharLSTMConfig(vocab_size=50, embedding_size=8, hidden_size=8, tie_word_embeddings=True,
                        adaptive_softmax_cutoffs=[10])
+
+
+def chi_square(counts: torch.Tensor, probabilities: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of `counts` against `probabilities` (classes expected fewer than 5 times pooled) and its
+    degrees of freedom."""
+    expected = probabilities.double() * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = expected > 0
+    return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+def test_adaptive_softmax_greedy_choice_equals_the_argmax_of_the_full_distribution():
+    torch.manual_seed(0)
+    head = torch.nn.AdaptiveLogSoftmaxWithLoss(16, 60, [8, 30], div_value=2.0).eval()
+    with torch.no_grad():
+        head.head.weight[8:] *= 3  # the clusters' entries often beat the shortlist's best character
+        hidden = torch.randn(4000, 16) * 2
+        full = head.log_prob(hidden).argmax(dim=1)
+        chosen = _adaptive_argmax(head, hidden)
+    assert torch.equal(chosen, full)
+    assert (full < 8).any() and ((full >= 8) & (full < 30)).any() and (full >= 30).any()
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.8, 1.0, 1.7])
+@pytest.mark.parametrize("clusters", ["peaked", "flat"])
+def test_adaptive_softmax_draws_follow_the_tempered_full_distribution(temperature, clusters):
+    """The hierarchical draw against softmax(log_prob / T) over 200k rows. "flat": the clusters hold most of the mass,
+    spread evenly, so at low temperatures their tempered masses are small and most proposals are rejected (rows then
+    draw from all clusters at once)."""
+    torch.manual_seed(1)
+    head = torch.nn.AdaptiveLogSoftmaxWithLoss(16, 40, [6, 20], div_value=2.0).eval()
+    hidden = torch.randn(1, 16) * 2
+    with torch.no_grad():
+        if clusters == "flat":
+            head.head.weight[6:] = hidden[0] / hidden.norm() ** 2 * 4  # each cluster's entry: e^4 times a character's
+            for tail in head.tail:
+                tail[1].weight.zero_()
+        expected = torch.softmax(head.log_prob(hidden)[0] / temperature, dim=0)
+        drawn = _adaptive_sample(head, hidden.expand(200_000, -1), temperature)
+    statistic, freedom = chi_square(torch.bincount(drawn, minlength=40), expected)
+    assert statistic < freedom + 6 * (2 * freedom) ** 0.5, (statistic, freedom)  # chi-square: mean k, sd sqrt(2k)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.5])
+def test_adaptive_softmax_sampling_through_generate_follows_the_model(temperature, monkeypatch):
+    """Two new characters of 100k copies of one prompt against the model's own probabilities, chi-square over the 144
+    pairs; after the first character (drawn from the prompt's logits with torch.multinomial, as transformers' loop
+    does) the lean loop draws from the head and one cluster, with no multinomial over the vocabulary."""
+    torch.manual_seed(0)
+    config = CharLSTMConfig(vocab_size=12, embedding_size=8, hidden_size=32, adaptive_softmax_cutoffs=[4, 8],
+                            unk_token_id=1, eos_token_id=2, bos_token_id=2)
+    model = CharLSTMForCausalLM(config).eval()
+    prompt = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        first = torch.softmax(model(prompt).logits[0, -1] / temperature, dim=0)
+        pairs = torch.cat([prompt.expand(12, -1), torch.arange(12)[:, None]], dim=1)
+        second = torch.softmax(model(pairs).logits[:, -1] / temperature, dim=1)
+    multinomial_calls = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: multinomial_calls.append(1) or multinomial(*a, **k))
+    rows = prompt.expand(100_000, -1)
+    out = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=2, do_sample=True,
+                         temperature=temperature, top_k=None, top_p=None, eos_token_id=None)
+    assert len(multinomial_calls) == 1
+    counts = torch.bincount(out[:, 3] * 12 + out[:, 4], minlength=144)
+    statistic, freedom = chi_square(counts, (first[:, None] * second).reshape(-1))
+    assert statistic < freedom + 6 * (2 * freedom) ** 0.5, (statistic, freedom)
 
 
 @pytest.mark.parametrize("cell_type", ["lstm", "gru"])

@@ -56,6 +56,10 @@ try:  # generate()'s length criterion, which the lean decoding loop reads as a c
     from transformers.generation.stopping_criteria import MaxLengthCriteria
 except ImportError:
     MaxLengthCriteria = None
+try:  # the temperature warper, the one logits processor the adaptive softmax's hierarchical draw carries out itself
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+except ImportError:
+    TemperatureLogitsWarper = None
 
 
 @functools.cache
@@ -1032,6 +1036,138 @@ def _lean_next_tokens(logits_processor, input_ids: torch.Tensor, logits: torch.T
     return torch.argmax(scores, dim=-1)
 
 
+# The adaptive softmax's next token without its full distribution. Its log-probabilities are a head over the
+# shortlist and one entry per cluster, plus each cluster's own log-softmax: log p(x) = head[c] + cluster_c[x] for a
+# character x of cluster c. The full distribution (`log_prob`) and a draw over all of it (`torch.multinomial` draws
+# one exponential variate per class) cost more than the recurrent step at 6k characters; a draw from the head and
+# then, when it names a cluster, from that cluster alone costs a fraction of it.
+
+_REJECTION_ROUNDS = 4  # of the draw below for temperatures <= 1; rows still without a token are drawn exactly
+
+
+def _hierarchical_temperature(head: nn.Module, logits_processor, do_sample: bool) -> float | None:
+    """How `_adaptive_next_tokens` may choose for an adaptive softmax `head`: 0.0 greedy (no logits processor), the
+    temperature of sampling whose only processor is transformers' `TemperatureLogitsWarper` (1.0 with none), or None:
+    the full distribution through the processors (any other processor, a linear head, or an adaptive one without the
+    attributes read)."""
+    if not isinstance(head, nn.AdaptiveLogSoftmaxWithLoss) or not all(
+        hasattr(head, name) for name in ("head", "tail", "cutoffs", "shortlist_size")
+    ):
+        return None
+    if not do_sample:
+        return 0.0 if len(logits_processor) == 0 else None
+    if len(logits_processor) == 0:
+        return 1.0
+    if len(logits_processor) > 1 or TemperatureLogitsWarper is None:
+        return None
+    processor = logits_processor[0]
+    temperature = getattr(processor, "temperature", None)
+    if type(processor) is not TemperatureLogitsWarper or not isinstance(temperature, (int, float)) or temperature <= 0:
+        return None
+    return float(temperature)
+
+
+def _adaptive_argmax(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor) -> torch.Tensor:
+    """The argmax of `head.log_prob(hidden)` (B, H) -> (B,), bit for bit (the same operations on the same rows), with a
+    cluster computed only when its head entry beats the best shortlist character of some row: a character of cluster c
+    scores head[c] + cluster_c[x] <= head[c]. Ties go to the lower id, as `torch.argmax` does."""
+    head_log_prob = nn.functional.log_softmax(head.head(hidden), dim=1)
+    shortlist = head.shortlist_size
+    best = head_log_prob[:, :shortlist].argmax(dim=1)
+    best_value = head_log_prob.gather(1, best.unsqueeze(1))
+    if not bool((head_log_prob[:, shortlist:] > best_value).any()):
+        return best
+    best_value = best_value.squeeze(1)
+    for cluster, (start, _) in enumerate(zip(head.cutoffs, head.cutoffs[1:])):
+        bound = head_log_prob[:, shortlist + cluster]
+        if not bool((bound > best_value).any()):
+            continue
+        log_prob = nn.functional.log_softmax(head.tail[cluster](hidden), dim=1) + bound.unsqueeze(1)
+        index = log_prob.argmax(dim=1)
+        value = log_prob.gather(1, index.unsqueeze(1)).squeeze(1)
+        better = value > best_value
+        best = torch.where(better, index + start, best)
+        best_value = torch.where(better, value, best_value)
+    return best
+
+
+def _tempered_cluster(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, cluster: int, temperature: float):
+    """p(x|c)^(1/T) for the characters x of cluster c (rows, size of the cluster), in float32: their sum, the cluster's
+    tempered mass, is <= 1 at temperatures <= 1."""
+    log_prob = nn.functional.log_softmax(head.tail[cluster](hidden).float(), dim=1)
+    return (log_prob / temperature).exp()
+
+
+def _draw(weights: torch.Tensor) -> torch.Tensor:
+    """One draw per row (R, n) -> (R,) with probabilities proportional to `weights` (>= 0, not normalized): the first
+    cumulative weight above a uniform draw times the row's total (one random number per row)."""
+    cumulative = weights.cumsum(dim=1)
+    threshold = torch.rand(len(weights), 1, device=weights.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, threshold, right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
+
+
+def _draw_in_clusters(head, hidden, entries, rows, tokens, temperature, clusters=None) -> torch.Tensor:
+    """For the rows (R,) whose head entry (R,) is a cluster: a character of that cluster into `tokens`. `clusters`:
+    each cluster's `_tempered_cluster` for all rows of `hidden`, which are then kept; without them, each is computed
+    for its rows, and a row keeps its character with probability the cluster's tempered mass (<= 1 at temperatures
+    <= 1). Returns the rows that did not keep one."""
+    rejected = []
+    for cluster, (start, _) in enumerate(zip(head.cutoffs, head.cutoffs[1:])):
+        picked = entries == head.shortlist_size + cluster
+        if not bool(picked.any()):
+            continue
+        cluster_rows = rows[picked]
+        if clusters is not None:
+            tokens[cluster_rows] = _draw(clusters[cluster][cluster_rows]) + start
+            continue
+        weights = _tempered_cluster(head, hidden[cluster_rows], cluster, temperature)
+        kept = torch.rand(len(cluster_rows), device=weights.device) < weights.sum(dim=1)
+        rejected.append(cluster_rows[~kept])
+        if bool(kept.any()):
+            tokens[cluster_rows[kept]] = _draw(weights[kept]) + start
+    return torch.cat(rejected) if rejected else rows[:0]
+
+
+def _adaptive_sample(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One draw per row (B, H) -> (B,) from softmax(head.log_prob(hidden) / temperature), exactly in distribution (not
+    the draws of transformers' loop, which go through every class). A shortlist character or a cluster is drawn from
+    the head's tempered probabilities, then a character from the cluster's tempered distribution. At temperatures <= 1
+    that proposal is kept with probability the cluster's tempered mass sum_x p(x|c)^(1/T) (<= 1), which makes the draw
+    exact; a rejected row draws again, and after a few rounds exactly from all clusters (what higher temperatures do
+    at once: each cluster's head entry then carries the cluster's tempered mass)."""
+    head_weights = nn.functional.softmax(head.head(hidden).float() / temperature, dim=1)
+    shortlist = head.shortlist_size
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    tokens = None
+    for _ in range(_REJECTION_ROUNDS if temperature <= 1 else 0):
+        entries = _draw(head_weights if tokens is None else head_weights[rows])
+        if tokens is None:  # the first round: every row drew, most often a shortlist character
+            if not bool((entries >= shortlist).any()):
+                return entries
+            tokens = entries.clone()
+        else:
+            tokens[rows] = entries  # the shortlist's characters; the clusters' are drawn next
+        rows = _draw_in_clusters(head, hidden, entries, rows, tokens, temperature)
+        if not len(rows):
+            return tokens
+    if tokens is None:
+        tokens = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    hidden, head_weights = hidden[rows], head_weights[rows]
+    clusters = [_tempered_cluster(head, hidden, cluster, temperature) for cluster in range(len(head.tail))]
+    masses = torch.stack([weights.sum(dim=1) for weights in clusters], dim=1)
+    entries = _draw(torch.cat([head_weights[:, :shortlist], head_weights[:, shortlist:] * masses], dim=1))
+    drawn = entries.clone()
+    _draw_in_clusters(head, hidden, entries, torch.arange(len(rows), device=rows.device), drawn, temperature, clusters)
+    tokens[rows] = drawn
+    return tokens
+
+
+def _adaptive_next_tokens(head: nn.AdaptiveLogSoftmaxWithLoss, hidden: torch.Tensor, temperature: float):
+    """The next token of each row (B,) from the last layer's output (B, H): temperature 0.0 is greedy
+    (`_hierarchical_temperature`)."""
+    return _adaptive_argmax(head, hidden) if temperature == 0.0 else _adaptive_sample(head, hidden, temperature)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # transformers' private generation internals as verified (transformers 5.24-5.25). The lean decoding loop and the
 # one-token preparation use them only where they are so; elsewhere transformers' own code runs (docs/design.md).
@@ -1272,7 +1408,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         as much as this model's step (it inspects every logits processor's signature, builds the stopping criteria's
         tensors and the model's output objects, goes through the cache); the lean loop (`_lean_sample`) does the same
         arithmetic, in the same order, with the same random draws, so its sequences are those of transformers' loop
-        (tested). It runs where the transformers internals it leans on are as verified (`_lean_internals_verified`:
+        (tested), except where an adaptive softmax samples with a temperature alone: it then draws a cluster and a
+        character of it (`_adaptive_sample`: the same distribution, other draws) instead of going through every
+        class. It runs where the transformers internals it leans on are as verified (`_lean_internals_verified`:
         this method's parameters and `_prefill`'s) and it covers the call (`_lean_decoding_possible`); anything else
         goes to transformers' loop with the arguments as they came (`__wrapped__` shows generate() the installed
         `_sample`'s parameters, so it passes what that loop takes)."""
@@ -1290,9 +1428,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
 
     def _lean_sample(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
         """The lean loop: the prompt through `forward` (transformers' `_prefill`, which also cuts a continued
-        sequence), then per token the logits processors and the draw (`_lean_next_tokens`), the stopping criteria and
-        the streamer in transformers' order, and the model's step (`_lean_layers`, `_lean_head`).
-        input_ids (B, T) -> the sequences (B, T + new tokens)."""
+        sequence), then per token the logits processors and the draw (`_lean_next_tokens`, or `_adaptive_next_tokens`),
+        the stopping criteria and the streamer in transformers' order, and the model's step (`_lean_layers`,
+        `_lean_head`). input_ids (B, T) -> the sequences (B, T + new tokens)."""
         pad_token_id = generation_config._pad_token_tensor  # as verified in `_lean_decoding_possible`
         if pad_token_id is not None:
             pad_token_id = pad_token_id.to(input_ids.device)
@@ -1308,13 +1446,18 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         states = [_read_state(cache, layer_idx, num_states) for layer_idx in range(len(self.model.layers))]
         seen, steps = _seen_tokens(cache), 0
         plan = _lean_plan(self, input_ids)
+        temperature = _hierarchical_temperature(self.lm_head, logits_processor, generation_config.do_sample)
+        hidden = None  # the first token comes from the prompt's logits, the next from hidden where temperature allows
         # The sequences grow in one buffer (a view of its first columns is input_ids), not by a copy per token.
         length = input_ids.shape[1]
         buffer = input_ids.new_empty(input_ids.shape[0], max(max_length or 0, length + 64))
         buffer[:, :length] = input_ids
         try:
             while True:
-                next_tokens = _lean_next_tokens(logits_processor, input_ids, logits, generation_config.do_sample)
+                if hidden is not None and temperature is not None:
+                    next_tokens = _adaptive_next_tokens(self.lm_head, hidden, temperature)
+                else:
+                    next_tokens = _lean_next_tokens(logits_processor, input_ids, logits, generation_config.do_sample)
                 if has_eos_stopping_criteria:
                     next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
                 if length == buffer.shape[1]:  # no max_length: twice the room
@@ -1333,7 +1476,8 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
                     break
                 hidden = _lean_layers(plan, next_tokens, states)
                 steps += 1  # the states now hold this token, as the cache's count does in forward
-                logits = _lean_head(plan, hidden)
+                if temperature is None:
+                    logits = _lean_head(plan, hidden)
         finally:
             # The cache holds what transformers' loop leaves in it: the state after the last token fed to the model.
             for layer_idx, state in enumerate(states):
