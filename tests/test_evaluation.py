@@ -12,9 +12,12 @@ from char_lstm.metrics import BITS_PER_CHARACTER, load_bits_per_character
 from helpers import CORPUS, make_model
 
 
-@pytest.fixture
-def model_and_ids(tokenizer):
-    model = make_model(tokenizer, "lstm", hidden_size=32)
+@pytest.fixture(params=["linear", "adaptive"])
+def model_and_ids(tokenizer, request):
+    """A model with a linear head, or with an adaptive softmax (whose evaluation computes the targets' clusters only:
+    `logits_at_targets`; the hand-computed cross-entropy below reads its full log-probabilities)."""
+    cutoffs = [10, 30] if request.param == "adaptive" else None
+    model = make_model(tokenizer, "lstm", hidden_size=32, adaptive_softmax_cutoffs=cutoffs)
     ids = tokenizer.encode_corpus(CORPUS * 3).astype(np.int64)
     return model, ids
 

@@ -59,6 +59,55 @@ def test_a_large_vocabulary_gets_an_adaptive_softmax_over_ids_by_frequency(tmp_p
     assert model.generate(**prompt, max_new_tokens=8, do_sample=False).shape == (1, 13)
 
 
+def test_evaluation_of_an_adaptive_softmax_reads_the_targets_clusters_only_and_measures_the_same(tmp_path,
+                                                                                                monkeypatch):
+    """Trainer's evaluation with `logits_at_targets` (what `train()` sets for an adaptive softmax) never computes the
+    full distribution (torch's `log_prob`, counted) and gives its metrics."""
+    from functools import partial
+
+    import datasets
+    import torch
+    from transformers import TrainingArguments
+
+    from char_lstm import CharLSTMConfig, CharLSTMForCausalLM
+    from char_lstm.training.checkpoints import CharLSTMTrainer
+    from char_lstm.training.metrics import BatchedMetrics, preprocess_logits_for_metrics
+
+    torch.manual_seed(0)
+    config = CharLSTMConfig(vocab_size=400, embedding_size=16, hidden_size=32, adaptive_softmax_cutoffs=[20, 100],
+                            unk_token_id=1, eos_token_id=2, bos_token_id=2)
+    model = CharLSTMForCausalLM(config)
+    ids = torch.randint(3, 400, (40, 33), generator=torch.Generator().manual_seed(1))
+    blocks = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+    full_distributions = []
+    log_prob = torch.nn.AdaptiveLogSoftmaxWithLoss.log_prob
+    monkeypatch.setattr(torch.nn.AdaptiveLogSoftmaxWithLoss, "log_prob",
+                        lambda self, x: full_distributions.append(len(x)) or log_prob(self, x))
+    results, calls = {}, {}
+    for at_targets in (False, True):
+        trainer = CharLSTMTrainer(
+            model=model, eval_dataset=blocks, compute_metrics=BatchedMetrics(),
+            preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics),
+            args=TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=16, report_to="none",
+                                   batch_eval_metrics=True, use_cpu=True),
+        )
+        trainer.eval_logits_at_targets = at_targets
+        full_distributions.clear()
+        results[at_targets] = trainer.evaluate()
+        calls[at_targets] = len(full_distributions)
+    assert calls == {False: 3, True: 0}  # 40 blocks in batches of 16
+    for name in ("eval_loss", "eval_bits_per_char", "eval_perplexity"):
+        assert results[True][name] == pytest.approx(results[False][name], rel=1e-5), name
+    model.eval()
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=ids)
+        at_targets = model(input_ids=ids, labels=ids, logits_at_targets=True)
+    expected = full.logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert at_targets.logits.shape == (40, 33) and torch.allclose(at_targets.logits[:, :-1], expected, atol=1e-5)
+    assert torch.all(at_targets.logits[:, -1] == 0) and torch.allclose(at_targets.loss, full.loss)
+    assert results[True]["eval_bits_per_char"] == pytest.approx(float(-expected.mean()) / math.log(2), rel=1e-5)
+
+
 def test_the_full_softmax_and_the_vocabulary_controls(tmp_path, caplog):
     text = many_characters(distinct=1200)
     with caplog.at_level(logging.INFO, logger="char_lstm"):

@@ -909,6 +909,30 @@ def chi_square(counts: torch.Tensor, probabilities: torch.Tensor) -> tuple[float
     return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
 
 
+@pytest.mark.parametrize("head", ["linear", "adaptive"])
+def test_logits_at_targets_are_the_log_probabilities_of_the_next_labels(head):
+    model = adaptive_model() if head == "adaptive" else CharLSTMForCausalLM(
+        CharLSTMConfig(vocab_size=300, embedding_size=16, hidden_size=32, unk_token_id=1, eos_token_id=2,
+                       bos_token_id=2))
+    model.eval()
+    ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=labels)
+        at_targets = model(input_ids=ids, labels=labels, logits_at_targets=True)
+        shifted = model(input_ids=ids, shift_labels=F.pad(labels, (0, 1), value=-100)[:, 1:], logits_at_targets=True)
+    log_probs = torch.log_softmax(full.logits.float(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    scored = labels[:, 1:] != -100
+    assert at_targets.logits.shape == (3, 20)
+    assert torch.allclose(at_targets.logits[:, :-1][scored], log_probs[scored], atol=1e-5)
+    assert torch.all(at_targets.logits[:, :-1][~scored] == 0) and torch.all(at_targets.logits[:, -1] == 0)
+    assert torch.allclose(at_targets.loss, full.loss, atol=1e-6)
+    assert torch.equal(shifted.logits, at_targets.logits) and torch.allclose(shifted.loss, full.loss, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_at_targets=True needs labels"):
+        model(input_ids=ids, logits_at_targets=True)
+
+
 def test_adaptive_softmax_greedy_choice_equals_the_argmax_of_the_full_distribution():
     torch.manual_seed(0)
     head = torch.nn.AdaptiveLogSoftmaxWithLoss(16, 60, [8, 30], div_value=2.0).eval()

@@ -9,6 +9,7 @@
 Both go through the `bits_per_character` evaluate module (`char_lstm.metrics`), as Trainer's evaluation does.
 """
 
+import inspect
 import json
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ MODES = ("fixed", "streaming")
 
 
 def _nll(model, input_ids: torch.Tensor, targets: torch.Tensor, cache=None) -> torch.Tensor:
+    """Per-position loss (B, T) of `targets` (the next characters of input_ids). An adaptive softmax computes only the
+    targets' clusters (`logits_at_targets`, where the model's code has it: a folder saved by an older release
+    brings its own), not the distribution over every character."""
+    adaptive = getattr(model.config, "adaptive_softmax_cutoffs", None)
+    if adaptive and "logits_at_targets" in inspect.signature(model.forward).parameters:
+        return -model(input_ids=input_ids, cache=cache, use_cache=cache is not None, shift_labels=targets,
+                      logits_at_targets=True).logits
     logits = model(input_ids=input_ids, cache=cache, use_cache=cache is not None).logits
     return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 

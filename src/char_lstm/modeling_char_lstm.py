@@ -311,7 +311,7 @@ def _check_kwargs(kwargs: dict, allowed: frozenset, where: str, cache: Cache | N
         hint = (
             "a recurrent model has no attention weights" if "output_attentions" in unknown
             else "the recurrent state is passed as `cache=`; the other inputs are input_ids/inputs_embeds, "
-            "attention_mask, labels, use_cache, output_hidden_states, return_dict, logits_to_keep"
+            "attention_mask, labels, use_cache, output_hidden_states, return_dict, logits_to_keep, logits_at_targets"
         )
         raise TypeError(f"{where}.forward() got unsupported keyword argument(s) {unknown}: {hint}.")
     return cache
@@ -1516,6 +1516,34 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             loss = nll.sum() / total if total is not None else nll.mean()
         return logits, loss
 
+    def _target_log_probs(self, hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels=None,
+                         num_items_in_batch=None, ignore_index: int = -100):
+        """(log-probabilities of the labels (B, T) in float32, loss) from the last hidden states (B, T, H), for
+        `logits_at_targets=True`: an adaptive softmax computes its head and the labels' clusters only (the head's own
+        target path), a linear head its logits. Positions without a label get 0. The loss is reduced as
+        transformers' causal-LM loss."""
+        if shift_labels is None:
+            if labels is None:
+                raise ValueError("logits_at_targets=True needs labels (or shift_labels): it returns the "
+                                 "log-probabilities of the labels.")
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+        targets = shift_labels.to(hidden.device)
+        keep = targets != ignore_index
+        if isinstance(self.lm_head, nn.AdaptiveLogSoftmaxWithLoss):
+            log_probs = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+            if labels is not None and bool(keep[:, :-1].all()):  # every position but the last: no gather
+                log_probs[:, :-1] = self.lm_head(hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                                                 targets[:, :-1].reshape(-1)).output.view(-1, targets.shape[1] - 1)
+            else:
+                log_probs[keep] = self.lm_head(hidden[keep], targets[keep]).output.float()
+        else:
+            log_probs = -nn.functional.cross_entropy(self.lm_head(hidden).float().transpose(1, 2), targets,
+                                                     ignore_index=ignore_index, reduction="none")
+        nll = -log_probs[keep]
+        if num_items_in_batch is not None:
+            return log_probs, nll.sum() / torch.as_tensor(num_items_in_batch, device=nll.device)
+        return log_probs, nll.mean()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1527,12 +1555,17 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        logits_at_targets: bool = False,
         **kwargs,
     ) -> tuple | CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets for the loss. As everywhere in transformers
             they are shifted inside the model: pass `labels=input_ids`. Positions set to -100 are ignored.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (0: all).
+        logits_at_targets (`bool`, *optional*): return as `logits` only each position's log-probability of its target
+            (the next label), of shape `(B, T)` (0 where there is none: the last position, -100), not the `(B, T, V)`
+            scores: an adaptive softmax then computes only the targets' clusters (what evaluation needs). Needs
+            `labels` (or `shift_labels`). (Not named with "label": Trainer takes such parameters for label columns.)
 
         Returns `CausalLMOutputWithPast` with `logits` of shape `(B, T, V)` and `cache` holding the final state.
         Keyword arguments of transformers' loss (`num_items_in_batch`, `shift_labels`, `ignore_index`) are passed to
@@ -1551,7 +1584,9 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        if isinstance(self.lm_head, nn.AdaptiveLogSoftmaxWithLoss):
+        if logits_at_targets:
+            logits, loss = self._target_log_probs(self.dropout(hidden_states), labels, **kwargs)
+        elif isinstance(self.lm_head, nn.AdaptiveLogSoftmaxWithLoss):
             logits, loss = self._adaptive_head(self.dropout(hidden_states), labels, **kwargs)
         else:
             logits = self.lm_head(self.dropout(hidden_states))

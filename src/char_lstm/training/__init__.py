@@ -274,11 +274,12 @@ def build_trainer(model, tokenizer, train_blocks, eval_blocks, data_args: DataAr
         data_collator=collate_stream_blocks if data_args.stateful else collate_blocks,
         processing_class=tokenizer,
         compute_metrics=BatchedMetrics(shifted=data_args.stateful),
-        preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful,
-                                              log_probs=bool(model.config.adaptive_softmax_cutoffs)),
+        preprocess_logits_for_metrics=partial(preprocess_logits_for_metrics, shifted=data_args.stateful),
         callbacks=[sampler, ReleaseMappedPages([train_blocks, eval_blocks]), *callbacks],
     )
     sampler.trainer = trainer
+    # evaluation reads each position's loss only: an adaptive softmax computes the labels' clusters, not all of them
+    trainer.eval_logits_at_targets = bool(model.config.adaptive_softmax_cutoffs)
     if trainer.pop_callback(ProgressCallback) is not None:  # the same bars, with numbers at 4 significant digits
         trainer.add_callback(MetricsProgressCallback)
     return trainer

@@ -291,6 +291,9 @@ class CharLSTMTrainer(Trainer):
     next run starts."""
 
     _staging_root: str | None = None
+    # evaluation asks the model for the log-probabilities of the labels only (`logits_at_targets`), which is all that
+    # `preprocess_logits_for_metrics` keeps of the scores; set by `build_trainer` for an adaptive softmax
+    eval_logits_at_targets = False
 
     def __init__(self, model=None, *args, **kwargs):
         # Trainer sets `model.config.use_cache` to TrainingArguments.use_cache (False: a cache while training is no
@@ -319,6 +322,8 @@ class CharLSTMTrainer(Trainer):
         # (here it smoothed towards each position's own character, and left stateful training's `shift_labels`
         # alone). So the model computes its loss as without smoothing, and in training the smoothed loss of the next
         # character replaces it, scaled as Trainer scales the model's; evaluation measures the text's own loss.
+        if self.eval_logits_at_targets and not model.training:
+            inputs = {**inputs, "logits_at_targets": True}
         smoother, self.label_smoother = self.label_smoother, None
         try:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,

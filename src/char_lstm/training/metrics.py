@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from ..metrics import load_bits_per_character
 
 
-def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False,
-                                  log_probs: bool = False) -> torch.Tensor:
+def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
     """Per-position loss of the next character, so evaluation keeps B*T numbers instead of B*T*V.
 
     `labels` are the inputs (transformers' convention: position t predicts label t + 1), or with `shifted=True` the
-    targets of each position already (`shift_labels`, stateful training). `log_probs`: the logits are normalized
-    log-probabilities already (an adaptive softmax head), read at the targets without another log-softmax."""
+    targets of each position already (`shift_labels`, stateful training). `logits` are the scores (B, T, V), or the
+    log-probabilities of the labels (B, T) when the model computed only those (`logits_at_targets=True`, which
+    `CharLSTMTrainer` asks of an adaptive softmax)."""
     if not shifted:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    if log_probs:
-        nll = -logits.float().gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if logits.dim() == labels.dim():
+        nll = -logits.float()
     else:
         nll = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
     return nll.masked_fill(labels == -100, 0.0)
