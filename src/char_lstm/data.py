@@ -7,6 +7,7 @@ and runs of spaces survive), and several documents are joined with `document_sep
 encoded blocks from the `datasets` cache instead of encoding again.
 """
 
+import hashlib
 import logging
 import lzma
 import math
@@ -42,6 +43,7 @@ from .text_files import (
     file_parts,
     find_files,
     part_rows,
+    rows_code,
     structured_builder,
     text_files,
 )
@@ -112,10 +114,9 @@ def read_text_file(path: str, encoding: str = "utf-8") -> str:
     return text
 
 
-def _text_file_rows(parts: list, encoding: str, fingerprint: list, row_chars: int = ROW_CHARS) -> Iterator[dict]:
-    """Generator behind `Dataset.from_generator`: the rows of each part of the files (`part_rows`). `fingerprint`
-    (sizes and modification times) only makes the datasets cache key change when a file changes; `parts` is a list,
-    so that `datasets` deals the parts out to its processes (and, streamed, to the training processes)."""
+def _text_file_rows(parts: list, encoding: str, row_chars: int = ROW_CHARS) -> Iterator[dict]:
+    """Generator behind `Dataset.from_generator`: the rows of each part of the files (`part_rows`). `parts` is a
+    list, so that `datasets` deals the parts out to its processes (and, streamed, to the training processes)."""
     for part in parts:
         for text, continues in part_rows(tuple(part), encoding, row_chars):
             yield {"text": text, CONTINUES_COLUMN: continues}
@@ -131,6 +132,21 @@ def expand_files(spec: str, option: str, include: list[str] | None = None, exclu
     return text_files(files, named, encoding, option)  # named on its own: why it is not text is an error
 
 
+def _text_rows_fingerprint(files: list[str], kwargs: dict) -> str:
+    """The `datasets` cache key of the text files' rows: the code that makes them, its arguments, and every file's
+    size and modification time (a changed file: a new key). `datasets` would otherwise hash the arguments itself,
+    with `dill`: 2 s for the 55k parts of a source tree."""
+    digest = hashlib.sha256()
+    digest.update(_text_file_rows.__code__.co_code + rows_code())
+    digest.update(repr((kwargs["encoding"], kwargs["row_chars"], ROW_CHARS, datasets.__version__)).encode())
+    for path, start, end in kwargs["parts"]:
+        digest.update(f"{path}\0{start}\0{end}\n".encode("utf-8", "surrogateescape"))
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return "char_lstm-text-" + digest.hexdigest()[:32]
+
+
 def load_files(
     files: list[str], text_column: str, encoding: str, streaming: bool = False, num_proc: int | None = None,
     row_chars: int = ROW_CHARS,
@@ -142,18 +158,14 @@ def load_files(
         # streamed: smaller parts, so that even a text of one file has a part for each of several processes
         parts = file_parts([os.path.abspath(path) for path in files], encoding,
                            STREAM_PART_BYTES if streaming else PART_BYTES)
-        kwargs = {
-            "parts": [list(part) for part in parts],
-            "encoding": encoding,
-            "fingerprint": tuple((os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files),
-            "row_chars": row_chars,
-        }
+        kwargs = {"parts": [list(part) for part in parts], "encoding": encoding, "row_chars": row_chars}
         if streaming:
             return IterableDataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=TEXT_FEATURES)
-        num_proc = num_proc if num_proc and len(parts) > 1 else None
+        num_proc = num_proc if num_proc and len(parts) > 1 else None  # (2 processes read a tree no faster)
         # rows are written 16 at a time (16 MB of ASCII text), not datasets' default 1000 (1 GB) held in memory
         return Dataset.from_generator(_text_file_rows, gen_kwargs=kwargs, features=TEXT_FEATURES, num_proc=num_proc,
-                                      writer_batch_size=max(1, BATCH_CHARS // row_chars))
+                                      writer_batch_size=max(1, BATCH_CHARS // row_chars),
+                                      fingerprint=_text_rows_fingerprint(files, kwargs))
     builder_log = logging.getLogger("datasets.packaged_modules")
     level = builder_log.level
     builder_log.setLevel(logging.CRITICAL)  # the builders log a parse error before raising it: one line below instead

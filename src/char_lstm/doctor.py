@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from .data import DEFAULT_DATASET, hub_unreachable_reason
+from .encoding import usable_cores
 from .errors import TROUBLESHOOTING
 from .modeling_char_lstm import _cpu_has_native_bf16
 
@@ -20,11 +21,6 @@ class DoctorArguments:
     hub_timeout: float = field(
         default=3.0, metadata={"help": "Seconds to wait for the Hub (one request; none under HF_HUB_OFFLINE=1)."}
     )
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _version(package: str) -> str:

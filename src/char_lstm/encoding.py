@@ -37,6 +37,11 @@ def rows_per_batch(dataset: Dataset | IterableDataset) -> int:
     return max(1, BATCH_CHARS // ROW_CHARS) if CONTINUES_COLUMN in (dataset.column_names or ()) else 256
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def passes_num_proc(dataset: Dataset | IterableDataset, requested: int | None = None) -> int | None:
     """Processes for a pass over `dataset` (a `datasets` map): `requested` (--preprocessing_num_workers) when given;
     else, for a text of more than `PARALLEL_BYTES`, one per core (at most 8): the pass goes faster, and the text it
@@ -44,7 +49,7 @@ def passes_num_proc(dataset: Dataset | IterableDataset, requested: int | None = 
     text. Small texts: None (in this process; starting processes would cost more than the pass)."""
     if requested is not None or isinstance(dataset, IterableDataset):
         return requested or None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     large = dataset.data.nbytes > PARALLEL_BYTES and len(dataset) >= 2
     return min(cores, 8, len(dataset)) if large and cores > 1 else None
 

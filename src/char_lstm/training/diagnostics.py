@@ -25,7 +25,7 @@ import torch
 from accelerate.utils.memory import should_reduce_batch_size
 from transformers import TrainerCallback
 
-from ..doctor import usable_cores
+from ..encoding import usable_cores
 from ..errors import see_troubleshooting
 
 
