@@ -38,6 +38,7 @@ from .errors import DataError
 from .streams import collate_stream_blocks, encode_streams, encode_text, stream_layout  # noqa: F401
 from .text_files import (
     CONTINUES_COLUMN,
+    LENGTH_COLUMN,
     PART_BYTES,
     ROW_CHARS,
     file_parts,
@@ -54,7 +55,9 @@ logger = logging.getLogger(__name__)
 # Parts of a streamed text file (`file_parts`): each training process reads its own parts (`datasets` shards).
 STREAM_PART_BYTES = 1 << 23
 # The text of text files, one row per piece of at most ROW_CHARS characters (`char_lstm.text_files`).
-TEXT_FEATURES = Features({"text": Value("large_string"), CONTINUES_COLUMN: Value("bool")})
+TEXT_FEATURES = Features(
+    {"text": Value("large_string"), CONTINUES_COLUMN: Value("bool"), LENGTH_COLUMN: Value("int64")}
+)
 
 
 # The default dataset, and the copy of it that ships with the package (public-domain text, xz-compressed) so that the
@@ -119,7 +122,7 @@ def _text_file_rows(parts: list, encoding: str, row_chars: int = ROW_CHARS) -> I
     list, so that `datasets` deals the parts out to its processes (and, streamed, to the training processes)."""
     for part in parts:
         for text, continues in part_rows(tuple(part), encoding, row_chars):
-            yield {"text": text, CONTINUES_COLUMN: continues}
+            yield {"text": text, CONTINUES_COLUMN: continues, LENGTH_COLUMN: len(text)}
 
 
 def expand_files(spec: str, option: str, include: list[str] | None = None, exclude: list[str] | None = None,
@@ -319,6 +322,8 @@ def _cut_row(batch: dict, column: str, cut: int, keep: str) -> dict:
     cut_batch = {**batch, column: texts}
     if keep == "tail" and CONTINUES_COLUMN in batch:
         cut_batch[CONTINUES_COLUMN] = [False] * len(texts)
+    if LENGTH_COLUMN in batch:
+        cut_batch[LENGTH_COLUMN] = [len(text) for text in texts]
     return cut_batch
 
 
@@ -327,8 +332,10 @@ def _text_lengths(batch: dict, column: str) -> dict:
 
 
 def text_lengths(dataset: Dataset, column: str) -> np.ndarray:
-    """The number of characters of every row: read from the Arrow column (no Python strings) when the dataset has no
-    indices mapping, else by a map."""
+    """The number of characters of every row: the rows' own `LENGTH_COLUMN` (text files), or counted in the Arrow
+    column (no Python strings) when the dataset has no indices mapping, else by a map."""
+    if LENGTH_COLUMN in dataset.column_names and dataset._indices is None:
+        return np.asarray(dataset.data.column(LENGTH_COLUMN).to_numpy(), dtype=np.int64)
     num_proc = passes_num_proc(dataset)
     if dataset._indices is None and num_proc is None:
         lengths = pc.fill_null(pc.utf8_length(dataset.data.column(column)), 0)

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 ROW_CHARS = 1 << 20
 # The column that marks a row continuing the document (file) of the row before it; absent or False: a new document.
 CONTINUES_COLUMN = "char_lstm_continues"
+# The column with each row's number of characters (written with the rows: the validation split then reads no text).
+LENGTH_COLUMN = "char_lstm_length"
 # How much of each file of a folder or glob is read to tell text from a binary.
 SNIFF_BYTES = 1 << 13
 # Parts up to this size are read and decoded whole; larger ones are decoded piece by piece.
