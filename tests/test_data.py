@@ -28,7 +28,7 @@ from char_lstm.data import (
     resolve_dataset_name,
     split_validation_tail,
 )
-from char_lstm.text_files import CONTINUES_COLUMN, file_parts, part_rows
+from char_lstm.text_files import CONTINUES_COLUMN, LENGTH_COLUMN, file_parts, part_rows
 from helpers import shakespeare_like, write_text
 
 
@@ -103,6 +103,12 @@ def test_a_folder_is_read_recursively_and_what_is_not_text_is_skipped_and_counte
     assert raw["train"]["text"] == ["all:\n\tcc src/main.c\n", '{"name": "x"}\n', "#define ONE 1\n",
                                     "int main(void) { return 0; }\n"]
     assert raw["train"][CONTINUES_COLUMN] == [False] * 4
+    assert raw["train"][LENGTH_COLUMN] == [len(text) for text in raw["train"]["text"]]
+    head, tail = split_validation_tail(raw["train"], "text", 10)  # the cut row's pieces carry their own lengths
+    for part in (head, tail):
+        assert part[LENGTH_COLUMN] == [len(text) for text in part["text"]]
+    assert "".join(list(head["text"]) + list(tail["text"])) == "".join(raw["train"]["text"])
+    assert len("".join(tail["text"])) == 8  # 10% of 77 characters, rounded up
     line = [r.message for r in caplog.records if "skipped" in r.message]
     assert len(line) == 1 and line[0].startswith("--train_file: reading 4 text file(s); skipped 3 that are not utf-8 "
                                                  "text (binaries, images...): ") and "and 1 empty one(s)" in line[0]
