@@ -1253,6 +1253,14 @@ def _is_token_id(value, vocab_size: int) -> bool:
     )
 
 
+def _causal_lm_loss(nll: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The loss from the negative log-likelihoods of the scored positions, reduced as transformers' causal-LM loss: a
+    sum over `num_items_in_batch` when Trainer passes it, else the mean."""
+    if num_items_in_batch is not None:
+        return nll.sum() / torch.as_tensor(num_items_in_batch, device=nll.device)
+    return nll.mean()
+
+
 class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
     """CharLSTMModel + dropout + a linear head over the vocabulary."""
 
@@ -1500,9 +1508,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             targets = shift_labels.reshape(-1).to(hidden.device)
             keep = targets != ignore_index
             nll = -self.lm_head(hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]).output
-            if num_items_in_batch is not None:
-                return None, nll.sum() / torch.as_tensor(num_items_in_batch, device=nll.device)
-            return None, nll.mean()
+            return None, _causal_lm_loss(nll, num_items_in_batch)
         batch, length = hidden.shape[:2]
         logits = self.lm_head.log_prob(hidden.reshape(batch * length, -1)).view(batch, length, -1)
         loss = None
@@ -1512,8 +1518,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             targets = shift_labels.to(logits.device)
             keep = targets != ignore_index
             nll = -logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep]
-            total = torch.as_tensor(num_items_in_batch, device=nll.device) if num_items_in_batch is not None else None
-            loss = nll.sum() / total if total is not None else nll.mean()
+            loss = _causal_lm_loss(nll, num_items_in_batch)
         return logits, loss
 
     def _target_log_probs(self, hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels=None,
@@ -1539,10 +1544,7 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         else:
             log_probs = -nn.functional.cross_entropy(self.lm_head(hidden).float().transpose(1, 2), targets,
                                                      ignore_index=ignore_index, reduction="none")
-        nll = -log_probs[keep]
-        if num_items_in_batch is not None:
-            return log_probs, nll.sum() / torch.as_tensor(num_items_in_batch, device=nll.device)
-        return log_probs, nll.mean()
+        return log_probs, _causal_lm_loss(-log_probs[keep], num_items_in_batch)
 
     def forward(
         self,
