@@ -79,7 +79,8 @@ def test_end_to_end_eval_loss_falls_and_outputs_load(tmp_path, capsys):
     assert out_text.count("----- sample at step 60 -----") == 1
     assert out_text.rstrip().splitlines()[-3:] == [
         "Training finished: 60 steps in " + out_text.split("Training finished: 60 steps in ")[1].split()[0] + " s.",
-        f"Model: {out} (eval loss {metrics['eval_loss']:#.4g} nats/char, "
+        f"Model: {out} (eval loss {metrics['eval_loss']:#.4g} nats/char (all {metrics['eval_characters']:,} "
+        "validation characters), "
         f"{metrics['eval_bits_per_char']:#.4g} bits/char, "
         f"{metrics['unigram_bits_per_char'] - metrics['eval_bits_per_char']:.2f} bits/char better than the data's "
         "unigram baseline).",
@@ -242,7 +243,8 @@ def test_default_run_keeps_three_checkpoints_with_the_best_and_ends_with_the_bes
 
     _, out = run(tmp_path, "--max_steps", "12", "--eval_steps", "2", "--save_steps", "2", "--learning_rate", "1e-2",
                  "--sample_every_evals", "0", callbacks=[SpoilHeadAtStep5()])
-    evals = {entry["step"]: entry["eval_loss"] for entry in log_history(out) if "eval_loss" in entry}
+    evals = {entry["step"]: entry["eval_loss"] for entry in log_history(out)
+             if "eval_loss" in entry and "eval_characters" not in entry}  # the periodic ones, not the final one
     assert min(evals, key=evals.get) == 4, evals
     # rotation deletes the oldest checkpoints but never the best one or the latest
     assert checkpoints(out) == ["checkpoint-4", "checkpoint-10", "checkpoint-12"]
@@ -1123,6 +1125,23 @@ def test_resume_into_a_model_of_other_flags_is_one_line_naming_the_checkpoints_v
                                          r".*checkpoint-6 \(its vocabulary\)"):
         run(tmp_path, *RESUMABLE, "--max_steps", "8", "--resume_from_checkpoint", "True",
             text="0123456789" + shakespeare_like(8000))
+
+
+def test_resume_with_another_output_layer_is_one_line_naming_the_flag(tmp_path):
+    """A checkpoint of an adaptive softmax (1,500 characters: --adaptive_softmax auto) resumed with --adaptive_softmax
+    off: the output layer's weights differ, so one line names the flag before Trainer loads anything (it printed
+    missing/unexpected keys, then the optimizer's size mismatch). Its own cutoffs resume."""
+    text = "".join(chr(0x4E00 + (i * 7919) % 1500) + ("\n" if i % 40 == 39 else "") for i in range(30000))
+    flags = ("--save_steps", "2", "--eval_steps", "2", "--sample_every_evals", "0", "--load_best_model_at_end",
+             "false")
+    run(tmp_path, *flags, "--max_steps", "2", text=text)
+    message = (r"checkpoint-2 holds a model with adaptive_softmax_cutoffs \[256\] \(this run: None\): to resume, "
+               r"pass --adaptive_softmax 256; or start over")
+    with pytest.raises(UsageError, match=message):
+        run(tmp_path, *flags, "--max_steps", "4", "--resume_from_checkpoint", "True", "--adaptive_softmax", "off")
+    metrics, _ = run(tmp_path, *flags, "--max_steps", "4", "--resume_from_checkpoint", "True",
+                     "--adaptive_softmax", "256")
+    assert metrics["global_step"] == 4
 
 
 def test_checkpoints_saved_with_save_only_model_are_refused_for_resuming_and_left_as_they_are(tmp_path, finished_run):

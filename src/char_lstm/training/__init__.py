@@ -13,7 +13,8 @@ only what Trainer does not do by itself:
 * `diagnostics`: the troubleshooting table, live: each failure mode (stuck loss, overfitting, gibberish, slow
   training, out of memory, the checklist) reported once with its cause and flags;
 * `metrics`: bits per character and perplexity from the evaluation loss;
-* `checkpoints`: checkpoints and a final model that are complete or absent, and resuming from them;
+* `checkpoints`: checkpoints and a final model that are complete or absent;
+* `resuming`: the checkpoint must hold the model the run builds; a run that had ended is finished without training;
 * `output_dir`: one run per output folder, and what a run may do with what the folder holds;
 * `stateful`: stateful truncated BPTT (the state carried from batch to batch);
 * `runtime`: the process (CPU DDP launch, console, allocator, bf16 detection, Ctrl-C / SIGTERM);
@@ -56,16 +57,13 @@ from .checkpoints import (
     STAGING_DIR,
     CharLSTMTrainer,
     SaveFailed,
-    check_resume_matches,
     checkpoint_problem,
     checkpoint_step,
     failed_save_reported,
-    finished_at,
     latest_complete_checkpoint,
     publish_files,
     publish_folder,
     remove_staging,
-    restore_finished_run,
     save_failed,
 )
 from .diagnostics import (
@@ -97,6 +95,7 @@ from .preparation import (
     shard_the_stream,
     warn_unknown_characters,
 )
+from .resuming import check_resume_matches, finished_at, restore_finished_run
 from .runtime import (
     STOP_SIGNALS,
     ReportedByMainProcess,
@@ -172,7 +171,7 @@ def _train(model_args, data_args, training_args, callbacks, resume: str | None) 
     train_counts = count_training_characters(data_args, training_args, train_raw)
     tokenizer, model = load_tokenizer_and_model(model_args, data_args, train_counts, training_args)
     if resume is not None:
-        check_resume_matches(resume, model.config, model_args.model_name_or_path)
+        check_resume_matches(resume, model, model_args.model_name_or_path)
     if training_args.process_index == 0:
         warn_unknown_characters(tokenizer, model_args, data_args, train_counts, eval_raw)
 

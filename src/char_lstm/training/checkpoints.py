@@ -1,6 +1,6 @@
 """Checkpoints that are complete or absent: Trainer writes each one into a staging folder that becomes
 `checkpoint-N` in one rename; the final model's files are moved into place weights last; a resume skips (and sets
-aside) a checkpoint that is damaged; a run that had already ended is finished without training."""
+aside) a checkpoint that is damaged (`resuming` checks that it holds the run's model)."""
 
 import contextlib
 import errno
@@ -15,9 +15,8 @@ import warnings
 import torch
 from safetensors import safe_open
 from torch.utils.data import RandomSampler
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
-from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
@@ -223,40 +222,6 @@ def model_only_refusal(folder: str) -> UsageError:
     )
 
 
-# The config fields that shape a model's weights: a checkpoint resumes only into a model with the same ones.
-_SHAPING_FIELDS = {"vocab_size": None, "embedding_size": "--embedding_size", "hidden_size": "--hidden_size",
-                   "num_hidden_layers": "--num_hidden_layers", "cell_type": "--cell_type"}
-
-
-def check_resume_matches(checkpoint: str, config, started_from: str | None = None) -> None:
-    """One line when the model this run builds (its flags, its vocabulary, or the saved model `started_from`, its
-    --model_name_or_path) is not the one `checkpoint` holds, instead of Trainer's state-dict traceback of size
-    mismatches."""
-    try:
-        with open(os.path.join(checkpoint, CONFIG_NAME), encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return  # checkpoint_problem has looked at the folder; Trainer reports what is left
-    differ = [(name, flag, saved.get(name), getattr(config, name, None)) for name, flag in _SHAPING_FIELDS.items()
-              if name in saved and saved.get(name) != getattr(config, name, None)]
-    if not differ:
-        return
-    flags = [(flag, was) for _, flag, was, _ in differ if flag is not None]
-    said = ", ".join(f"{name} {was} (this run: {now})" for name, _, was, now in differ)
-    fixes = []
-    if started_from is not None:  # the shape and the vocabulary come from that model, not from the flags
-        fixes.append(f"start from the model the run started from (--model_name_or_path {started_from} is another)")
-    else:
-        if flags:
-            fixes.append("pass " + " ".join(f"{flag} {was}" for flag, was in flags))
-        if any(name == "vocab_size" for name, *_ in differ):
-            fixes.append(f"pass --tokenizer_name {checkpoint} (its vocabulary)")
-    raise UsageError(
-        f"{checkpoint} holds a model with {said}: to resume, {' and '.join(fixes)}; or start over with "
-        "--overwrite_output_dir, or choose another --output_dir."
-    )
-
-
 def latest_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint of `output_dir` that is complete. Newer ones that are not (written by a version that
     saved in place, damaged, tampered with) are renamed `_incomplete-checkpoint-N`, with one warning line."""
@@ -368,27 +333,3 @@ class CharLSTMTrainer(Trainer):
             # by step number (checkpoint-N), as Trainer rotates; by time, transformers says "mtime may not be reliable"
             # whenever two checkpoints are less than a second apart
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False)
-
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Resuming
-
-
-def restore_finished_run(trainer: Trainer, checkpoint: str) -> dict:
-    """Leave `trainer` as `trainer.train()` leaves it at the end of the run that `checkpoint` ends (its state, its
-    weights, or the best checkpoint's with --load_best_model_at_end), without training; returns the train metrics."""
-    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-    trainer._load_from_checkpoint(checkpoint)
-    best = trainer.state.best_model_checkpoint
-    if trainer.args.load_best_model_at_end and best is not None and os.path.isdir(best):
-        trainer._load_best_model()
-    return {"epoch": trainer.state.epoch}
-
-
-def finished_at(checkpoint: str, args: TrainingArguments) -> int | None:
-    """The step of `checkpoint` when it already ends the run (--max_steps, or the run's own length), else None."""
-    with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
-        state = json.load(f)
-    target = args.max_steps if args.max_steps > 0 else state.get("max_steps") or 0
-    return state["global_step"] if target and state["global_step"] >= target else None

@@ -1,16 +1,23 @@
-"""Stage 6 of `train()`: evaluate the final model on the whole validation split and write it, complete or absent."""
+"""Stage 6 of `train()`: evaluate the final model on a sample of the validation split precise to a standard error
+(or on all of it) and write it, complete or absent."""
 
 import json
 import logging
+import math
 import os
+import time
 
+import numpy as np
+from transformers import ProgressCallback
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import speed_metrics
 
 from ..hub import RUN_INFO_NAME, TRAINING_CURVES_NAME, results_from_training, write_model_card
 from .callbacks import TimeLimitCallback
 from .checkpoints import FINAL_STAGING_DIR, failed_save_reported, publish_files
 from .curves import plot_training_curves, stop_mark
 from .diagnostics import Baselines, bits
+from .metrics import metrics_from_rows
 from .summary import training_run_info
 
 
@@ -28,8 +35,8 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
     staging = staged if trainer.is_world_process_zero() else None
     with failed_save_reported("the final model", args.output_dir, staging):
         trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with tokenizer
-    # the whole validation split (the periodic evaluations may have read a sample of it), with a progress bar
-    metrics = {**train_metrics, **trainer.evaluate(eval_dataset=eval_blocks), "global_step": trainer.state.global_step}
+    evaluation = final_evaluation(trainer, eval_blocks, data_args.final_eval_stderr, data_args.stateful)
+    metrics = {**train_metrics, **evaluation, "global_step": trainer.state.global_step}
     if baselines is not None:
         metrics["unigram_bits_per_char"] = bits(baselines.unigram)
     if not data_args.streaming:
@@ -66,3 +73,91 @@ def how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None)
     return f"Training finished: {state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s."
 
 
+
+
+# The final evaluation's first stage, in characters (then as many as its measured spread needs), and the margin on
+# the blocks that spread asks for (the spread of the first stage is itself an estimate).
+FINAL_EVAL_FIRST_CHARACTERS = 250_000
+FINAL_EVAL_MARGIN = 1.15
+FINAL_EVAL_SEED = 0  # not --seed: every run on the same text reads the same blocks, so runs compare pairwise
+
+
+def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool = False) -> dict:
+    """The final model's evaluation: a random sample of `eval_blocks` read in stages (each a Trainer evaluation loop)
+    until the eval loss's standard error is at most `target_stderr` nats/char, or all of them with `target_stderr`
+    0 or a split that small. The metrics, logged once and passed to the callbacks as `Trainer.evaluate()` does, have
+    `eval_loss` (the mean over the characters read), its standard error `eval_loss_stderr` (0 when every block was
+    read) and `eval_characters` (those read). The order is fixed (`FINAL_EVAL_SEED`); --stateful reads the first
+    windows of every stream in order, a stream (--streaming) its first blocks.
+
+    Hand-written because Trainer evaluates a dataset whole: it has no sample that grows until it is precise."""
+    args, scorer = trainer.args, trainer.compute_metrics
+    sized = hasattr(eval_blocks, "__len__")
+    population = len(eval_blocks) if sized else None
+    unit = args.per_device_eval_batch_size * args.world_size if stateful else 1  # stateful: whole windows of streams
+    order = None if stateful or not sized else np.random.default_rng(FINAL_EVAL_SEED).permutation(population)
+    start = time.time()
+    totals, counts, read = np.zeros(0), np.zeros(0), 0
+    wanted = math.inf if target_stderr <= 0 else _first_stage(trainer, eval_blocks)
+    while population is None or read < population:
+        stop = _round_up(min(wanted, population or math.inf), unit)
+        if stop <= read:
+            break
+        stage = _stage(eval_blocks, read, stop, order)
+        output = trainer.evaluation_loop(trainer.get_eval_dataloader(stage), description="Final evaluation",
+                                         metric_key_prefix="eval")
+        _close_prediction_bars(trainer)
+        totals, counts = np.concatenate([totals, scorer.rows[0]]), np.concatenate([counts, scorer.rows[1]])
+        if output.num_samples == 0:  # a stream that has ended
+            break
+        read += output.num_samples
+        stderr = metrics_from_rows(totals, counts, population)["loss_stderr"]
+        if target_stderr <= 0 or stderr <= target_stderr:  # NaN (one block read) reads on
+            break
+        wanted = max(read + unit, FINAL_EVAL_MARGIN * _blocks_needed(stderr, read, population, target_stderr))
+    metrics = {f"eval_{name}": value for name, value in metrics_from_rows(totals, counts, population).items()}
+    metrics.update(eval_loss=float(totals.sum() / counts.sum()), eval_characters=int(counts.sum()),
+                   **speed_metrics("eval", start, num_samples=read))
+    trainer.log(metrics)
+    trainer.control = trainer.callback_handler.on_evaluate(args, trainer.state, trainer.control, metrics)
+    return metrics
+
+
+def _first_stage(trainer, eval_blocks) -> int:
+    """Blocks of the first stage: `FINAL_EVAL_FIRST_CHARACTERS` characters' worth."""
+    sample = eval_blocks[0] if hasattr(eval_blocks, "__len__") else next(iter(eval_blocks))  # a stream: its first
+    return max(2, FINAL_EVAL_FIRST_CHARACTERS // max(1, len(sample["input_ids"]) - 1))
+
+
+def _blocks_needed(stderr: float, read: int, population: int | None, target: float) -> float:
+    """The blocks a sample needs for a standard error of `target`, from the `stderr` of `read` blocks: the error's
+    square is spread / n x (1 - n / population), with the spread (the blocks' variance) measured on the blocks read."""
+    if math.isnan(stderr):
+        return read + 1
+    correction = 1.0 - read / population if population else 1.0
+    spread = stderr**2 * read / correction
+    return spread / (target**2 + (spread / population if population else 0.0))
+
+
+def _round_up(blocks: float, unit: int) -> float:
+    return blocks if math.isinf(blocks) else math.ceil(blocks / unit) * unit
+
+
+def _stage(eval_blocks, start: int, stop: float, order):
+    """Blocks `start` to `stop` of the final evaluation's order: of the seeded permutation `order` (sorted: the
+    memory-mapped file is read forward), else in the data's order."""
+    if order is not None:
+        return eval_blocks.select(np.sort(order[start:int(stop)]))
+    if hasattr(eval_blocks, "select"):
+        return eval_blocks.select(range(start, int(min(stop, len(eval_blocks)))))
+    stream = eval_blocks.skip(start)
+    return stream if math.isinf(stop) else stream.take(int(stop) - start)
+
+
+def _close_prediction_bars(trainer) -> None:
+    """Close the evaluation's progress bar after each stage (Trainer closes it in `evaluate()`), so the next stage
+    counts its own batches."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.prediction_bar is not None:
+            callback.prediction_bar.close()
+            callback.prediction_bar = None

@@ -219,7 +219,7 @@ def encode_datasets(
     tokenizer, data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_raw, eval_raw
 ):
     """(training blocks, validation blocks): windows of block_size + 1 ids, or with --stateful one stream per batch
-    row of every process (see `stream_layout`); at most --max_eval_samples validation blocks."""
+    row of every process (see `stream_layout`)."""
     kwargs = dict(
         tokenizer=tokenizer,
         column=data_args.text_column,
@@ -241,8 +241,6 @@ def encode_datasets(
                 )
             train_blocks, eval_blocks = encode_blocks(train_raw, **kwargs), encode_blocks(eval_raw, **kwargs)
     if data_args.streaming:
-        if data_args.max_eval_samples is not None:  # the first blocks of the validation stream
-            eval_blocks = eval_blocks.take(data_args.max_eval_samples)
         return train_blocks, eval_blocks
     window = data_args.block_size + 1
     for name, blocks in (("training", train_blocks), ("validation", eval_blocks)):
@@ -256,8 +254,9 @@ def encode_datasets(
 
 
 # The periodic evaluations' share of the training time they may take, and how much faster than training an
-# evaluation reads a block (forward only, no dropout or optimizer: >= 3x, benchmarks/scale.py); 2.5 for headroom.
-EVAL_TIME_SHARE = 0.1
+# evaluation reads a block (forward only, no dropout or optimizer: 2.9-4.3x, benchmarks/scale.py); 2.5 for headroom.
+# The final evaluation (`final.final_evaluation`) costs about as much again: together under 10% of a run.
+EVAL_TIME_SHARE = 0.05
 EVAL_SPEEDUP = 2.5
 
 
@@ -265,20 +264,16 @@ def periodic_eval_blocks(data_args: DataArguments, training_args: CharLSTMTraini
                          eval_blocks):
     """The blocks of the periodic evaluations: `--max_eval_samples` when given; else, when the validation split is
     larger, a fixed sample (seeded by --seed, the same at every evaluation) of as many blocks as cost about
-    `EVAL_TIME_SHARE` of the training time between two evaluations, said once. The final evaluation reads them all.
-    With --stateful the sample is the first windows of every stream (it keeps the streams' order)."""
-    if data_args.streaming:  # `encode_datasets` took the first --max_eval_samples blocks of the stream
-        return eval_blocks
+    `EVAL_TIME_SHARE` of the training time between two evaluations, said once. With --stateful the sample is the
+    first windows of every stream (it keeps the streams' order), with --streaming the first blocks of the stream.
+    The final evaluation reads a sample of its own (`final.final_evaluation`)."""
     args = training_args
-    interval = args.eval_steps if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps" else None
-    blocks_per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    if interval is not None and interval < 1:  # a fraction of the run
-        interval = interval * (args.max_steps if args.max_steps > 0 else len(train_blocks) / blocks_per_step)
-    interval = interval or len(train_blocks) / blocks_per_step  # once per epoch
     most = data_args.max_eval_samples
     if most is None:
         most = max(args.per_device_eval_batch_size * args.world_size,
-                   int(EVAL_TIME_SHARE * EVAL_SPEEDUP * interval * blocks_per_step))
+                   int(EVAL_TIME_SHARE * EVAL_SPEEDUP * _eval_interval(args, train_blocks) * _blocks_per_step(args)))
+    if data_args.streaming:
+        return eval_blocks.take(most)
     if len(eval_blocks) <= most:
         return eval_blocks
     if data_args.stateful:  # the first windows of every stream
@@ -288,5 +283,19 @@ def periodic_eval_blocks(data_args: DataArguments, training_args: CharLSTMTraini
     if data_args.max_eval_samples is None:
         logger.info(f"Evaluations while training read a fixed sample of {most} of the {len(eval_blocks)} validation "
                     f"blocks ({most * data_args.block_size:,} characters: about {EVAL_TIME_SHARE:.0%} of the training "
-                    "time between two evaluations; --max_eval_samples sets it); the final evaluation reads them all.")
+                    "time between two evaluations; --max_eval_samples sets it).")
     return eval_blocks.select(np.sort(chosen))
+
+
+def _blocks_per_step(args: CharLSTMTrainingArguments) -> int:
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
+def _eval_interval(args: CharLSTMTrainingArguments, train_blocks) -> float:
+    """Training steps between two evaluations: --eval_steps (a number, or a fraction of the run), else one epoch
+    (a stream, which has no length: the run's --max_steps)."""
+    epoch = len(train_blocks) / _blocks_per_step(args) if hasattr(train_blocks, "__len__") else args.max_steps
+    interval = args.eval_steps if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps" else None
+    if interval is not None and interval < 1:  # a fraction of the run
+        interval = interval * (args.max_steps if args.max_steps > 0 else epoch)
+    return interval or epoch
