@@ -12,6 +12,7 @@ import yaml
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from . import terminal
 from .errors import UsageError
 from .loading import (  # noqa: F401  (check_model_path, check_vocab_match: imported from here before issue 14)
     check_model_path,
@@ -122,19 +123,25 @@ def tested_versions() -> dict:
 
 def build_space_folder(folder: str, space_id: str, model_repo_id: str, overwrite: bool = False) -> str:
     """Write a ready-to-push Gradio Space for `space_id` into `folder`, running the demo (demo/app.py) on the model
-    `model_repo_id`: app.py with MODEL_ID set, requirements.txt pinned to the installed torch and transformers (the
-    versions tested here) and README.md with the Spaces YAML header (sdk_version: the installed gradio)."""
+    `model_repo_id`: app.py with MODEL_ID set and TRUST_REMOTE_CODE on (char_lstm is not installed there: the model's
+    own code loads it, and the Space's owner chose the model), terminal.py (the app shows control characters with
+    it), requirements.txt pinned to the installed torch and transformers (the versions tested here) and README.md with
+    the Spaces YAML header (sdk_version: the installed gradio)."""
     check_repo_id(space_id, "--space")
     versions = tested_versions()
     with open(SPACE_APP, encoding="utf-8") as f:
-        app, found = re.subn(r"^MODEL_ID = None\b", f"MODEL_ID = {model_repo_id!r}", f.read(), count=1, flags=re.M)
-    if not found:
-        raise HubError(f"{SPACE_APP} has no `MODEL_ID = None` line to set the model in.")
+        app = f.read()
+    for line, value in (("MODEL_ID = None", f"MODEL_ID = {model_repo_id!r}"),
+                        ("TRUST_REMOTE_CODE = False", "TRUST_REMOTE_CODE = True")):
+        app, found = re.subn(rf"^{re.escape(line)}\b", value, app, count=1, flags=re.M)
+        if not found:
+            raise HubError(f"{SPACE_APP} has no `{line}` line to set in the Space's copy.")
     if _make_empty(folder, "--space_dir", overwrite):
         shutil.rmtree(folder)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "app.py"), "w", encoding="utf-8") as f:
         f.write(app)
+    shutil.copyfile(terminal.__file__, os.path.join(folder, "terminal.py"))
     with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
         f.write("# the versions char_lstm's demo was tested with (gradio: sdk_version in README.md)\n"
                 f"torch=={versions['torch']}\ntransformers=={versions['transformers']}\n")

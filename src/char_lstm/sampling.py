@@ -10,6 +10,7 @@ from transformers import TextStreamer, set_seed
 
 from .errors import see_troubleshooting
 from .loading import load_model_and_tokenizer, pick_device, resolve_dtype  # noqa: F401  (resolve_dtype: old path)
+from .terminal import TerminalWriter
 
 
 @dataclass
@@ -33,6 +34,9 @@ class GenerateArguments:
         default=False, metadata={"help": "Map prompt characters outside the vocabulary to <unk> instead of failing."}
     )
     stream: bool = field(default=True, metadata={"help": "Print characters as they come (one prompt, one sample)."})
+    raw_output: bool = field(default=False, metadata={
+        "help": "Write the exact text to a terminal too, control characters (escape codes) included; by default a "
+        "terminal shows them as \\x1b-style escapes (a file or a pipe always gets the exact text)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
 
 
@@ -194,16 +198,22 @@ def run_generate(args: GenerateArguments, stdout=None) -> list[str]:
         kwargs.update(temperature=None, top_k=None, top_p=None)
     single = len(prompts) == 1 and args.num_return_sequences == 1
     streamer = None
+    out = TerminalWriter(stdout, raw=args.raw_output)  # a terminal shows control characters; a file gets them
     if args.stream and single:
         # the prompt as typed (its unknown characters would decode as nothing), then the new characters as they come
-        print(prompts[0], end="", file=stdout, flush=True)
-        streamer = CharacterStreamer(tokenizer, skip_prompt=True, file=stdout, skip_special_tokens=True)
+        print(prompts[0], end="", file=out, flush=True)
+        streamer = CharacterStreamer(tokenizer, skip_prompt=True, file=out, skip_special_tokens=True)
     texts = generate_texts(model, tokenizer, prompts, streamer=streamer, **kwargs)
     if streamer is None:
         for index, text in enumerate(texts):
             if not single:
-                print(f"===== sample {index + 1} of {len(texts)} =====", file=stdout)
-            print(text, file=stdout, flush=True)
+                print(f"===== sample {index + 1} of {len(texts)} =====", file=out)
+            print(text, file=out, flush=True)
+    out.finish()
+    if out.escaped:
+        logger.warning("The text holds control characters (such as terminal escape codes), shown on the terminal as "
+                       "\\x1b-style escapes; --raw_output writes them as they are (a file or a pipe gets the exact "
+                       "text).")
     _warn_repetition(texts, prompts, args.num_return_sequences)
     return texts
 

@@ -3,6 +3,7 @@ the progress bars' numbers and the plateau scheduler's log line."""
 
 import logging
 import math
+import sys
 import time
 
 import torch
@@ -12,6 +13,7 @@ from transformers import ProgressCallback, TrainerCallback
 from ..encoding import iter_texts, release_mapped_pages
 from ..errors import see_troubleshooting
 from ..sampling import repetition_warning
+from ..terminal import is_terminal, visible_controls
 from .summary import run_summary
 
 
@@ -21,14 +23,16 @@ logger = logging.getLogger(__name__)
 class SampleCallback(TrainerCallback):
     """Every `every` evaluations, print a sample (main process only) and log it to TensorBoard as text; once per
     step (the evaluation of the final model after training does not print the last step's sample again). The first
-    sample caught in a repetition loop is reported (`repetition_warning`), once."""
+    sample caught in a repetition loop is reported (`repetition_warning`), once. On a terminal, a sample's control
+    characters (terminal escape codes) are shown as escapes (`visible_controls`), said once; TensorBoard gets the
+    exact text."""
 
     def __init__(self, tokenizer, prompt: str, every: int, length: int, temperature: float):
         self.tokenizer, self.prompt, self.every = tokenizer, prompt, every
         self.length, self.temperature = length, temperature
         self.evaluations = 0
         self.sampled_step = None
-        self.repetition_said = False
+        self.repetition_said = self.controls_said = False
         self.trainer = None  # set by train(), to find the TensorBoard writer
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -39,8 +43,14 @@ class SampleCallback(TrainerCallback):
             return
         self.sampled_step = state.global_step
         text = sample(model, self.tokenizer, self.prompt, self.length, self.temperature)
+        shown = visible_controls(text) if is_terminal(sys.stdout) else text  # where tqdm.write writes
         # through tqdm, so that the progress bars are cleared first and drawn again after the sample
-        tqdm.write(f"----- sample at step {state.global_step} -----\n{text}\n-----")
+        tqdm.write(f"----- sample at step {state.global_step} -----\n{shown}\n-----")
+        if shown != text and not self.controls_said:
+            self.controls_said = True
+            logger.warning(f"The sample at step {state.global_step} holds control characters (such as terminal "
+                           "escape codes), shown on the terminal as \\x1b-style escapes; scripts/generate.py "
+                           "--raw_output writes them as they are.")
         if not self.repetition_said:
             warning = repetition_warning(text[len(self.prompt):], f"the sample at step {state.global_step}",
                                          training=True)
