@@ -8,7 +8,7 @@ peak memory, training and evaluation speed; and a large vocabulary against a sma
 Each corpus is trained on twice by `scripts/train.py`'s `train()` in a fresh process: first with an empty `datasets`
 cache (cold: reading, counting, encoding, caching), then again (warm: the cache hit). Each run is the `cpu-small`
 preset's model for `--steps` steps with one periodic evaluation in the middle, samples off and a validation split of
-`--validation_split_percentage` (the final evaluation reads all of it). The child process reports:
+`--validation_split_percentage` (the final evaluation reads a sample: `--final_eval_stderr`). The child reports:
 
 * preparation MB/s: the text's size over the time from the start of `train()` to the first training step;
 * time to the first step, from the process's start (imports included), cold and warm;

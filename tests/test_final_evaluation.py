@@ -56,13 +56,14 @@ def test_the_final_evaluation_reads_a_sample_precise_to_its_stderr_and_zero_read
     """The default reads a sample (one stage here) with a standard error under 0.005 nats/char; its loss lies within
     4 standard errors of the whole split's, which --final_eval_stderr 0 reads (the same model: the same seed). A
     tighter target reads more, in stages, logged as one evaluation."""
-    whole = run(texts, tmp_path / "whole", "--final_eval_stderr", "0")
+    alone = ("--load_best_model_at_end", "false", "--eval_strategy", "no")  # no periodic evaluation to start from
+    whole = run(texts, tmp_path / "whole", "--final_eval_stderr", "0", *alone)
     assert whole["eval_loss_stderr"] == 0 and whole["eval_characters"] == VALIDATION_CHARACTERS
     assert "eval loss " in capsys.readouterr().out
 
-    sample = run(texts, tmp_path / "sample")
+    sample = run(texts, tmp_path / "sample", *alone)
     read = sample["eval_characters"]
-    assert read == (FINAL_EVAL_FIRST_CHARACTERS // 32) * 32 < whole["eval_characters"]
+    assert read == (FINAL_EVAL_FIRST_CHARACTERS // 32) * 32 < whole["eval_characters"]  # one stage was enough
     assert 0 < sample["eval_loss_stderr"] <= 0.005
     assert abs(sample["eval_loss"] - whole["eval_loss"]) <= 4 * sample["eval_loss_stderr"]
     assert math.isclose(sample["eval_bits_per_char"], sample["eval_loss"] / math.log(2))
@@ -72,12 +73,24 @@ def test_the_final_evaluation_reads_a_sample_precise_to_its_stderr_and_zero_read
     assert results["eval_loss_stderr"] == sample["eval_loss_stderr"] and results["eval_characters"] == read
 
     target = sample["eval_loss_stderr"] * 0.6  # about 2.8x the blocks: a second stage
-    tight = run(texts, tmp_path / "tight", "--final_eval_stderr", f"{target:.6f}")
+    tight = run(texts, tmp_path / "tight", "--final_eval_stderr", f"{target:.6f}", *alone)
     assert read < tight["eval_characters"] < whole["eval_characters"]
     assert tight["eval_loss_stderr"] <= target
     history = json.loads((tmp_path / "tight" / "trainer_state.json").read_text())["log_history"]
     finals = [entry for entry in history if "eval_characters" in entry]
     assert len(finals) == 1 and finals[0]["eval_loss"] == tight["eval_loss"]
+
+
+def test_the_last_periodic_evaluation_of_the_final_model_is_not_read_again(texts, tmp_path):
+    """The periodic evaluations read the first blocks of the final evaluation's order: when the last one scored the
+    final model (the last step, the best one), the final evaluation starts from its blocks and reads only what its
+    precision needs beyond them; here nothing (6,000 blocks: a standard error under 0.005)."""
+    metrics = run(texts, tmp_path / "out", "--max_eval_samples", "6000", "--save_steps", "30", "--eval_steps", "30")
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    last = [entry for entry in history if "eval_loss" in entry and "eval_characters" not in entry][-1]
+    assert last["step"] == 30 and metrics["eval_characters"] == 6000 * 32
+    assert metrics["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
+    assert metrics["eval_runtime"] < last["eval_runtime"] / 10  # no block read again
 
 
 def test_max_eval_samples_bounds_the_evaluations_while_training_only(texts, tmp_path):

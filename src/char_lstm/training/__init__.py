@@ -20,7 +20,8 @@ only what Trainer does not do by itself:
 * `runtime`: the process (CPU DDP launch, console, allocator, bf16 detection, Ctrl-C / SIGTERM);
 * `summary`: the lines a run ends with, and the record of the run the model card is written from;
 * `curves`: training_curves.png, the picture of the run on the model card;
-* `final`: the final evaluation on the whole validation split, and the final model written complete or absent.
+* `final`: the final evaluation on a sample of the validation split precise to --final_eval_stderr (or all of it),
+  and the final model written complete or absent.
 """
 
 import logging

@@ -35,7 +35,8 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
     staging = staged if trainer.is_world_process_zero() else None
     with failed_save_reported("the final model", args.output_dir, staging):
         trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with tokenizer
-    evaluation = final_evaluation(trainer, eval_blocks, data_args.final_eval_stderr, data_args.stateful)
+    evaluation = final_evaluation(trainer, eval_blocks, data_args.final_eval_stderr, data_args.stateful,
+                                  reusable_rows(trainer, eval_blocks, data_args.stateful))
     metrics = {**train_metrics, **evaluation, "global_step": trainer.state.global_step}
     if baselines is not None:
         metrics["unigram_bits_per_char"] = bits(baselines.unigram)
@@ -79,48 +80,79 @@ def how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None)
 # the blocks that spread asks for (the spread of the first stage is itself an estimate).
 FINAL_EVAL_FIRST_CHARACTERS = 250_000
 FINAL_EVAL_MARGIN = 1.15
-FINAL_EVAL_SEED = 0  # not --seed: every run on the same text reads the same blocks, so runs compare pairwise
+# The order in which evaluations sample the validation blocks (`evaluation_order`): not --seed, so that every run on
+# the same text reads the same blocks and runs compare pairwise.
+EVALUATION_SEED = 0
 
 
-def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool = False) -> dict:
+def evaluation_order(population: int) -> np.ndarray:
+    """The validation blocks' order for sampling them: the periodic evaluations read its first blocks, the final
+    evaluation as many of its first blocks as its precision needs (and so can reuse what the last periodic
+    evaluation read of the final model: `reusable_rows`)."""
+    return np.random.default_rng(EVALUATION_SEED).permutation(population)
+
+
+def reusable_rows(trainer, eval_blocks, stateful: bool):
+    """(loss sums, character counts) of the blocks the last periodic evaluation read, when it scored the final
+    model (the last step, which --load_best_model_at_end keeps when it is the best) on the first blocks of
+    `evaluation_order`; else None. The final evaluation then reads only the blocks its precision needs beyond those."""
+    state, rows = trainer.state, getattr(trainer.compute_metrics, "rows", None)
+    evaluations = [entry["step"] for entry in state.log_history if "eval_loss" in entry]
+    if stateful or not hasattr(eval_blocks, "__len__") or rows is None or not len(rows[0]) or not evaluations:
+        return None
+    best_is_last = not trainer.args.load_best_model_at_end or state.best_global_step == state.global_step
+    return rows if evaluations[-1] == state.global_step and best_is_last else None
+
+
+def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool = False, reused=None) -> dict:
     """The final model's evaluation: a random sample of `eval_blocks` read in stages (each a Trainer evaluation loop)
     until the eval loss's standard error is at most `target_stderr` nats/char, or all of them with `target_stderr`
-    0 or a split that small. The metrics, logged once and passed to the callbacks as `Trainer.evaluate()` does, have
-    `eval_loss` (the mean over the characters read), its standard error `eval_loss_stderr` (0 when every block was
-    read) and `eval_characters` (those read). The order is fixed (`FINAL_EVAL_SEED`); --stateful reads the first
-    windows of every stream in order, a stream (--streaming) its first blocks.
+    0 or a split that small. `reused`: the rows of the first blocks of the order, read already (`reusable_rows`).
+    The metrics, logged once and passed to the callbacks as `Trainer.evaluate()` does, have `eval_loss` (the mean over
+    the characters read), its standard error `eval_loss_stderr` (0 when every block was read) and `eval_characters`
+    (those read). The order is `evaluation_order`; --stateful reads the first windows of every stream in order, a
+    stream (--streaming) its first blocks.
 
     Hand-written because Trainer evaluates a dataset whole: it has no sample that grows until it is precise."""
     args, scorer = trainer.args, trainer.compute_metrics
-    sized = hasattr(eval_blocks, "__len__")
-    population = len(eval_blocks) if sized else None
+    population = len(eval_blocks) if hasattr(eval_blocks, "__len__") else None
     unit = args.per_device_eval_batch_size * args.world_size if stateful else 1  # stateful: whole windows of streams
-    order = None if stateful or not sized else np.random.default_rng(FINAL_EVAL_SEED).permutation(population)
+    order = None if stateful or population is None else evaluation_order(population)
     start = time.time()
-    totals, counts, read = np.zeros(0), np.zeros(0), 0
+    totals, counts = reused if reused is not None else (np.zeros(0), np.zeros(0))
+    read = len(totals)
     wanted = math.inf if target_stderr <= 0 else _first_stage(trainer, eval_blocks)
-    while population is None or read < population:
+    if read and target_stderr > 0:
+        wanted = _more_blocks(totals, counts, population, target_stderr, unit)
+    while wanted is not None and (population is None or read < population):
         stop = _round_up(min(wanted, population or math.inf), unit)
         if stop <= read:
             break
-        stage = _stage(eval_blocks, read, stop, order)
-        output = trainer.evaluation_loop(trainer.get_eval_dataloader(stage), description="Final evaluation",
-                                         metric_key_prefix="eval")
+        output = trainer.evaluation_loop(trainer.get_eval_dataloader(_stage(eval_blocks, read, stop, order)),
+                                         description="Final evaluation", metric_key_prefix="eval")
         _close_prediction_bars(trainer)
         totals, counts = np.concatenate([totals, scorer.rows[0]]), np.concatenate([counts, scorer.rows[1]])
         if output.num_samples == 0:  # a stream that has ended
             break
         read += output.num_samples
-        stderr = metrics_from_rows(totals, counts, population)["loss_stderr"]
-        if target_stderr <= 0 or stderr <= target_stderr:  # NaN (one block read) reads on
-            break
-        wanted = max(read + unit, FINAL_EVAL_MARGIN * _blocks_needed(stderr, read, population, target_stderr))
+        wanted = None if target_stderr <= 0 else _more_blocks(totals, counts, population, target_stderr, unit)
     metrics = {f"eval_{name}": value for name, value in metrics_from_rows(totals, counts, population).items()}
     metrics.update(eval_loss=float(totals.sum() / counts.sum()), eval_characters=int(counts.sum()),
                    **speed_metrics("eval", start, num_samples=read))
     trainer.log(metrics)
     trainer.control = trainer.callback_handler.on_evaluate(args, trainer.state, trainer.control, metrics)
     return metrics
+
+
+def _more_blocks(totals: np.ndarray, counts: np.ndarray, population: int | None, target: float,
+                 unit: int) -> float | None:
+    """How many blocks the sample needs in all, read from the first, for a standard error of `target`; None when
+    the blocks read (`totals`, `counts`) are enough."""
+    read = len(totals)
+    stderr = metrics_from_rows(totals, counts, population)["loss_stderr"]
+    if stderr <= target:  # NaN (one block read) reads on
+        return None
+    return max(read + unit, FINAL_EVAL_MARGIN * _blocks_needed(stderr, read, population, target))
 
 
 def _first_stage(trainer, eval_blocks) -> int:
