@@ -74,7 +74,16 @@ def test_greedy_through_the_exported_step_is_generate(tokenizer, export_format, 
     suffix = {"dynamo": ".pt2", "onnx": ".onnx", "executorch": ".pte"}[export_format]
     assert {"prefill" + suffix, "decode" + suffix} <= set(files) and all(size > 0 for size in files.values())
     assert (tmp_path / "export" / "tokenizer.json").is_file()
-    check = check_greedy(model, load_export(str(tmp_path / "export")), ids(tokenizer, PROMPT), max_new_tokens=30)
+    folder = str(tmp_path / "export")
+    pickled = export_format == "dynamo"  # a .pt2 is unpickled when loaded: only with the caller's yes
+    if pickled:
+        with pytest.raises(UsageError) as refused:
+            load_export(folder)
+        assert str(refused.value) == (
+            f"{folder}: loading it runs code from its files (its torch.export programs (.pt2) are unpickled); for an "
+            f"export you trust (one you wrote), pass load_export({folder!r}, trust_remote_code=True).")
+    check = check_greedy(model, load_export(folder, trust_remote_code=pickled), ids(tokenizer, PROMPT),
+                         max_new_tokens=30)  # ONNX and ExecuTorch programs load without it
     assert check.equal
 
 

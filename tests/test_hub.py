@@ -182,6 +182,21 @@ def test_a_hub_cards_snippet_loads_the_repo_id(saved, tmp_path):
     assert "The repository carries its own code" in card
 
 
+def test_the_cards_training_data_says_which_files_were_read(saved):
+    """A run on a glob or folder: the card's training data gives the files read, their bytes, the patterns (quoted as
+    typed in a shell) and the files skipped; a record without `data_files` (an older run, a Hub dataset) adds none."""
+    folder, model = saved
+    files = {"kind": "glob", "include": ["*.c", "*.h"], "exclude": ["test dir/*"], "files": 1234,
+             "skipped_not_text": 12, "skipped_empty": 3, "bytes": 45_678_901, "encoding": "latin-1"}
+    run = {"dataset": "*.[ch]", "training_data": "`*.[ch]`: 9 training blocks.", "data_files": files}
+    card = open(write_model_card(str(folder), model, run=run, results={}, repo_id="you/char-tiny")).read()
+    assert ("## Training data\n\n`*.[ch]`: 9 training blocks.\n\nData files: 1,234 files, 45,678,901 bytes, read "
+            "from a glob with `--include '*.c' '*.h' --exclude 'test dir/*'`; skipped: 12 not latin-1 text and 3 "
+            "empty.\n\n## Training procedure") in card
+    card = open(write_model_card(str(folder), model, run={**run, "data_files": None}, results={})).read()
+    assert "## Training data\n\n`*.[ch]`: 9 training blocks.\n\n## Training procedure" in card
+
+
 def test_load_model_and_tokenizer_gives_the_saved_weights_in_eval_mode_with_dtype_and_device(saved, tokenizer):
     folder, model = saved
     loaded, loaded_tokenizer = load_model_and_tokenizer(str(folder), dtype=torch.bfloat16)

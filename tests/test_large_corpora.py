@@ -1,5 +1,6 @@
 """Corpora as users bring them, in training: many distinct characters (the adaptive softmax, the vocabulary
-controls), source trees. Small generated data; the sizes and speeds are measured by benchmarks/scale.py."""
+controls), source trees; and as files: byte-order marks, whitespace only, the record of what a folder gave. Small
+generated data; the sizes and speeds are measured by benchmarks/scale.py."""
 
 import logging
 import math
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from char_lstm.errors import UsageError
+from char_lstm.data import file_selection, load_files, load_raw_datasets, read_text_file
+from char_lstm.errors import DataError, UsageError
+from char_lstm.text_files import LENGTH_COLUMN, SNIFF_BYTES, file_parts, part_rows
 from char_lstm.training import parse_arguments, train
 from helpers import write_text
 
@@ -186,3 +189,97 @@ def test_the_blocks_pages_a_run_has_read_are_unmapped_and_read_again(tmp_path):
     assert mapped_kb() < read / 4
     after = [blocks[int(i)]["input_ids"] for i in np.random.default_rng(0).integers(0, len(blocks), 300)]
     assert before == after
+
+
+def test_whitespace_only_text_of_any_size_is_refused(tmp_path):
+    """A file of whitespace is refused whatever its size (it was only when its first SNIFF_BYTES were all of it); a
+    character after them is found; a folder or glob whose text files are all whitespace is refused too."""
+    blank = " \t\n\r" * (3 * SNIFF_BYTES // 4)  # 3 x SNIFF_BYTES
+    big = write_text(tmp_path / "big.txt", blank)
+    for read in (lambda: load_raw_datasets(train_file=str(big)), lambda: read_text_file(big)):
+        with pytest.raises(DataError, match=r"big.txt holds only whitespace: the training text needs characters"):
+            read()
+    late = write_text(tmp_path / "late.txt", blank + "x")
+    assert load_raw_datasets(train_file=str(late))["train"]["text"] == [blank + "x"]
+    utf16 = tmp_path / "blank16.txt"
+    utf16.write_bytes(blank.encode("utf-16"))  # with a byte-order mark: its NUL bytes are UTF-16's, not binary
+    with pytest.raises(DataError, match="blank16.txt holds only whitespace"):
+        load_raw_datasets(train_file=str(utf16))
+    folder = tmp_path / "blank"
+    folder.mkdir()
+    write_text(folder / "a.txt", blank)
+    write_text(folder / "b.txt", "\n")
+    for spec in (folder, folder / "*.txt"):
+        with pytest.raises(DataError, match=r"^--train_file: its 2 text file\(s\) hold only whitespace \(.*a.txt, "
+                                            r".*b.txt\): the training text needs characters to learn from.$"):
+            load_raw_datasets(train_file=str(spec))
+    write_text(folder / "c.txt", blank + "x")  # one character after a file's first SNIFF_BYTES is enough
+    assert load_raw_datasets(train_file=str(folder))["train"][LENGTH_COLUMN] == [len(blank), 1, len(blank) + 1]
+
+
+UNICODE_TEXT = "ROMEO:\nBut, soft! \u00e9t\u00e9 \u4e2d\u6587 \U0001f600 what light\n" * 40
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"])
+def test_a_byte_order_mark_names_the_encoding_and_is_not_text(tmp_path, encoding):
+    """A file that starts with a byte-order mark is read in the encoding it names (UTF-8, UTF-16, UTF-32, either
+    byte order), whatever --encoding says, and its text does not start with U+FEFF: read whole, cut into parts on
+    character boundaries (surrogate pairs kept whole), in a folder, and by read_text_file."""
+    path = tmp_path / "bom.txt"
+    # the codecs named by their byte order write no mark: the mark of that order first, as an editor saves it
+    mark = {"utf-16-le": "\ufeff".encode("utf-16-le"), "utf-16-be": "\ufeff".encode("utf-16-be"),
+            "utf-32-be": "\ufeff".encode("utf-32-be")}.get(encoding, b"")
+    data = mark + UNICODE_TEXT.encode(encoding)
+    path.write_bytes(data)
+    assert read_text_file(path) == UNICODE_TEXT
+    for given in ("utf-8", "latin-1"):
+        assert load_raw_datasets(train_file=str(path), encoding=given)["train"]["text"] == [UNICODE_TEXT]
+    parts = file_parts([str(path)], "utf-8", part_bytes=96)
+    assert len(parts) > 10 and parts[-1][2] == len(data)
+    unit = 4 if "32" in encoding else 2 if "16" in encoding else 1
+    assert all(start % unit == 0 for _, start, _ in parts)
+    if unit == 2:  # cuts every 96 bytes fall inside a surrogate pair (the emoji): they move to the pair's end
+        order = "big" if data.startswith(b"\xfe\xff") else "little"
+        low = [0xDC00 <= int.from_bytes(data[offset : offset + 2], order) <= 0xDFFF for offset in range(len(data))]
+        assert any(low[offset] for offset in range(96, len(data), 96))
+        assert not any(low[start] for _, start, _ in parts)
+    texts = [text for part in parts for text, _ in part_rows(part, "utf-8", row_chars=37)]
+    assert "".join(texts) == UNICODE_TEXT and not texts[0].startswith("\ufeff")
+    rows = load_files([str(path)], "text", "utf-8", row_chars=37)
+    assert "".join(rows["text"]) == UNICODE_TEXT and rows[LENGTH_COLUMN] == [len(text) for text in rows["text"]]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "bom.txt").write_bytes(data)  # read, not skipped as NUL bytes or not UTF-8
+    assert load_raw_datasets(train_file=str(folder))["train"]["text"] == [UNICODE_TEXT]
+    assert file_selection(str(folder))["skipped_not_text"] == 0
+
+
+def test_a_file_that_holds_only_a_byte_order_mark_is_empty(tmp_path):
+    path = tmp_path / "mark.txt"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(DataError, match=r"mark.txt is empty \(a byte-order mark only\)"):
+        load_raw_datasets(train_file=str(path))
+    with pytest.raises(DataError, match="mark.txt is empty"):
+        read_text_file(path)
+
+
+def test_the_files_read_are_recorded_for_the_run(tmp_path):
+    """What a --train_file value read (files, patterns, skipped, bytes) is kept by its arguments, from the one pass
+    over the tree, for the run's record and model card."""
+    tree = tmp_path / "kernel"
+    (tree / "drivers").mkdir(parents=True)
+    write_text(tree / "main.c", "int main(void) { return 0; }\n")
+    write_text(tree / "util.h", "#define ONE 1\n")
+    write_text(tree / "drivers" / "net.c", "int net;\n")
+    write_text(tree / "notes.txt", "not code\n")
+    (tree / "blob.c").write_bytes(b"\x7fELF\x00\x01")
+    (tree / "empty.c").write_bytes(b"")
+    load_raw_datasets(train_file=str(tree), include=["*.c", "*.h"], exclude=["drivers/*"])
+    assert file_selection(str(tree), ["*.c", "*.h"], ["drivers/*"]) == {
+        "kind": "folder", "include": ["*.c", "*.h"], "exclude": ["drivers/*"], "files": 2, "skipped_not_text": 1,
+        "skipped_empty": 1, "bytes": 29 + 14, "encoding": "utf-8"}
+    assert file_selection(str(tree)) is None  # other arguments: not read
+    load_raw_datasets(train_file=str(tree / "main.c"), include=["*.h"])  # a file named on its own: no patterns
+    assert file_selection(str(tree / "main.c"), ["*.h"]) == {
+        "kind": "file", "include": [], "exclude": [], "files": 1, "skipped_not_text": 0, "skipped_empty": 0,
+        "bytes": 29, "encoding": "utf-8"}

@@ -593,8 +593,8 @@ def test_old_cache_names_are_mapped_with_a_deprecation_warning(tokenizer, old_na
 def test_unknown_keyword_arguments_are_errors(tokenizer):
     model = make_model(tokenizer)
     ids = encode(tokenizer, ["ROMEO:"])["input_ids"]
-    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['position_ids'\]"):
-        model(input_ids=ids, position_ids=ids)
+    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['token_type_ids'\]"):
+        model(input_ids=ids, token_type_ids=ids)
     with pytest.raises(TypeError, match="no attention weights"):
         model.model(input_ids=ids, output_attentions=True)
     with pytest.raises(TypeError, match="num_items_in_batch"):
@@ -602,6 +602,32 @@ def test_unknown_keyword_arguments_are_errors(tokenizer):
     model(input_ids=ids, output_attentions=False)
     loss = model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(5)).loss
     torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)  # 5 targets: the same mean
+
+
+def test_position_ids_are_accepted_and_change_nothing(tokenizer):
+    """transformers' helpers and generate() pass `position_ids` to every causal LM: a recurrent model takes them and
+    ignores them (the same logits, loss and generated text)."""
+    model = make_model(tokenizer)
+    batch = encode(tokenizer, ["ROMEO:", "All:\nSpeak"], padding=True)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    for module in (model, model.model):
+        plain = module(**batch)
+        given = module(**batch, position_ids=positions)
+        assert torch.equal(*(out.logits if module is model else out.last_hidden_state for out in (given, plain)))
+    ids = batch["input_ids"][:1]
+    torch.testing.assert_close(model(input_ids=ids, labels=ids, position_ids=positions[:1]).loss,
+                               model(input_ids=ids, labels=ids).loss)
+    seen = []  # what forward received: a hook also sends generate() through transformers' own loop
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append("position_ids" in kwargs),
+                                           with_kwargs=True)
+    try:
+        generated = model.generate(**batch, position_ids=positions, max_new_tokens=8, do_sample=False)
+        assert len(seen) == 8 and all(seen)  # the prompt, then 7 steps, each with the positions passed through
+        seen.clear()
+        assert torch.equal(generated, model.generate(**batch, max_new_tokens=8, do_sample=False))
+        assert len(seen) == 8 and not any(seen)  # not a parameter of forward: generate() builds none of its own
+    finally:
+        hook.remove()
 
 
 def test_from_pretrained_with_a_state_dict_and_no_folder(tokenizer):

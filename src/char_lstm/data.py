@@ -41,12 +41,17 @@ from .text_files import (
     LENGTH_COLUMN,
     PART_BYTES,
     ROW_CHARS,
+    TextFiles,
+    check_encoding,
+    decode_error,
+    file_encoding,
     file_parts,
     find_files,
     part_rows,
     rows_code,
     structured_builder,
     text_files,
+    wide_encoding,
 )
 
 
@@ -91,23 +96,20 @@ def quiet_progress_bars():
 
 
 def read_text_file(path: str, encoding: str = "utf-8") -> str:
-    """The exact text of a file (no newline translation), with one-line errors for empty or undecodable files."""
+    """The exact text of a file (no newline translation; a file with a byte-order mark in the encoding the mark names,
+    without the mark: `file_encoding`), with one-line errors for empty, undecodable or whitespace-only files."""
+    check_encoding(encoding)
     with open(path, "rb") as f:
         data = f.read()
-    if not data:
+    encoding, mark = file_encoding(data[:4], encoding)
+    if len(data) == mark:
         raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
     try:
-        text = data.decode(encoding)
+        text = data[mark:].decode(encoding)
     except UnicodeDecodeError as error:
-        raise DataError(
-            f"{path} is not valid {encoding}: the byte at offset {error.start} (0x{data[error.start]:02x}) cannot be "
-            "decoded; convert the file to UTF-8 or pass its encoding, e.g. --encoding latin-1."
-        ) from None
-    except LookupError:
-        raise DataError(
-            f"Unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1."
-        ) from None
-    if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL next to every ASCII character
+        raise decode_error(path, data[mark:], error, encoding, mark) from None
+    if "\x00" in text and not wide_encoding(encoding):
+        # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL next to every ASCII character
         raise DataError(
             f"{path} has NUL characters (the first at character {text.index(chr(0))}): it looks like UTF-16 without a "
             "byte-order mark; pass --encoding utf-16-le (or utf-16-be), or convert the file to UTF-8."
@@ -125,14 +127,36 @@ def _text_file_rows(parts: list, encoding: str, row_chars: int = ROW_CHARS) -> I
             yield {"text": text, CONTINUES_COLUMN: continues, LENGTH_COLUMN: len(text)}
 
 
+# What `expand_files` read for each --train_file / --validation_file value in this process, by its arguments: the
+# run's record and model card say it (`file_selection`) without going through the files again.
+_SELECTIONS: dict[tuple, dict] = {}
+
+
 def expand_files(spec: str, option: str, include: list[str] | None = None, exclude: list[str] | None = None,
                  encoding: str = "utf-8") -> list[str]:
     """A file, a folder (recursive) or a glob -> the sorted list of files to read; in a folder or glob, files that
-    are not text are skipped (one info line), and `include` / `exclude` patterns filter the paths."""
+    are not text are skipped (one info line), and `include` / `exclude` patterns filter the paths. What was read is
+    kept for `file_selection`."""
     files, named = find_files(spec, option, include, exclude)
     if structured_builder(files) is not None:
-        return files
-    return text_files(files, named, encoding, option)  # named on its own: why it is not text is an error
+        found = TextFiles(files, bytes=sum(os.path.getsize(path) for path in files))
+    else:
+        found = text_files(files, named, encoding, option)  # named on its own: why it is not text is an error
+    _SELECTIONS[(spec, tuple(include or ()), tuple(exclude or ()), encoding)] = {
+        "kind": "file" if named else "folder" if os.path.isdir(spec) else "glob",
+        "include": [] if named else list(include or []), "exclude": [] if named else list(exclude or []),
+        "files": len(found.paths), "skipped_not_text": found.skipped, "skipped_empty": found.empty,
+        "bytes": found.bytes, "encoding": encoding}
+    return found.paths
+
+
+def file_selection(spec: str, include: list[str] | None = None, exclude: list[str] | None = None,
+                   encoding: str = "utf-8") -> dict | None:
+    """What `expand_files` read for these arguments in this process: the kind of `spec` (file, folder, glob), the
+    --include / --exclude patterns applied, the number of files read and of those skipped (not text, empty), the
+    bytes read and the --encoding; None when it has not read them."""
+    found = _SELECTIONS.get((spec, tuple(include or ()), tuple(exclude or ()), encoding))
+    return dict(found) if found is not None else None
 
 
 def _text_rows_fingerprint(files: list[str], kwargs: dict) -> str:

@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import UsageError
 from .loading import load_model_and_tokenizer
 from .modeling_char_lstm import cache_from_states
+from .terminal import is_terminal, visible_controls
 
 
 # The packages each format needs beyond torch and transformers, and how to install them.
@@ -337,12 +339,21 @@ def save_export(exported, tokenizer, output_dir: str, overwrite: bool = False) -
     return {name: os.path.getsize(os.path.join(output_dir, name)) for name in programs}
 
 
-def load_export(folder: str):
-    """An export written by `save_export`, loaded on its runtime (a .pt2 program is unpickled: only load your own)."""
+def load_export(folder: str, trust_remote_code: bool = False):
+    """An export written by `save_export`, loaded on its runtime. ONNX and ExecuTorch programs load as they are; a
+    torch.export program (.pt2) is unpickled, which runs code from the file, so transformers loads it only with
+    `trust_remote_code=True`: pass it for an export you trust (one you wrote). Without it, a one-line UsageError."""
     from transformers.exporters import ExportedModel
 
-    with _quiet():
-        return ExportedModel.from_pretrained(folder, trust_remote_code=True)
+    try:
+        with _quiet():
+            return ExportedModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as error:  # transformers' refusal: several lines, about a Hub repository
+        if trust_remote_code or "trust_remote_code=True" not in str(error):
+            raise
+        what = "its torch.export programs (.pt2) are unpickled" if "pickled" in str(error) else "it holds code"
+        raise UsageError(f"{folder}: loading it runs code from its files ({what}); for an export you trust (one you "
+                         f"wrote), pass load_export({folder!r}, trust_remote_code=True).") from None
 
 
 def _size(count: int) -> str:
@@ -367,13 +378,15 @@ def run_export(args: ExportArguments) -> GreedyCheck | None:
           + ", ".join(f"{name} {_size(size)}" for name, size in files.items()))
     if not args.check:
         return None
-    check = check_greedy(model, load_export(args.output_dir), input_ids, args.max_new_tokens)
+    # the folder this very process has just written: its programs are ours, trusted
+    check = check_greedy(model, load_export(args.output_dir, trust_remote_code=True), input_ids, args.max_new_tokens)
     got = tokenizer.decode(check.got[0], skip_special_tokens=True)
     if not check.equal:
         expected = tokenizer.decode(check.expected[0], skip_special_tokens=True)
         raise ValueError(f"check failed: the exported programs' greedy text differs from generate()'s from token "
                          f"{check.first_difference} on: {got!r} against {expected!r} (the files are in "
                          f"{args.output_dir}).")
+    shown = visible_controls(got) if is_terminal(sys.stdout) else got  # a terminal shows escape codes, not obeys
     print(f"check: {check.got.shape[1] - input_ids.shape[1]} characters of greedy text through the files in "
-          f"{args.output_dir} equal model.generate(do_sample=False)'s:\n{got}")
+          f"{args.output_dir} equal model.generate(do_sample=False)'s:\n{shown}")
     return check

@@ -4,6 +4,7 @@ architecture, the training run's record and the measured results. (The Hub folde
 import json
 import math
 import os
+import shlex
 
 import yaml
 
@@ -96,7 +97,7 @@ def render_model_card(model, run: dict, results: dict, repo_id: str, license: st
         vocab_size=config.vocab_size,
         num_parameters=f"{model.num_parameters():,}",
         dataset=dataset,
-        training_data=run.get("training_data") or f"`{dataset}`",
+        training_data=(run.get("training_data") or f"`{dataset}`") + _data_files_note(run.get("data_files")),
         procedure=run.get("procedure") or "Trained with `transformers.Trainer` (no record of the run was found).",
         training_curves=f"![Training curves]({TRAINING_CURVES_NAME})\n\n" if curves else "",
         training_results=_training_results_table(run.get("training_results")),
@@ -129,6 +130,27 @@ def _card_metadata(config, dataset: str, hub_dataset: str | None, results: dict,
         }
     ]
     return metadata
+
+
+def _data_files_note(files: dict | None) -> str:
+    """The card's line on what --train_file read (the run record's `data_files`): the files, their bytes, the
+    --include / --exclude patterns of a folder or glob, and the files skipped; "" without a record."""
+    if not files:
+        return ""
+    count = files.get("files", 0)
+    note = f"{count:,} file{'s' * (count != 1)}, {files.get('bytes', 0):,} bytes"
+    if files.get("kind") in ("folder", "glob"):
+        note += f", read from a {files['kind']}"
+    patterns = [f"--{flag} {' '.join(shlex.quote(p) for p in files[flag])}" for flag in ("include", "exclude")
+                if files.get(flag)]
+    if patterns:
+        note += f" with `{' '.join(patterns)}`"
+    skipped = [f"{files[key]:,} {what}" for key, what in (
+        ("skipped_not_text", f"not {files.get('encoding', 'the encoding')} text"), ("skipped_empty", "empty"))
+        if files.get(key)]
+    if skipped:
+        note += f"; skipped: {' and '.join(skipped)}"
+    return f"\n\nData files: {note}."
 
 
 def _evaluation_table(run: dict, results: dict) -> str:

@@ -926,8 +926,11 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         cache (`Cache`, *optional*): recurrent state to start from, updated in place with the final state. The old
             names `past_key_values=` and `cache_params=` are mapped to it with a deprecation warning.
         inputs_embeds (`torch.Tensor` of shape `(B, T, E)`): instead of `input_ids`.
+        position_ids (keyword): accepted and ignored, as transformers' helpers pass them: an RNN has no positions. (Not
+            a parameter: generate() would build them, and the exporters trace them as an input, for nothing.)
         """
         if kwargs:
+            kwargs.pop("position_ids", None)
             cache = _check_kwargs(kwargs, frozenset(), type(self).__name__, cache)
         config = self.config
         output_hidden_states = (
@@ -1568,12 +1571,14 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
             (the next label), of shape `(B, T)` (0 where there is none: the last position, -100), not the `(B, T, V)`
             scores: an adaptive softmax then computes only the targets' clusters (what evaluation needs). Needs
             `labels` (or `shift_labels`). (Not named with "label": Trainer takes such parameters for label columns.)
+        position_ids (keyword): accepted and ignored, as in `CharLSTMModel.forward`.
 
         Returns `CausalLMOutputWithPast` with `logits` of shape `(B, T, V)` and `cache` holding the final state.
         Keyword arguments of transformers' loss (`num_items_in_batch`, `shift_labels`, `ignore_index`) are passed to
         it; any other is an error.
         """
         if kwargs:
+            kwargs.pop("position_ids", None)
             cache = _check_kwargs(kwargs, _LOSS_KWARGS, type(self).__name__, cache)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(

@@ -4,7 +4,8 @@ any size and any extension.
 A folder is read recursively (version-control folders `.git`, `.hg`, `.svn` left out), filtered by `--include` /
 `--exclude` patterns. Files that are not text in the given encoding (binaries, images, object files: a NUL byte, or
 bytes that do not decode, in their first `SNIFF_BYTES`) are skipped and counted in one line; a file named on its own
-that is not text is an error.
+that is not text is an error, and so is text of whitespace only. A file that starts with a byte-order mark is read in
+the encoding the mark names, without it (`file_encoding`).
 
 Every file becomes rows of at most `ROW_CHARS` characters, with a `CONTINUES_COLUMN` flag on the rows that continue
 the file before them. Rows of bounded size keep every step of the data path bounded in memory (a batch of rows, not a
@@ -19,6 +20,8 @@ import glob
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import DataError
 
@@ -41,6 +44,11 @@ PART_BYTES = 1 << 26
 # Folders never read from a tree (version control internals).
 SKIPPED_FOLDERS = {".git", ".hg", ".svn"}
 STRUCTURED_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Byte-order marks and the encodings they name (UTF-32's first: FF FE 00 00 starts with UTF-16's FF FE).
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+                    (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+# The encodings whose files are cut into parts (`file_parts`), and the bytes of their code units.
+CODE_UNITS = {"utf-8": 1, "utf-16-le": 2, "utf-16-be": 2, "utf-32-le": 4, "utf-32-be": 4}
 
 
 def _some(names: list[str], most: int = 5) -> str:
@@ -102,9 +110,12 @@ def structured_builder(files: list[str]) -> str | None:
     return builders.pop() if len(builders) == 1 and None not in builders else None
 
 
-def _decode_error(path: str, data: bytes, error: UnicodeDecodeError, encoding: str, offset: int = 0) -> DataError:
+def decode_error(path: str, data: bytes, error: UnicodeDecodeError, encoding: str, offset: int = 0) -> DataError:
+    """`data`: the bytes given to the decoder, from byte `offset` of the file (the error of an incremental decoder may
+    be in bytes held from before them: its `object`)."""
+    offset += len(data) - len(error.object) + error.start
     return DataError(
-        f"{path} is not valid {encoding}: the byte at offset {offset + error.start} (0x{data[error.start]:02x}) "
+        f"{path} is not valid {encoding}: the byte at offset {offset} (0x{error.object[error.start]:02x}) "
         "cannot be decoded; convert the file to UTF-8 or pass its encoding, e.g. --encoding latin-1."
     )
 
@@ -118,9 +129,20 @@ def check_encoding(encoding: str) -> None:
         ) from None
 
 
-def _not_text(path: str, encoding: str) -> str | None:
-    """Why the file at `path` is not text in `encoding`, from its first `SNIFF_BYTES`, or None. (Unbuffered reads:
-    a Python file object costs more than the read itself, once per file of a source tree.)"""
+class _Sniff(NamedTuple):
+    """What the first `SNIFF_BYTES` of a file say: why it is not text (None: text), the encoding it is read in and the
+    length of its byte-order mark (`file_encoding`), those bytes and their text."""
+
+    reason: str | None
+    encoding: str
+    bom: int
+    head: bytes
+    text: str
+
+
+def _read_head(path: str) -> bytes:
+    """The first `SNIFF_BYTES` of a file (all of it when smaller). Unbuffered reads: a Python file object costs more
+    than the read itself, once per file of a source tree."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         head = os.read(fd, SNIFF_BYTES)
@@ -128,56 +150,117 @@ def _not_text(path: str, encoding: str) -> str | None:
             head += more
     finally:
         os.close(fd)
-    if b"\x00" in head and not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
-        return "NUL bytes"
+    return head
+
+
+def _sniff(path: str, encoding: str) -> _Sniff:
+    """Whether the file at `path` is text in `encoding` (or in the encoding its byte-order mark names), from its first
+    `SNIFF_BYTES`: NUL bytes outside UTF-16/32, or bytes that do not decode, make it not text."""
+    head = _read_head(path)
+    encoding, bom = file_encoding(head, encoding)
+    body = head[bom:]
+    if b"\x00" in body and not wide_encoding(encoding):
+        return _Sniff("NUL bytes", encoding, bom, head, "")
     final = len(head) < SNIFF_BYTES  # all of the file: a character cut at the end is an error
     try:
         if _utf8(encoding):
-            codecs.utf_8_decode(head, "strict", final)
+            text = codecs.utf_8_decode(body, "strict", final)[0]
         else:
-            codecs.getincrementaldecoder(encoding)().decode(head, final=final)
+            text = codecs.getincrementaldecoder(encoding)().decode(body, final=final)
     except UnicodeDecodeError:
-        return f"not {encoding}"
-    return None
+        return _Sniff(f"not {encoding}", encoding, bom, head, "")
+    return _Sniff(None, encoding, bom, head, text)
 
 
-def text_files(files: list[str], named: bool, encoding: str, option: str) -> list[str]:
+def _has_characters(path: str, encoding: str, bom: int) -> bool:
+    """Whether the file holds a character other than whitespace, read in chunks from its start (after its byte-order
+    mark) up to the first such character: only a file of whitespace is read to its end. A byte that does not decode
+    is a one-line DataError."""
+    decoder, offset = codecs.getincrementaldecoder(encoding)(), bom
+    with open(path, "rb") as f:
+        f.seek(bom)
+        while True:
+            data = f.read(ROW_CHARS)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as error:
+                raise decode_error(path, data, error, encoding, offset) from None
+            if text and not text.isspace():  # (isspace stops at the first character that is not whitespace)
+                return True
+            if not data:
+                return False
+            offset += len(data)
+
+
+@dataclass
+class TextFiles:
+    """The files of a `--train_file` value that are read as text (`paths`), the number skipped as not text or empty,
+    and the size of the files read (`bytes`): what the run's record says about them."""
+
+    paths: list[str]
+    skipped: int = 0
+    empty: int = 0
+    bytes: int = 0
+
+
+def _nul_error(path: str, head: bytes) -> DataError:
+    odd, even = head[1::2].count(0), head[0::2].count(0)
+    if max(odd, even) > 0.8 * (len(head) // 2):  # a NUL next to every ASCII character
+        order = "le" if odd > even else "be"
+        return DataError(
+            f"{path} has NUL characters next to every character: it looks like UTF-16 without a byte-order "
+            f"mark; pass --encoding utf-16-{order}, or convert the file to UTF-8."
+        )
+    return DataError(f"{path} has NUL bytes: it is a binary file, not text; give a text file (or a folder, where such "
+                     "files are skipped).")
+
+
+def _named_text_file(path: str, encoding: str) -> TextFiles:
+    """A file named on its own, which must be text with characters to learn from: else a one-line error says why."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
+    sniff = _sniff(path, encoding)
+    if sniff.reason == "NUL bytes":
+        raise _nul_error(path, sniff.head)
+    if sniff.reason is not None:
+        try:
+            sniff.head[sniff.bom :].decode(sniff.encoding)
+        except UnicodeDecodeError as error:
+            raise decode_error(path, sniff.head[sniff.bom :], error, sniff.encoding, sniff.bom) from None
+    if size == sniff.bom:
+        raise DataError(f"{path} is empty (a byte-order mark only): the training text needs at least one block of "
+                        "characters.")
+    if not (sniff.text and not sniff.text.isspace()) and (
+            len(sniff.head) < SNIFF_BYTES or not _has_characters(path, sniff.encoding, sniff.bom)):
+        raise DataError(f"{path} holds only whitespace: the training text needs characters to learn from.")
+    return TextFiles([path], bytes=size)
+
+
+def text_files(files: list[str], named: bool, encoding: str, option: str) -> TextFiles:
     """The files of `files` that are text; the others are skipped, in one info line with their count. A file `named`
-    on its own must be text: a one-line error says why it is not."""
+    on its own must be text: a one-line error says why it is not. The text must have a character other than
+    whitespace: a file (or all the text files of a folder or glob) of whitespace only is an error."""
     check_encoding(encoding)
     if named:
-        path = files[0]
-        if os.path.getsize(path) == 0:
-            raise DataError(f"{path} is empty: the training text needs at least one block of characters.")
-        reason = _not_text(path, encoding)
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-        if reason == "NUL bytes":
-            odd, even = head[1::2].count(0), head[0::2].count(0)
-            if max(odd, even) > 0.8 * (len(head) // 2):  # a NUL next to every ASCII character
-                order = "le" if odd > even else "be"
-                raise DataError(
-                    f"{path} has NUL characters next to every character: it looks like UTF-16 without a byte-order "
-                    f"mark; pass --encoding utf-16-{order}, or convert the file to UTF-8."
-                )
-            raise DataError(f"{path} has NUL bytes: it is a binary file, not text; give a text file (or a folder, "
-                            "where such files are skipped).")
-        if reason is not None:
-            try:
-                head.decode(encoding)
-            except UnicodeDecodeError as error:
-                raise _decode_error(path, head, error, encoding) from None
-        elif len(head) < SNIFF_BYTES and not head.decode(encoding).strip():
-            raise DataError(f"{path} holds only whitespace: the training text needs characters to learn from.")
-        return files
-    kept, skipped, empty = [], [], 0
+        return _named_text_file(files[0], encoding)
+    kept, skipped, empty, size = [], [], 0, 0
+    characters, blank = False, []  # blank: files of whitespace up to their first SNIFF_BYTES, until one has characters
     for path in files:
-        if os.path.getsize(path) == 0:
+        file_size = os.path.getsize(path)
+        if file_size == 0:
             empty += 1
-        elif _not_text(path, encoding) is not None:
+            continue
+        sniff = _sniff(path, encoding)
+        if sniff.reason is not None:
             skipped.append(path)
-        else:
-            kept.append(path)
+            continue
+        kept.append(path)
+        size += file_size
+        if not characters:
+            characters = bool(sniff.text) and not sniff.text.isspace()
+            if not characters and len(sniff.head) == SNIFF_BYTES:  # larger than its head: read further if need be
+                blank.append((path, sniff.encoding, sniff.bom))
     if skipped or empty:
         logger.info(f"{option}: reading {len(kept)} text file(s); skipped {len(skipped)} that are not {encoding} text "
                     f"(binaries, images...){': ' + _some(skipped) if skipped else ''}"
@@ -185,7 +268,10 @@ def text_files(files: list[str], named: bool, encoding: str, option: str) -> lis
     if not kept:
         raise DataError(f"{option}: none of its {len(files)} file(s) is {encoding} text (e.g. {_some(skipped)}); "
                         "pass the encoding of the text with --encoding.")
-    return kept
+    if not characters and not any(_has_characters(*file) for file in blank):
+        raise DataError(f"{option}: its {len(kept)} text file(s) hold only whitespace ({_some(kept)}): the training "
+                        "text needs characters to learn from.")
+    return TextFiles(kept, len(skipped), empty, size)
 
 
 @functools.cache
@@ -193,67 +279,102 @@ def _utf8(encoding: str) -> bool:
     return codecs.lookup(encoding).name == "utf-8"
 
 
-def _char_start(f, offset: int) -> int:
-    """The first offset at or after `offset` where a UTF-8 character starts (continuation bytes are 0b10xxxxxx)."""
+@functools.cache
+def wide_encoding(encoding: str) -> bool:
+    """Whether `encoding` is UTF-16 or UTF-32, whose text has NUL bytes next to ASCII characters."""
+    return codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+
+
+def file_encoding(head: bytes, encoding: str) -> tuple[str, int]:
+    """(the encoding a file is read in, the bytes of its byte-order mark) from its first 4 bytes (`head`): a file that
+    starts with a byte-order mark (UTF-8, UTF-16 or UTF-32, either byte order) is read in the encoding the mark names,
+    whatever `encoding` says, and without the mark (its text does not start with U+FEFF); any other in `encoding`."""
+    for mark, name in BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return name, len(mark)
+    return encoding, 0
+
+
+def _char_start(f, offset: int, encoding: str = "utf-8") -> int:
+    """The first offset at or after `offset` where a character starts, in an encoding of `CODE_UNITS`: in UTF-8 not on
+    a continuation byte (0b10xxxxxx); in UTF-16 on a code unit (an even offset) that is not the second half of a
+    surrogate pair; in UTF-32 on a multiple of 4."""
+    name = codecs.lookup(encoding).name
+    unit = CODE_UNITS[name]
+    offset += -offset % unit
     f.seek(offset)
     head = f.read(4)
+    if unit == 2 and len(head) >= 2:
+        return offset + 2 * (0xDC00 <= int.from_bytes(head[:2], "little" if name.endswith("le") else "big") <= 0xDFFF)
     skip = 0
-    while skip < len(head) and head[skip] & 0xC0 == 0x80:
+    while unit == 1 and skip < len(head) and head[skip] & 0xC0 == 0x80:
         skip += 1
     return offset + skip
 
 
 def file_parts(files: list[str], encoding: str, part_bytes: int = PART_BYTES) -> list[tuple[str, int, int]]:
-    """(path, start, end) byte ranges covering `files` in order: UTF-8 files larger than `part_bytes` are cut into
-    parts that start on a character, so that several processes (`--preprocessing_num_workers`, `--streaming` over
-    several processes) can each read their own part of one large file. Other encodings: one part per file."""
+    """(path, start, end) byte ranges covering `files` in order: files larger than `part_bytes` in UTF-8, UTF-16 or
+    UTF-32 (`--encoding`, or their byte-order mark: `file_encoding`) are cut into parts that start on a character, so
+    that several processes (`--preprocessing_num_workers`, `--streaming` over several processes) can each read their
+    own part of one large file. Other encodings: one part per file."""
     parts = []
     for path in files:
         size = os.path.getsize(path)
-        if size <= part_bytes or not _utf8(encoding):
+        if size <= part_bytes:
             parts.append((path, 0, size))
             continue
         with open(path, "rb") as f:
-            cuts = [0, *sorted({_char_start(f, offset) for offset in range(part_bytes, size, part_bytes)}), size]
+            cut_encoding = file_encoding(f.read(4), encoding)[0]
+            if codecs.lookup(cut_encoding).name not in CODE_UNITS:
+                parts.append((path, 0, size))
+                continue
+            offsets = range(part_bytes, size, part_bytes)
+            cuts = [0, *sorted({min(size, _char_start(f, offset, cut_encoding)) for offset in offsets}), size]
         parts.extend((path, a, b) for a, b in zip(cuts, cuts[1:]) if b > a)
     return parts
 
 
 def _pieces(path: str, encoding: str, start: int, end: int) -> Iterator[str]:
-    """The text of bytes `start:end` of the file, exactly (no newline translation), in pieces; a decoding error is a
-    one-line DataError with the byte offset."""
+    """The text of bytes `start:end` of the file, exactly (no newline translation), in pieces, in the encoding its
+    byte-order mark names if it has one (`file_encoding`: the mark itself is left out); a decoding error, or NUL
+    characters in a text not read as UTF-16/32 (UTF-16 read as UTF-8), is a one-line DataError."""
     with open(path, "rb") as f:
+        encoding, mark = file_encoding(f.read(4), encoding)
+        start = max(start, mark)
         f.seek(start)
         if end - start <= WHOLE_FILE_BYTES:
-            data = f.read(end - start)
+            data = f.read(max(0, end - start))
             try:
-                yield data.decode(encoding)
+                yield _no_nul(path, data.decode(encoding), encoding)
             except UnicodeDecodeError as error:
-                raise _decode_error(path, data, error, encoding, start) from None
+                raise decode_error(path, data, error, encoding, start) from None
             return
         decoder, offset = codecs.getincrementaldecoder(encoding)(), start
-        while offset < end and (data := f.read(min(ROW_CHARS, end - offset))):
+        while True:
+            data = f.read(min(ROW_CHARS, end - offset))
             try:
-                yield decoder.decode(data, final=False)
+                yield _no_nul(path, decoder.decode(data, final=not data), encoding)
             except UnicodeDecodeError as error:
-                raise _decode_error(path, data, error, encoding, offset) from None
+                raise decode_error(path, data, error, encoding, offset) from None
+            if not data:
+                return
             offset += len(data)
-        yield decoder.decode(b"", final=True)
+
+
+def _no_nul(path: str, text: str, encoding: str) -> str:
+    if "\x00" in text and not wide_encoding(encoding):
+        raise DataError(f"{path} has NUL characters: it looks like UTF-16 without a byte-order mark; pass --encoding "
+                        "utf-16-le (or utf-16-be), or convert the file to UTF-8.")
+    return text
 
 
 def part_rows(part: tuple[str, int, int], encoding: str, row_chars: int = ROW_CHARS) -> Iterator[tuple[str, bool]]:
-    """(text, continues) rows of at most `row_chars` characters covering a part's text exactly (`file_parts`);
-    `continues` is False on the first row of a file only. A text with NUL characters (UTF-16 read as UTF-8) is an
-    error."""
+    """(text, continues) rows of at most `row_chars` characters covering a part's text exactly (`file_parts`; a file
+    with a byte-order mark in the encoding it names, without the mark); `continues` is False on the first row of a
+    file only. A text with NUL characters (UTF-16 read as UTF-8) is an error."""
     path, start, end = part
     first, pending = start == 0, ""
-    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
     for piece in _pieces(path, encoding, start, end):
-        if not wide and "\x00" in piece:
-            raise DataError(
-                f"{path} has NUL characters: it looks like UTF-16 without a byte-order mark; pass --encoding "
-                "utf-16-le (or utf-16-be), or convert the file to UTF-8."
-            )
         pending += piece
         start = 0
         while len(pending) - start >= row_chars:  # rows by offsets: no copy of what remains after each row
@@ -266,4 +387,5 @@ def part_rows(part: tuple[str, int, int], encoding: str, row_chars: int = ROW_CH
 
 def rows_code() -> bytes:
     """The bytecode of the functions that cut text files into rows: part of the rows' cache key."""
-    return b"".join(function.__code__.co_code for function in (file_parts, _char_start, _pieces, part_rows))
+    functions = (file_parts, file_encoding, _char_start, _pieces, _no_nul, part_rows)
+    return b"".join(function.__code__.co_code for function in functions) + repr(BYTE_ORDER_MARKS).encode()

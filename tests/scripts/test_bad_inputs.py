@@ -44,6 +44,13 @@ def corpus(d):
     return str(write_text(d / "corpus.txt", shakespeare_like(3000)))
 
 
+def blank_folder(d):
+    (d / "blank").mkdir()
+    write_text(d / "blank" / "a.txt", "\n" * 10000)
+    write_text(d / "blank" / "b.txt", "  \t ")
+    return d / "blank"
+
+
 TRAIN_CASES = {
     # name: (argv from the tmp folder, the message)
     "yaml wrong type": (lambda d: [str(write_text(d / "c.yaml", f"train_file: {corpus(d)}\nlearning_rate: fast\n"))],
@@ -70,6 +77,10 @@ TRAIN_CASES = {
                       "b.csv as CSV (ParserError"),
     "whitespace only": (lambda d: ["--train_file", str(write_text(d / "w.txt", " \n\t\n  \n")), *TINY],
                         "w.txt holds only whitespace"),
+    "whitespace only, 12 kB": (lambda d: ["--train_file", str(write_text(d / "w.txt", " \t\n" * 4000)), *TINY],
+                               "w.txt holds only whitespace: the training text needs characters to learn from."),
+    "folder of whitespace": (lambda d: ["--train_file", str(blank_folder(d)), "--include", "*.txt", *TINY],
+                             "--train_file: its 2 text file(s) hold only whitespace"),
     "utf-16 without bom": (lambda d: ["--train_file", str((d / "u.txt").write_bytes(shakespeare_like(600).encode(
                            "utf-16-le")) and d / "u.txt"), *TINY], "u.txt has NUL characters next to every character: "
                            "it looks like UTF-16 without a byte-order mark; pass --encoding utf-16-le"),

@@ -39,7 +39,7 @@ def test_export_writes_programs_that_generate_what_the_model_does(trained_model,
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     input_ids = tokenizer(["ROMEO:"], return_tensors="pt")["input_ids"]
-    tokens = greedy_generate(load_export(str(out)), input_ids, 40)
+    tokens = greedy_generate(load_export(str(out), trust_remote_code=True), input_ids, 40)  # .pt2: our own
     assert tokenizer.decode(tokens[0], skip_special_tokens=True) == expected
 
 

@@ -117,6 +117,53 @@ def test_cli_offline_hub_dataset_names_train_file(tmp_path):
     assert "--train_file" in result.stderr
 
 
+QUICK_RUN = [*TINY, "--max_steps", "2", "--eval_steps", "2", "--sample_every_evals", "0", "--seed", "5"]
+
+
+def test_a_utf16_file_with_a_byte_order_mark_trains_as_its_utf8_copy(tmp_path):
+    """A UTF-16 file with a byte-order mark (as Python's "utf-16" and Windows editors write it) is read as UTF-16,
+    without the mark: the same vocabulary, blocks, loss and weights as the UTF-8 file of the same text."""
+    text = shakespeare_like(3000).replace("soft!", "soft! \u00e9t\u00e9 \U0001f600")  # a surrogate pair in UTF-16
+    (tmp_path / "utf16.txt").write_bytes(text.encode("utf-16"))
+    assert (tmp_path / "utf16.txt").read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+    write_text(tmp_path / "utf8.txt", text)
+    for name in ("utf16", "utf8"):
+        result = call_script("train.py", ["--train_file", tmp_path / f"{name}.txt", "--output_dir", tmp_path / name,
+                                          *QUICK_RUN], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    vocab = json.loads((tmp_path / "utf16" / "vocab.json").read_text(encoding="utf-8"))
+    assert vocab == json.loads((tmp_path / "utf8" / "vocab.json").read_text(encoding="utf-8"))
+    assert "\ufeff" not in vocab and "\U0001f600" in vocab and "\x00" not in vocab
+    results = [json.loads((tmp_path / name / "all_results.json").read_text()) for name in ("utf16", "utf8")]
+    assert [{key: r[key] for key in ("train_blocks", "eval_blocks", "eval_loss")} for r in results][0] == {
+        key: results[1][key] for key in ("train_blocks", "eval_blocks", "eval_loss")}
+    assert_same_weights(tmp_path / "utf8" / "model.safetensors", tmp_path / "utf16" / "model.safetensors")
+
+
+def test_a_folder_runs_card_and_record_say_what_was_read(tmp_path):
+    """Trained on a folder with --include/--exclude, the run's record (training_run.json) and its card (README.md)
+    give the patterns, the files read and skipped, and their bytes."""
+    tree = tmp_path / "kernel"
+    (tree / "drivers").mkdir(parents=True)
+    code = shakespeare_like(3000)
+    write_text(tree / "a.c", code[:1800])
+    write_text(tree / "b.c", code[1800:])
+    write_text(tree / "drivers" / "net.c", "int net;\n")  # excluded
+    write_text(tree / "notes.md", "not C\n")  # not included
+    (tree / "blob.c").write_bytes(b"\x7fELF\x00\x01")  # included, skipped: not text
+    out = tmp_path / "out"
+    result = call_script("train.py", ["--train_file", tree, "--include", "*.c", "--exclude", "drivers/*",
+                                      "--output_dir", out, *QUICK_RUN], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "training_run.json").read_text())
+    assert run["dataset"] == "kernel"
+    assert run["data_files"] == {"kind": "folder", "include": ["*.c"], "exclude": ["drivers/*"], "files": 2,
+                                 "skipped_not_text": 1, "skipped_empty": 0, "bytes": 3000, "encoding": "utf-8"}
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert ("Data files: 2 files, 3,000 bytes, read from a folder with `--include '*.c' --exclude 'drivers/*'`; "
+            "skipped: 1 not utf-8 text.") in card
+
+
 KILL_RUN = [*TINY, "--max_steps", "12", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "4",
             "--max_eval_samples", "16", "--sample_every_evals", "0", "--save_total_limit", "10", "--seed", "3"]
 

@@ -9,7 +9,7 @@ import shlex
 from tqdm.auto import tqdm
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data import BUNDLED_DATASET, DEFAULT_DATASET, dataset_label
+from ..data import BUNDLED_DATASET, DEFAULT_DATASET, dataset_label, file_selection
 from .runtime import STOP_SIGNALS, launcher_gone
 
 
@@ -157,11 +157,20 @@ def training_results(log_history: list[dict]) -> list[dict]:
     return rows
 
 
+def _data_files(data_args) -> dict | None:
+    """What --train_file read (`char_lstm.data.file_selection`: a file, folder or glob, the --include / --exclude
+    patterns, the files read and skipped, their bytes), kept when the data was loaded in this process; None for a
+    dataset by name."""
+    if data_args.train_file is None:
+        return None
+    return file_selection(data_args.train_file, data_args.include, data_args.exclude, data_args.encoding)
+
+
 def training_run_info(model_args, data_args, training_args, metrics: dict, prompt: str, state,
                       stopped_at: int | None = None) -> dict:
     """What the model card says about the run, from the run itself (saved as training_run.json next to the model):
-    the data by name (a Hub id, the bundled copy, or a local file's name: never a path of this machine), the
-    optimizer, the schedule, the steps, and the evaluations."""
+    the data by name (a Hub id, the bundled copy, or a local file's name: never a path of this machine) and, for
+    --train_file, what was read (`data_files`), the optimizer, the schedule, the steps, and the evaluations."""
     source = data_args.train_file or data_args.dataset_name
     dataset = dataset_label(source)
     hub_dataset = (DEFAULT_DATASET if source == BUNDLED_DATASET
@@ -178,6 +187,7 @@ def training_run_info(model_args, data_args, training_args, metrics: dict, promp
     return {
         "dataset": dataset,
         "hub_dataset": hub_dataset,
+        "data_files": _data_files(data_args),
         "training_data": (f"`{dataset}`: {blocks if blocks is not None else 'streamed'} training blocks of "
                           f"{data_args.block_size} characters; validation: {validation}."
                           + (" Stateful truncated BPTT: each batch row reads one contiguous stream, starting from the "
