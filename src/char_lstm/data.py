@@ -22,6 +22,7 @@ import transformers
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Value
 from huggingface_hub import HfApi, is_offline_mode
 
+from .cache import CACHE_ERRORS, prepared
 from .encoding import (  # noqa: F401  (imported from char_lstm.data before issue 14)
     BATCH_CHARS,
     boundary_id,
@@ -285,13 +286,14 @@ def load_raw_datasets(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     num_proc: int | None = None,
+    overwrite_cache: bool = False,
 ) -> DatasetDict | datasets.IterableDatasetDict:
     """`train` (and `validation` when the data has one) with the text in `text_column`. `dataset_name` may be
     `BUNDLED_DATASET` (see `resolve_dataset_name`); `file_option` is the flag the error messages suggest instead of a
-    dataset that cannot be loaded."""
+    dataset that cannot be loaded. The rows come from a sound cache, or made again (`overwrite_cache`: always)."""
     def files(spec: str, option: str):
-        listed = expand_files(spec, option, include, exclude, encoding)
-        return load_files(listed, text_column, encoding, streaming, num_proc)
+        paths = expand_files(spec, option, include, exclude, encoding)
+        return prepared(lambda: load_files(paths, text_column, encoding, streaming, num_proc), paths, overwrite_cache)
 
     if train_file is not None:
         raw = {"train": files(train_file, file_option)}
@@ -299,15 +301,16 @@ def load_raw_datasets(
             raw["validation"] = files(validation_file, "--validation_file")
         raw = (datasets.IterableDatasetDict if streaming else DatasetDict)(raw)
     elif dataset_name == BUNDLED_DATASET:
-        raw = load_bundled_dataset(streaming)
+        raw = prepared(lambda: load_bundled_dataset(streaming), overwrite=overwrite_cache)
     elif dataset_name is not None:
         # A local folder laid out like a Hub dataset loads the same way as the Hub id (absolute path: see README).
         name = os.path.abspath(dataset_name) if os.path.isdir(dataset_name) else dataset_name
         try:
-            raw = datasets.load_dataset(name, dataset_config_name, streaming=streaming)
+            raw = prepared(lambda: datasets.load_dataset(name, dataset_config_name, streaming=streaming),
+                           overwrite=overwrite_cache)
         except Exception as error:  # offline, unknown id, private repo...: datasets raises many different types
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise DataError(
+            raise error if isinstance(error, CACHE_ERRORS) else DataError(  # a full disk, a damaged cache: said
                 f"Could not load the dataset {dataset_name!r} ({type(error).__name__}: {reason[:200]}); "
                 f"without Hub access, use a local text file with {file_option} path/to/text.txt."
             ) from None
@@ -323,15 +326,13 @@ def load_raw_datasets(
     for split, dataset in raw.items():
         columns = dataset.column_names
         if columns is not None and text_column not in columns:
-            raise DataError(
-                f"The {split} data has no column {text_column!r} (columns: {columns}); choose one with --text_column."
-            )
+            raise DataError(f"The {split} data has no column {text_column!r} (columns: {columns}); choose one with "
+                            "--text_column.")
         feature = (dataset.features or {}).get(text_column)
         if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise DataError(
-                f"The {split} data's column {text_column!r} holds {getattr(feature, 'dtype', feature)} values, not "
-                "text; choose the text column with --text_column (or quote the values in the file)."
-            )
+            raise DataError(f"The {split} data's column {text_column!r} holds {getattr(feature, 'dtype', feature)} "
+                            "values, not text; choose the text column with --text_column (or quote the values in the "
+                            "file).")
     return raw
 
 

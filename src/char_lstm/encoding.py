@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
 
+from .cache import preparation_needs, sound_cache, space_reported, step_folder
 from .errors import DataError
 from .text_files import CONTINUES_COLUMN, ROW_CHARS
 from .tokenization_char_lstm import CharLSTMTokenizer
@@ -88,15 +89,18 @@ def _count_batch(batch: dict, column: str) -> dict:
 def count_characters(dataset: Dataset | IterableDataset, column: str, num_proc: int | None = None) -> Counter:
     """How many times each character occurs in `dataset`: one pass over the text, batch by batch (a map whose result
     the `datasets` cache keeps, so a second run on the same data reads a few rows instead of the text). Gives the
-    vocabulary, the characters outside it and the unigram baseline."""
+    vocabulary, the characters outside it and the unigram baseline. Its cache is checked (`cache.sound_cache`)."""
     kwargs = dict(batched=True, batch_size=rows_per_batch(dataset), fn_kwargs={"column": column},
                   remove_columns=dataset.column_names,
                   features=Features({"codes": Sequence(Value("uint32")), "counts": Sequence(Value("int64"))}))
     if isinstance(dataset, IterableDataset):
         per_batch = dataset.map(_count_batch, **kwargs)
     else:
-        per_batch = dataset.map(_count_batch, num_proc=passes_num_proc(dataset, num_proc), desc="Counting characters",
-                                **kwargs)
+        folder = step_folder(dataset)
+        with space_reported("the character counts", folder):
+            per_batch = sound_cache(lambda: dataset.map(_count_batch, num_proc=passes_num_proc(dataset, num_proc),
+                                                        desc="Counting characters", **kwargs),
+                                    "the character counts", folders=[folder] if folder else [])
     counts: Counter = Counter()
     for row in per_batch.with_format("numpy") if not isinstance(per_batch, IterableDataset) else per_batch:
         for code, count in zip(np.asarray(row["codes"]).tolist(), np.asarray(row["counts"]).tolist()):
@@ -205,7 +209,7 @@ def encode_blocks(
 ) -> Dataset | IterableDataset:
     """Rows of text -> rows of `input_ids` windows of `block_size + 1` ids (stored in the smallest integer dtype).
     Windows do not cross batches of rows (`rows_per_batch` by default): at most `block_size` characters per batch
-    of rows go unread."""
+    of rows go unread. The cache is checked (`cache.sound_cache`); a full disk is one line (`cache.CacheFull`)."""
     if block_size <= 0:
         raise DataError(f"--block_size must be a positive number of characters, got {block_size}.")
     stride = block_size if stride is None else stride
@@ -231,8 +235,13 @@ def encode_blocks(
     )
     if isinstance(dataset, IterableDataset):
         return dataset.map(_encode_blocks, **kwargs)
-    return dataset.map(_encode_blocks, num_proc=passes_num_proc(dataset, num_proc), writer_batch_size=10_000,
-                       load_from_cache_file=load_from_cache_file, desc="Encoding blocks", **kwargs)
+    folder, itemsize = step_folder(dataset), tokenizer.corpus_dtype.itemsize
+    with space_reported("the blocks of ids", folder, lambda: preparation_needs(
+            dataset.data.nbytes, block_size, stride, rows=False, itemsize=itemsize)):
+        return sound_cache(lambda: dataset.map(_encode_blocks, num_proc=passes_num_proc(dataset, num_proc),
+                                               writer_batch_size=10_000, load_from_cache_file=load_from_cache_file,
+                                               desc="Encoding blocks", **kwargs),
+                           "the blocks of ids", folders=[folder] if folder else [])
 
 
 def release_mapped_pages(dataset: Dataset) -> None:

@@ -1,7 +1,9 @@
 """The errors of bad input: one line naming the thing and the fix. The scripts print it as `error: ...` and exit with
 code 2 (a traceback is for bugs)."""
 
+import os
 import re
+import shutil
 
 
 class UsageError(ValueError):
@@ -30,3 +32,18 @@ def first_sentence(error: BaseException, limit: int = 160) -> str:
     line = (str(error).strip().splitlines() or [""])[0]
     line = re.sub(r"^\[[^\]]*\]\s*[.:]?\s*", "", line)
     return line.split(". ")[0].rstrip(".")[:limit]
+
+
+def megabytes(size: int) -> str:
+    """A size for the lines about disk space: "12.3 MB", "1.2 GB"."""
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.1f} GB"
+
+
+def free_bytes(folder: str) -> int | None:
+    """The free space of the disk that holds `folder` (or its nearest existing parent); None where it is unknown."""
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder or ".").free
+    except OSError:
+        return None

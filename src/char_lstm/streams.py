@@ -8,6 +8,7 @@ the text nor its ids are ever in memory whole, whatever the size of the corpus.
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 
@@ -16,10 +17,13 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, IterableDataset
 
+from .cache import arrow_file_problem, preparation_needs, space_reported
 from .encoding import boundary_id, iter_documents, join_documents, rows_per_batch
 from .errors import DataError
 from .tokenization_char_lstm import CharLSTMTokenizer
 
+
+logger = logging.getLogger(__name__)
 
 # Windows written per Arrow record batch (and read back per `_window_batches` step).
 WINDOWS_PER_BATCH = 1 << 14
@@ -113,11 +117,12 @@ def encode_streams(
     num_streams: int,
     separator: str = "\n\n",
     name: str = "training",
+    overwrite: bool = False,
 ) -> Dataset:
     """Rows of text -> windows of `block_size + 1` ids laid out as `num_streams` contiguous streams (see
     `stream_layout`), with a `window` column giving each row's step in its stream (0 = the stream starts). The
     windows are written to an Arrow file in the `datasets` cache, named after the text and the layout (a second run
-    reads it again) and memory-mapped."""
+    reads it again, unless it is damaged or `overwrite`) and memory-mapped; a full disk is one line (`CacheFull`)."""
     if block_size <= 0:
         raise DataError(f"--block_size must be a positive number of characters, got {block_size}.")
     if isinstance(dataset, IterableDataset):
@@ -134,8 +139,14 @@ def encode_streams(
                       separator], ensure_ascii=True)
     folder = os.path.dirname(dataset.cache_files[0]["filename"])
     path = os.path.join(folder, f"char_lstm-streams-{hashlib.sha256(key.encode()).hexdigest()[:24]}.arrow")
-    if not os.path.isfile(path):
-        _write_windows(dataset, tokenizer, column, block_size, num_streams, separator, name, path)
+    problem = os.path.isfile(path) and not overwrite and arrow_file_problem(path)
+    if problem:
+        logger.info(f"The datasets cache file {path} is damaged ({problem}): making the {name} streams again.")
+    if problem or overwrite or not os.path.isfile(path):
+        itemsize = tokenizer.corpus_dtype.itemsize
+        with space_reported(f"the {name} streams", folder, lambda: preparation_needs(
+                dataset.data.nbytes, block_size, stateful=True, rows=False, itemsize=itemsize)):
+            _write_windows(dataset, tokenizer, column, block_size, num_streams, separator, name, path)
     return Dataset.from_file(path)
 
 

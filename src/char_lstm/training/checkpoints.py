@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
-from ..errors import UsageError, first_sentence
+from ..errors import UsageError, first_sentence, free_bytes, megabytes
 from .samplers import LeanRandomSampler
 
 
@@ -107,19 +107,6 @@ def _io_error(error: BaseException) -> tuple[int | None, str]:
     return None, first_sentence(error) or type(error).__name__
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.1f} GB"
-
-
-def _free_bytes(folder: str) -> int | None:
-    while folder and not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    try:
-        return shutil.disk_usage(folder or ".").free
-    except OSError:
-        return None
-
-
 def _folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
@@ -131,13 +118,14 @@ def save_failed(what: str, output_dir: str, error: BaseException) -> SaveFailed:
     called a full disk."""
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     code, reason = _io_error(error)
-    free, needed = _free_bytes(output_dir), (_folder_bytes(last) if last else None)
+    free, needed = free_bytes(output_dir), (_folder_bytes(last) if last else None)
     full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and needed is not None and free < needed)
     if full and code not in (errno.ENOSPC, errno.EDQUOT):
         reason = f"the disk is full: {reason}"
     space = ""
     if free is not None:
-        space = f"; {_megabytes(free)} free there" + (f", a checkpoint takes {_megabytes(needed)}" if needed else "")
+        takes = "a checkpoint takes" if what.startswith(PREFIX_CHECKPOINT_DIR) else "the last checkpoint takes"
+        space = f"; {megabytes(free)} free there" + (f", {takes} {megabytes(needed)}" if needed else "")
     if last:
         how = (f"{os.path.basename(last)} and the checkpoints before it are complete and unchanged: free some space "
                "and run the same command with --resume_from_checkpoint True, or go on on another disk with "

@@ -177,9 +177,10 @@ def _round_up(blocks: float, unit: int) -> float:
 
 def _stage(eval_blocks, start: int, stop: float, order):
     """Blocks `start` to `stop` of the final evaluation's order: of the seeded permutation `order` (sorted: the
-    memory-mapped file is read forward), else in the data's order."""
+    memory-mapped file is read forward; its indices are kept in memory, not written to the cache: a full disk cannot
+    stop it, and runs leave no file behind), else in the data's order."""
     if order is not None:
-        return eval_blocks.select(np.sort(order[start:int(stop)]))
+        return eval_blocks.select(np.sort(order[start:int(stop)]), keep_in_memory=True)  # no file in the cache
     if hasattr(eval_blocks, "select"):
         return eval_blocks.select(range(start, int(min(stop, len(eval_blocks)))))
     stream = eval_blocks.skip(start)

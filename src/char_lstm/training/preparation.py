@@ -9,6 +9,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import IterableDataset
 from transformers import AutoTokenizer
 
+from ..cache import cache_root, dataset_bytes, preparation_needs, sound_cache, space_reported, step_folder, text_bytes
 from ..configuration_char_lstm import CharLSTMConfig
 from ..data import BUNDLED_DATASET, DEFAULT_DATASET, load_raw_datasets, resolve_dataset_name, split_validation_tail
 from ..encoding import count_characters, encode_blocks, vocabulary_from_counts
@@ -18,6 +19,7 @@ from ..modeling_char_lstm import CharLSTMForCausalLM
 from ..streams import encode_streams
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
 from .callbacks import default_sample_prompt
+from .final import evaluation_order
 
 
 logger = logging.getLogger(__name__)
@@ -29,12 +31,20 @@ logger = logging.getLogger(__name__)
 
 def load_datasets(data_args: DataArguments, training_args: CharLSTMTrainingArguments):
     """(data_args with the dataset actually used, training text, validation text): the raw datasets, the validation
-    text cut from the end of the training text when there is no validation split."""
+    text cut from the end of the training text when there is no validation split. Their cache is sound, or made
+    again (--overwrite_cache: always, by the local main process); a full disk is one line with what the preparation
+    needs (`cache.CacheFull`)."""
     if data_args.train_file is None:  # karpathy/tiny_shakespeare without Hub access: the bundled copy
         data_args = replace(
             data_args, dataset_name=resolve_dataset_name(data_args.dataset_name, data_args.dataset_config_name)
         )
-    with training_args.main_process_first(desc="loading the data"):
+
+    def needs() -> str | None:  # about what the rows of the text files and their blocks (or streams) take
+        size = text_bytes([data_args.train_file, data_args.validation_file], data_args.include, data_args.exclude)
+        return preparation_needs(size, data_args.block_size, data_args.stride, data_args.stateful)
+
+    with training_args.main_process_first(desc="loading the data"), space_reported("the rows of the text",
+                                                                                   cache_root(), needs):
         raw = load_raw_datasets(
             dataset_name=None if data_args.train_file else data_args.dataset_name,
             dataset_config_name=data_args.dataset_config_name,
@@ -46,14 +56,15 @@ def load_datasets(data_args: DataArguments, training_args: CharLSTMTrainingArgum
             include=data_args.include,
             exclude=data_args.exclude,
             num_proc=data_args.preprocessing_num_workers,
+            overwrite_cache=data_args.overwrite_cache and training_args.local_process_index == 0,
         )
         train_raw, eval_raw = raw["train"], raw.get("validation")
         if eval_raw is None:
             if data_args.streaming:
                 raise DataError("--streaming needs a validation split or --validation_file.")
-            train_raw, eval_raw = split_validation_tail(
-                train_raw, data_args.text_column, data_args.validation_split_percentage
-            )
+            with space_reported("the validation split", step_folder(train_raw)):
+                train_raw, eval_raw = sound_cache(lambda rows=train_raw: split_validation_tail(
+                    rows, data_args.text_column, data_args.validation_split_percentage), "the validation split")
     return data_args, train_raw, eval_raw
 
 
@@ -219,26 +230,33 @@ def encode_datasets(
     tokenizer, data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_raw, eval_raw
 ):
     """(training blocks, validation blocks): windows of block_size + 1 ids, or with --stateful one stream per batch
-    row of every process (see `stream_layout`)."""
+    row of every process (see `stream_layout`). --overwrite_cache makes them again (by the local main process; the
+    others read them); a full disk is one line with what encoding needs (`cache.CacheFull`)."""
+    overwrite = data_args.overwrite_cache and training_args.local_process_index == 0
     kwargs = dict(
         tokenizer=tokenizer,
         column=data_args.text_column,
         block_size=data_args.block_size,
         separator=data_args.document_separator,
     )
-    with training_args.main_process_first(desc="encoding"):
+
+    def needs() -> str | None:
+        return preparation_needs(dataset_bytes(train_raw, eval_raw), data_args.block_size, data_args.stride,
+                                 data_args.stateful, rows=False, itemsize=tokenizer.corpus_dtype.itemsize)
+
+    with training_args.main_process_first(desc="encoding"), space_reported("the blocks of ids",
+                                                                           step_folder(train_raw), needs):
         if data_args.stateful:
             world = training_args.world_size
             train_streams = world * training_args.per_device_train_batch_size
             eval_streams = world * training_args.per_device_eval_batch_size
-            train_blocks = encode_streams(train_raw, num_streams=train_streams, **kwargs)
-            eval_blocks = encode_streams(eval_raw, num_streams=eval_streams, name="validation", **kwargs)
+            train_blocks = encode_streams(train_raw, num_streams=train_streams, overwrite=overwrite, **kwargs)
+            eval_blocks = encode_streams(eval_raw, num_streams=eval_streams, name="validation", overwrite=overwrite,
+                                         **kwargs)
         else:
             kwargs["stride"] = data_args.stride
             if not data_args.streaming:
-                kwargs.update(
-                    num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not data_args.overwrite_cache
-                )
+                kwargs.update(num_proc=data_args.preprocessing_num_workers, load_from_cache_file=not overwrite)
             train_blocks, eval_blocks = encode_blocks(train_raw, **kwargs), encode_blocks(eval_raw, **kwargs)
     if data_args.streaming:
         return train_blocks, eval_blocks
@@ -263,7 +281,8 @@ EVAL_SPEEDUP = 2.5
 def periodic_eval_blocks(data_args: DataArguments, training_args: CharLSTMTrainingArguments, train_blocks,
                          eval_blocks):
     """The blocks of the periodic evaluations: `--max_eval_samples` when given; else, when the validation split is
-    larger, a fixed sample (seeded by --seed, the same at every evaluation) of as many blocks as cost about
+    larger, a fixed sample (the first blocks of `evaluation_order`: the same at every evaluation, and in every run
+    on the same text) of as many blocks as cost about
     `EVAL_TIME_SHARE` of the training time between two evaluations, said once. With --stateful the sample is the
     first windows of every stream (it keeps the streams' order), with --streaming the first blocks of the stream.
     The final evaluation reads a sample of its own (`final.final_evaluation`)."""
@@ -279,12 +298,12 @@ def periodic_eval_blocks(data_args: DataArguments, training_args: CharLSTMTraini
     if data_args.stateful:  # the first windows of every stream
         streams = args.world_size * args.per_device_eval_batch_size
         return eval_blocks.select(range(max(1, most // streams) * streams))
-    chosen = np.random.default_rng(args.seed).choice(len(eval_blocks), size=most, replace=False)
+    chosen = evaluation_order(len(eval_blocks))[:most]  # the final evaluation's first blocks too
     if data_args.max_eval_samples is None:
         logger.info(f"Evaluations while training read a fixed sample of {most} of the {len(eval_blocks)} validation "
                     f"blocks ({most * data_args.block_size:,} characters: about {EVAL_TIME_SHARE:.0%} of the training "
                     "time between two evaluations; --max_eval_samples sets it).")
-    return eval_blocks.select(np.sort(chosen))
+    return eval_blocks.select(np.sort(chosen), keep_in_memory=True)  # its indices: in memory, not a cache file
 
 
 def _blocks_per_step(args: CharLSTMTrainingArguments) -> int:
