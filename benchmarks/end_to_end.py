@@ -45,8 +45,8 @@ def run(train_file: str, preset: str, extra: list[str], work_dir: str | None) ->
     with open(os.path.join(out, "trainer_state.json")) as f:
         history = json.load(f)["log_history"]
     shutil.rmtree(work, ignore_errors=True)
-    periodic = sum(entry["eval_runtime"] for entry in history
-                   if "eval_runtime" in entry and "eval_characters" not in entry)
+    # the final evaluation is the last entry with a runtime (it alone has eval_characters since it reads a sample)
+    periodic = sum(entry["eval_runtime"] for entry in history if "eval_runtime" in entry) - results["eval_runtime"]
     final = results["eval_runtime"]
     return {
         "wall_s": wall,
@@ -82,10 +82,14 @@ def main() -> None:
     print(f"wall {result['wall_s']:.1f} s: training {result['training_s']:.1f} s ({result['steps']} steps), periodic "
           f"evaluations {result['periodic_eval_s']:.1f} s, final evaluation {result['final_eval_s']:.1f} s, the rest "
           f"(start-up, preparation, saving) {result['rest_s']:.1f} s; peak RSS {result['peak_rss_gb']:.2f} GB")
-    read = "the whole validation split" if result["eval_loss_stderr"] == 0 else "a sample"
+    if result["eval_characters"] is None:  # a version whose final evaluation read the whole split, unsaid
+        precision = "the whole validation split"
+    else:
+        read = "the whole validation split" if result["eval_loss_stderr"] == 0 else "a sample"
+        precision = (f"± {result['eval_loss_stderr']:.4f} over {result['eval_characters']:,} characters, {read} "
+                     "(target: standard error <= 0.01)")
     print(f"evaluation's share of the wall time: {result['eval_share']:.1%} (target <= 10%); eval loss "
-          f"{result['eval_loss']:.4f} ± {result['eval_loss_stderr']:.4f} nats/char over {result['eval_characters']:,} "
-          f"characters, {read} (target: standard error <= 0.01)")
+          f"{result['eval_loss']:.4f} nats/char, {precision}")
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=2)
 

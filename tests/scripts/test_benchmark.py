@@ -71,3 +71,25 @@ def test_the_full_run_measures_on_the_bundled_tiny_shakespeare_by_default():
     text = benchmark_text(None, quick=False)
     assert len(text) == 1_115_394 and text.startswith("First Citizen:\nBefore we proceed any further")
     assert benchmark_text(None, quick=True) != text  # --quick and --smoke: generated text, as before
+
+
+def test_the_whole_run_benchmark_splits_the_wall_time_and_reports_the_precision(tmp_path):
+    """benchmarks/end_to_end.py on a small text with a few steps (the numbers mean nothing): its parts add up to the
+    wall time, and the final evaluation's precision and characters come from the run's own record."""
+    import subprocess
+
+    from helpers import script_env, shakespeare_like, write_text
+
+    text = write_text(tmp_path / "text.txt", shakespeare_like(200_000))
+    out = tmp_path / "end_to_end.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), "--train_file", str(text), "--work_dir",
+         str(tmp_path), "--output_json", str(out), "--", "--max_steps", "4", "--max_train_seconds", "0",
+         "--eval_steps", "2", "--save_steps", "2", "--hidden_size", "16", "--embedding_size", "8"],
+        capture_output=True, text=True, env=script_env(HF_HUB_OFFLINE="1"), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    parts = result["training_s"] + result["periodic_eval_s"] + result["final_eval_s"] + result["rest_s"]
+    assert result["steps"] == 4 and abs(parts - result["wall_s"]) < 1e-6 and result["periodic_eval_s"] > 0
+    assert result["eval_characters"] > 0 and result["eval_loss_stderr"] >= 0
+    assert "evaluation's share of the wall time" in done.stdout

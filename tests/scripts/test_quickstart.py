@@ -65,3 +65,17 @@ def test_quickstart_runs_offline_to_a_sample(tmp_path):
     assert json.loads((tmp_path / "shakespeare" / "training_run.json").read_text())["dataset"] == (
         "tiny_shakespeare (bundled)"
     )
+
+
+def test_an_error_under_the_quickstarts_launcher_is_one_line_with_the_launchers_status(tmp_path):
+    """The README's launch command with a bad flag value: the script's one line, no traceback; the status is the
+    launcher's 1 (accelerate exits 1 for any failure of its script, `python scripts/train.py` exits 2), as README
+    says."""
+    train = quickstart_commands()[1]
+    argv = train.replace("outputs/shakespeare", str(tmp_path / "out")).split()[2:]
+    failed = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *argv, "--block_size", "0"],
+                            cwd=ROOT, capture_output=True, text=True, env=script_env(HF_HUB_OFFLINE="1"), timeout=240)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert failed.returncode == 1 and len(errors) == 1 and "--block_size" in errors[0], failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr and not (tmp_path / "out").exists()
+    assert "under `accelerate launch` the status is the launcher's, 1" in (ROOT / "README.md").read_text()
