@@ -302,18 +302,27 @@ def run_sizes(tmp_path_factory):
     return checkpoint, page_bytes(out) - checkpoint
 
 
-def test_a_checkpoint_on_a_full_disk_keeps_the_one_before_and_resumes(small_disk, tmp_path, run_sizes):
-    checkpoint, _ = run_sizes
+def _train_on_a_full_disk(small_disk, tmp_path, leave: int, max_steps: int):
+    """A run of `max_steps` steps (checkpoints every 2) into a 4 MiB disk with `leave` bytes free: (its output folder,
+    its arguments, the file that fills the disk, its one error line)."""
     disk = small_disk(4 * 1024)
-    filler = fill(disk, leave=checkpoint * 3 // 2)  # checkpoint-2 fits, checkpoint-4 does not
+    filler = fill(disk, leave=leave)
     corpus = str(write_text(tmp_path / "corpus.txt", shakespeare_like(3000)))
     out = disk / "out"
-    argv = ["--train_file", corpus, "--output_dir", str(out), *TINY, "--max_steps", "4", "--save_steps", "2"]
+    argv = ["--train_file", corpus, "--output_dir", str(out), *TINY, "--max_steps", str(max_steps), "--save_steps",
+            "2"]
     result = call_script("train.py", argv, tmp_path)
     assert result.returncode == 2
-    line = the_error_line(result.stderr)
+    return out, argv, filler, the_error_line(result.stderr)
+
+
+def test_a_checkpoint_on_a_full_disk_keeps_the_one_before_and_resumes(small_disk, tmp_path, run_sizes):
+    checkpoint, _ = run_sizes
+    # checkpoint-2 fits, checkpoint-4 does not
+    out, argv, filler, line = _train_on_a_full_disk(small_disk, tmp_path, checkpoint * 3 // 2, max_steps=4)
     assert line.startswith(f"error: Could not write checkpoint-4 into {out} (No space left on device; "), line
     assert "checkpoint-2 and the checkpoints before it are complete and unchanged" in line
+    assert ", a checkpoint takes " in line
     assert sorted(os.listdir(out)) == ["checkpoint-2"]  # no half-written checkpoint-4, no staging folder
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
     CharLSTMForCausalLM.from_pretrained(out / "checkpoint-2")
@@ -328,15 +337,10 @@ def test_a_checkpoint_on_a_full_disk_keeps_the_one_before_and_resumes(small_disk
 def test_the_final_model_on_a_full_disk_keeps_the_checkpoint_and_is_written_on_resume(small_disk, tmp_path,
                                                                                        run_sizes):
     checkpoint, final = run_sizes
-    disk = small_disk(4 * 1024)
-    filler = fill(disk, leave=checkpoint + final // 2)  # the last checkpoint fits, the final model does not
-    corpus = str(write_text(tmp_path / "corpus.txt", shakespeare_like(3000)))
-    out = disk / "out"
-    argv = ["--train_file", corpus, "--output_dir", str(out), *TINY, "--max_steps", "2", "--save_steps", "2"]
-    result = call_script("train.py", argv, tmp_path)
-    assert result.returncode == 2
-    line = the_error_line(result.stderr)
+    # the last checkpoint fits, the final model does not
+    out, argv, filler, line = _train_on_a_full_disk(small_disk, tmp_path, checkpoint + final // 2, max_steps=2)
     assert line.startswith(f"error: Could not write the final model into {out} (No space left on device; "), line
+    assert ", the last checkpoint takes " in line
     assert not (out / "model.safetensors").exists() and not (out / "_tmp-final").exists()
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
     os.remove(filler)
