@@ -84,13 +84,18 @@ def test_the_final_evaluation_reads_a_sample_precise_to_its_stderr_and_zero_read
 def test_the_last_periodic_evaluation_of_the_final_model_is_not_read_again(texts, tmp_path):
     """The periodic evaluations read the first blocks of the final evaluation's order: when the last one scored the
     final model (the last step, the best one), the final evaluation starts from its blocks and reads only what its
-    precision needs beyond them; here nothing (6,000 blocks: a standard error under 0.005)."""
-    metrics = run(texts, tmp_path / "out", "--max_eval_samples", "6000", "--save_steps", "30", "--eval_steps", "30")
+    precision needs beyond them; here nothing (8,000 blocks: more than the least it reads, 250k characters, and a
+    standard error under 0.005)."""
+    metrics = run(texts, tmp_path / "out", "--max_eval_samples", "8000", "--save_steps", "30", "--eval_steps", "30")
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     last = [entry for entry in history if "eval_loss" in entry and "eval_characters" not in entry][-1]
-    assert last["step"] == 30 and metrics["eval_characters"] == 6000 * 32
+    assert last["step"] == 30 and metrics["eval_characters"] == 8000 * 32
     assert metrics["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
     assert metrics["eval_runtime"] < last["eval_runtime"] / 10  # no block read again
+    # 64 blocks of the last evaluation are precise enough (an untrained model's losses spread little), but fewer
+    # than the least the final evaluation reads: it reads on to 250k characters
+    few = run(texts, tmp_path / "few", "--max_eval_samples", "64", "--save_steps", "30", "--eval_steps", "30")
+    assert few["eval_characters"] == (FINAL_EVAL_FIRST_CHARACTERS // 32) * 32
 
 
 def test_max_eval_samples_bounds_the_evaluations_while_training_only(texts, tmp_path):

@@ -76,8 +76,8 @@ def how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None)
 
 
 
-# The final evaluation's first stage, in characters (then as many as its measured spread needs), and the margin on
-# the blocks that spread asks for (the spread of the first stage is itself an estimate).
+# The final evaluation's first stage, in characters, and its least (then as many as the measured spread needs), and
+# the margin on the blocks that spread asks for (the spread of the first stage is itself an estimate).
 FINAL_EVAL_FIRST_CHARACTERS = 250_000
 FINAL_EVAL_MARGIN = 1.15
 # The order in which evaluations sample the validation blocks (`evaluation_order`): not --seed, so that every run on
@@ -121,9 +121,10 @@ def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool 
     start = time.time()
     totals, counts = reused if reused is not None else (np.zeros(0), np.zeros(0))
     read = len(totals)
-    wanted = math.inf if target_stderr <= 0 else _first_stage(trainer, eval_blocks)
+    least = _first_stage(trainer, eval_blocks)  # a standard error measured on fewer blocks is itself uncertain
+    wanted = math.inf if target_stderr <= 0 else least
     if read and target_stderr > 0:
-        wanted = _more_blocks(totals, counts, population, target_stderr, unit)
+        wanted = _more_blocks(totals, counts, population, target_stderr, unit, least)
     while wanted is not None and (population is None or read < population):
         stop = _round_up(min(wanted, population or math.inf), unit)
         if stop <= read:
@@ -135,7 +136,7 @@ def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool 
         if output.num_samples == 0:  # a stream that has ended
             break
         read += output.num_samples
-        wanted = None if target_stderr <= 0 else _more_blocks(totals, counts, population, target_stderr, unit)
+        wanted = None if target_stderr <= 0 else _more_blocks(totals, counts, population, target_stderr, unit, least)
     metrics = {f"eval_{name}": value for name, value in metrics_from_rows(totals, counts, population).items()}
     metrics.update(eval_loss=float(totals.sum() / counts.sum()), eval_characters=int(counts.sum()),
                    **speed_metrics("eval", start, num_samples=read))
@@ -144,15 +145,15 @@ def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool 
     return metrics
 
 
-def _more_blocks(totals: np.ndarray, counts: np.ndarray, population: int | None, target: float,
-                 unit: int) -> float | None:
-    """How many blocks the sample needs in all, read from the first, for a standard error of `target`; None when
-    the blocks read (`totals`, `counts`) are enough."""
+def _more_blocks(totals: np.ndarray, counts: np.ndarray, population: int | None, target: float, unit: int,
+                 least: int) -> float | None:
+    """How many blocks the sample needs in all, read from the first, for a standard error of `target` and at least
+    `least` blocks; None when the blocks read (`totals`, `counts`) are enough."""
     read = len(totals)
     stderr = metrics_from_rows(totals, counts, population)["loss_stderr"]
-    if stderr <= target:  # NaN (one block read) reads on
+    if stderr <= target and (read >= least or (population is not None and read >= population)):  # NaN reads on
         return None
-    return max(read + unit, FINAL_EVAL_MARGIN * _blocks_needed(stderr, read, population, target))
+    return max(read + unit, least, FINAL_EVAL_MARGIN * _blocks_needed(stderr, read, population, target))
 
 
 def _first_stage(trainer, eval_blocks) -> int:
