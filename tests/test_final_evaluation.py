@@ -71,6 +71,10 @@ def test_the_final_evaluation_reads_a_sample_precise_to_its_stderr_and_zero_read
     assert f"± {sample['eval_loss_stderr']:.2g} nats/char (standard error; a sample of {read:,} validation" in summary
     results = json.loads((tmp_path / "sample" / "all_results.json").read_text())
     assert results["eval_loss_stderr"] == sample["eval_loss_stderr"] and results["eval_characters"] == read
+    card = (tmp_path / "sample" / "README.md").read_text()
+    assert f"the final model (a sample of {read:,} characters) | {sample['eval_loss']:.4f} ± " in card
+    whole_card = (tmp_path / "whole" / "README.md").read_text()
+    assert f"the final model (all {VALIDATION_CHARACTERS:,} characters) | {whole['eval_loss']:.4f} | " in whole_card
 
     target = sample["eval_loss_stderr"] * 0.6  # about 2.8x the blocks: a second stage
     tight = run(texts, tmp_path / "tight", "--final_eval_stderr", f"{target:.6f}", *alone)

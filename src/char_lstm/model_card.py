@@ -163,8 +163,13 @@ def _evaluation_table(run: dict, results: dict) -> str:
             "characters from a zero state",
             "streaming": f"{values.get('data', 'held-out text')}, the whole text in one pass with the state carried",
         }.get(mode, mode)
+        loss = f"{values['loss']:.4f}"
+        if values.get("characters"):  # the final evaluation: a sample with its standard error, or all of the text
+            sample = values.get("loss_stderr", 0) > 0
+            loss += f" ± {values['loss_stderr']:.4f}" if sample else ""
+            what += f" ({'a sample of ' if sample else 'all '}{values['characters']:,} characters)"
         evaluation_lines.append(
-            f"| {what} | {values['loss']:.4f} | {values['bits_per_character']:.4f} | {values['perplexity']:.3f} |"
+            f"| {what} | {loss} | {values['bits_per_character']:.4f} | {values['perplexity']:.3f} |"
         )
     return "\n".join(evaluation_lines) or "| (no evaluation recorded) | | | |"
 
@@ -214,5 +219,7 @@ def results_from_training(metrics: dict) -> dict:
             "loss": metrics["eval_loss"],
             "bits_per_character": metrics.get("eval_bits_per_char", metrics["eval_loss"] / math.log(2)),
             "perplexity": metrics.get("eval_perplexity", float("nan")),
+            # how precise the loss is: the final evaluation's standard error and the characters it read
+            **{key: metrics[f"eval_{key}"] for key in ("loss_stderr", "characters") if f"eval_{key}" in metrics},
         }
     }
