@@ -540,6 +540,8 @@ def test_streaming_with_a_validation_file_trains_and_reports_its_characters_outs
     metrics, out = run(tmp_path, "--max_steps", "5", "--eval_steps", "5", "--save_steps", "5", "--streaming", "true",
                        "--validation_file", str(tmp_path / "valid.txt"), "--sample_every_evals", "0")
     assert math.isfinite(metrics["eval_loss"]) and metrics["global_step"] == 5
+    # the final evaluation read the stream to its end (fewer characters than its least sample): all of it, exactly
+    assert metrics["eval_loss_stderr"] == 0 and 1900 < metrics["eval_characters"] <= 2003
     assert "3 characters of the validation text (0.1" in caplog.text and "are not in the vocabulary" in caplog.text
     assert "'\u00a7\u00b6'" in caplog.text
     with pytest.raises(UsageError, match="--streaming needs --max_steps"):

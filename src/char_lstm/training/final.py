@@ -133,13 +133,13 @@ def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool 
                                          description="Final evaluation", metric_key_prefix="eval")
         _close_prediction_bars(trainer)
         totals, counts = np.concatenate([totals, scorer.rows[0]]), np.concatenate([counts, scorer.rows[1]])
-        if output.num_samples == 0:  # a stream that has ended
-            break
+        if population is None and output.num_samples < stop - read:  # a stream that has ended: all of it is read
+            population = read + output.num_samples
         read += output.num_samples
         wanted = None if target_stderr <= 0 else _more_blocks(totals, counts, population, target_stderr, unit, least)
-    metrics = {f"eval_{name}": value for name, value in metrics_from_rows(totals, counts, population).items()}
-    metrics.update(eval_loss=float(totals.sum() / counts.sum()), eval_characters=int(counts.sum()),
-                   **speed_metrics("eval", start, num_samples=read))
+    metrics = {"eval_loss": float(totals.sum() / counts.sum())}  # first, as in Trainer's evaluations
+    metrics.update({f"eval_{name}": value for name, value in metrics_from_rows(totals, counts, population).items()})
+    metrics.update(eval_characters=int(counts.sum()), **speed_metrics("eval", start, num_samples=read))
     trainer.log(metrics)
     trainer.control = trainer.callback_handler.on_evaluate(args, trainer.state, trainer.control, metrics)
     return metrics

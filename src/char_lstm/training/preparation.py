@@ -312,9 +312,10 @@ def _blocks_per_step(args: CharLSTMTrainingArguments) -> int:
 
 def _eval_interval(args: CharLSTMTrainingArguments, train_blocks) -> float:
     """Training steps between two evaluations: --eval_steps (a number, or a fraction of the run), else one epoch
-    (a stream, which has no length: the run's --max_steps)."""
+    (a stream, which has no length: the run's --max_steps); at most the run's --max_steps."""
     epoch = len(train_blocks) / _blocks_per_step(args) if hasattr(train_blocks, "__len__") else args.max_steps
     interval = args.eval_steps if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps" else None
     if interval is not None and interval < 1:  # a fraction of the run
         interval = interval * (args.max_steps if args.max_steps > 0 else epoch)
-    return interval or epoch
+    interval = interval or epoch
+    return min(interval, args.max_steps) if args.max_steps > 0 else interval  # a run shorter than one interval
