@@ -141,7 +141,7 @@ def build_demo(model: str, trust_remote_code: bool = False) -> gr.Blocks:
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), allow_abbrev=False)
     parser.add_argument("--model", default=MODEL_ID, required=MODEL_ID is None,
                         help="a model folder (the --output_dir of scripts/train.py) or a Hub id")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0: everyone)")

@@ -166,7 +166,7 @@ def _evaluation_table(run: dict, results: dict) -> str:
         loss = f"{values['loss']:.4f}"
         if values.get("characters"):  # the final evaluation: a sample with its standard error, or all of the text
             sample = values.get("loss_stderr", 0) > 0
-            loss += f" ± {values['loss_stderr']:.4f}" if sample else ""
+            loss += f" ± {values['loss_stderr']:.4f} (standard error)" if sample else ""
             what += f" ({'a sample of ' if sample else 'all '}{values['characters']:,} characters)"
         evaluation_lines.append(
             f"| {what} | {loss} | {values['bits_per_character']:.4f} | {values['perplexity']:.3f} |"

@@ -80,13 +80,14 @@ class DataArguments:
         default=None, metadata={"help": "Characters between block starts (default: block_size, no overlap)."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Validation blocks read by each evaluation while training (default: a fixed "
-                                "sample sized to cost ~5%% of the training time between two evaluations). It does "
-                                "not bound the final evaluation: --final_eval_stderr does."})
+        default=None, metadata={"help": "Validation blocks read by each evaluation while training; when not given, a "
+                                "fixed sample sized to cost ~5%% of the training time between two evaluations. It "
+                                "does not bound the final evaluation: --final_eval_stderr does."})
     final_eval_stderr: float = field(
         default=0.005, metadata={"help": "The final evaluation reads a random sample of the validation blocks (the "
-                                 "same for every run on the same text) until the eval loss's standard error is at "
-                                 "most this many nats/char; 0 reads the whole validation split."})
+                                 "same for every run on the same text, at least 250k characters) until the eval "
+                                 "loss's standard error is at most this many nats/char, or the whole split when it is "
+                                 "reached first (its loss is then exact); 0 reads the whole validation split."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for encoding."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Encode again instead of using the cache."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data (needs --max_steps)."})

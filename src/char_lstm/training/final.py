@@ -137,9 +137,10 @@ def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool 
             population = read + output.num_samples
         read += output.num_samples
         wanted = None if target_stderr <= 0 else _more_blocks(totals, counts, population, target_stderr, unit, least)
-    metrics = {"eval_loss": float(totals.sum() / counts.sum())}  # first, as in Trainer's evaluations
-    metrics.update({f"eval_{name}": value for name, value in metrics_from_rows(totals, counts, population).items()})
-    metrics.update(eval_characters=int(counts.sum()), **speed_metrics("eval", start, num_samples=read))
+    metrics = {f"eval_{name}": value for name, value in metrics_from_rows(totals, counts, population).items()}
+    # the speed of the blocks this evaluation read itself (not those the last periodic one had read)
+    fresh = read - (len(reused[0]) if reused is not None else 0)
+    metrics.update(eval_characters=int(counts.sum()), **speed_metrics("eval", start, num_samples=fresh))
     trainer.log(metrics)
     trainer.control = trainer.callback_handler.on_evaluate(args, trainer.state, trainer.control, metrics)
     return metrics

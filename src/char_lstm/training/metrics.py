@@ -69,12 +69,16 @@ class BatchedMetrics:
 
 
 def metrics_from_rows(totals: np.ndarray, counts: np.ndarray, population: int | None = None) -> dict[str, float]:
-    """Bits per character, perplexity and the loss's standard error (`loss_stderr`, nats/char) of blocks whose loss
-    sums and character counts are `totals` and `counts` (see `loss_stderr` for `population`)."""
+    """The loss per character, bits per character, perplexity and the loss's standard error (`loss_stderr`,
+    nats/char) of blocks whose loss sums and character counts are `totals` and `counts` (see `loss_stderr` for
+    `population`)."""
     if counts.sum() == 0:
         raise ValueError("The evaluation read no character: every label is -100.")
     loss = float(totals.sum() / counts.sum())
-    return {"bits_per_char": loss / math.log(2), "perplexity": math.exp(loss) if loss < 709.0 else float("inf"),
+    # "loss" becomes eval_loss in place of Trainer's mean of the batches' losses, which under several processes
+    # (accelerate's padded last batches) differed from the bits per character in the fourth digit
+    return {"loss": loss, "bits_per_char": loss / math.log(2),
+            "perplexity": math.exp(loss) if loss < 709.0 else float("inf"),
             "loss_stderr": loss_stderr(totals, counts, population)}
 
 
