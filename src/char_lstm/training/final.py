@@ -71,7 +71,8 @@ def how_it_stopped(trainer, metrics: dict, time_limit: TimeLimitCallback | None)
         end = ", its learning-rate schedule ended." if time_limit.schedule_over_time else "."
         return (f"Stopped by --max_train_seconds {time_limit.seconds:g} at step {time_limit.stopped_at} of "
                 f"{state.max_steps}{end}")
-    return f"Training finished: {state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s."
+    runtime = metrics.get("train_runtime", 0)
+    return f"Training finished: {state.global_step} steps in {runtime:.{1 if runtime < 10 else 0}f} s."
 
 
 
