@@ -293,8 +293,10 @@ _OLD_CACHE_NAMES = ("past_key_values", "cache_params")
 def _check_kwargs(kwargs: dict, allowed: frozenset, where: str, cache: Cache | None) -> Cache | None:
     """Map the old cache names to `cache` (FutureWarning) and refuse keyword arguments this model would otherwise
     ignore silently; returns the cache to use. `output_attentions` is accepted when not True (transformers passes it
-    around; a recurrent model has no attention weights). Called only when there are extra keywords (no cost on the
-    decoding step)."""
+    around; a recurrent model has no attention weights), and `position_ids` is dropped (an RNN has no positions; not a
+    parameter, or generate() would build them every step and the exporters trace them as an input). Called only when
+    there are extra keywords (no cost on the decoding step)."""
+    kwargs.pop("position_ids", None)
     for name in _OLD_CACHE_NAMES:
         if name in kwargs:
             old = kwargs.pop(name)
@@ -926,11 +928,9 @@ class CharLSTMModel(CharLSTMPreTrainedModel):
         cache (`Cache`, *optional*): recurrent state to start from, updated in place with the final state. The old
             names `past_key_values=` and `cache_params=` are mapped to it with a deprecation warning.
         inputs_embeds (`torch.Tensor` of shape `(B, T, E)`): instead of `input_ids`.
-        position_ids (keyword): accepted and ignored, as transformers' helpers pass them: an RNN has no positions. (Not
-            a parameter: generate() would build them, and the exporters trace them as an input, for nothing.)
+        position_ids (keyword): ignored, as transformers' helpers pass them: an RNN has no positions (`_check_kwargs`).
         """
         if kwargs:
-            kwargs.pop("position_ids", None)
             cache = _check_kwargs(kwargs, frozenset(), type(self).__name__, cache)
         config = self.config
         output_hidden_states = (
@@ -1578,7 +1578,6 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, GenerationMixin):
         it; any other is an error.
         """
         if kwargs:
-            kwargs.pop("position_ids", None)
             cache = _check_kwargs(kwargs, _LOSS_KWARGS, type(self).__name__, cache)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
