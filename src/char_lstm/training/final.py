@@ -122,7 +122,7 @@ def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool 
     start = time.time()
     totals, counts = reused if reused is not None else (np.zeros(0), np.zeros(0))
     read = len(totals)
-    least = _first_stage(trainer, eval_blocks)  # a standard error measured on fewer blocks is itself uncertain
+    least = _first_stage(eval_blocks)  # a standard error measured on fewer blocks is itself uncertain
     wanted = math.inf if target_stderr <= 0 else least
     if read and target_stderr > 0:
         wanted = _more_blocks(totals, counts, population, target_stderr, unit, least)
@@ -158,7 +158,7 @@ def _more_blocks(totals: np.ndarray, counts: np.ndarray, population: int | None,
     return max(read + unit, least, FINAL_EVAL_MARGIN * _blocks_needed(stderr, read, population, target))
 
 
-def _first_stage(trainer, eval_blocks) -> int:
+def _first_stage(eval_blocks) -> int:
     """Blocks of the first stage: `FINAL_EVAL_FIRST_CHARACTERS` characters' worth."""
     sample = eval_blocks[0] if hasattr(eval_blocks, "__len__") else next(iter(eval_blocks))  # a stream: its first
     return max(2, FINAL_EVAL_FIRST_CHARACTERS // max(1, len(sample["input_ids"]) - 1))
