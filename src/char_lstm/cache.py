@@ -321,8 +321,8 @@ def _short_rows(result) -> tuple[str, str] | None:
         if split is None or not split.num_examples or len(dataset) >= split.num_examples:
             continue
         for path in [path for folder in _folders_recording(split) for path in _split_files(folder)]:
-            if arrow_file_problem(path):
-                return path, arrow_file_problem(path)
+            if problem := arrow_file_problem(path):
+                return path, problem
         raise CacheDamaged(f"The datasets cache of {split.name} rows holds {len(dataset)} of the {split.num_examples} "
                            f"rows it recorded, and its damaged file is not found: delete the datasets cache "
                            f"{cache_root()} (or the folder of this text in it) and run the command again.")
@@ -372,6 +372,15 @@ def sound_cache(make: Callable[[], T], what: str, overwrite: bool = False, folde
             logger.info(f"The datasets cache file {path} is damaged ({problem}): {discard(path)}; making {what} "
                         "again.")
         again = True
+
+
+def cached_step(make: Callable[[], T], what: str, folder: str | None,
+                needs: Callable[[], str | None] | None = None) -> T:
+    """`make()`, a step that writes its result into the `datasets` cache folder `folder` (or reads it from there),
+    with its cache files sound (`sound_cache`, which looks in `folder` when an error names no file) and a full disk
+    while it writes them one line (`space_reported`, with `needs()`)."""
+    with space_reported(what, folder, needs):
+        return sound_cache(make, what, folders=[folder] if folder else [])
 
 
 def step_folder(dataset) -> str | None:

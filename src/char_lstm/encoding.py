@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
 
-from .cache import preparation_needs, sound_cache, space_reported, step_folder
+from .cache import cached_step, preparation_needs, step_folder
 from .errors import DataError
 from .text_files import CONTINUES_COLUMN, ROW_CHARS
 from .tokenization_char_lstm import CharLSTMTokenizer
@@ -96,11 +96,9 @@ def count_characters(dataset: Dataset | IterableDataset, column: str, num_proc: 
     if isinstance(dataset, IterableDataset):
         per_batch = dataset.map(_count_batch, **kwargs)
     else:
-        folder = step_folder(dataset)
-        with space_reported("the character counts", folder):
-            per_batch = sound_cache(lambda: dataset.map(_count_batch, num_proc=passes_num_proc(dataset, num_proc),
-                                                        desc="Counting characters", **kwargs),
-                                    "the character counts", folders=[folder] if folder else [])
+        per_batch = cached_step(lambda: dataset.map(_count_batch, num_proc=passes_num_proc(dataset, num_proc),
+                                                    desc="Counting characters", **kwargs),
+                                "the character counts", step_folder(dataset))
     counts: Counter = Counter()
     for row in per_batch.with_format("numpy") if not isinstance(per_batch, IterableDataset) else per_batch:
         for code, count in zip(np.asarray(row["codes"]).tolist(), np.asarray(row["counts"]).tolist()):
@@ -235,13 +233,13 @@ def encode_blocks(
     )
     if isinstance(dataset, IterableDataset):
         return dataset.map(_encode_blocks, **kwargs)
-    folder, itemsize = step_folder(dataset), tokenizer.corpus_dtype.itemsize
-    with space_reported("the blocks of ids", folder, lambda: preparation_needs(
-            dataset.data.nbytes, block_size, stride, rows=False, itemsize=itemsize)):
-        return sound_cache(lambda: dataset.map(_encode_blocks, num_proc=passes_num_proc(dataset, num_proc),
-                                               writer_batch_size=10_000, load_from_cache_file=load_from_cache_file,
-                                               desc="Encoding blocks", **kwargs),
-                           "the blocks of ids", folders=[folder] if folder else [])
+    itemsize = tokenizer.corpus_dtype.itemsize
+    return cached_step(lambda: dataset.map(_encode_blocks, num_proc=passes_num_proc(dataset, num_proc),
+                                           writer_batch_size=10_000, load_from_cache_file=load_from_cache_file,
+                                           desc="Encoding blocks", **kwargs),
+                       "the blocks of ids", step_folder(dataset),
+                       lambda: preparation_needs(dataset.data.nbytes, block_size, stride, rows=False,
+                                                 itemsize=itemsize))
 
 
 def release_mapped_pages(dataset: Dataset) -> None:

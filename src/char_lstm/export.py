@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import UsageError
 from .loading import load_model_and_tokenizer
 from .modeling_char_lstm import cache_from_states
-from .terminal import is_terminal, visible_controls
+from .terminal import as_shown
 
 
 # The packages each format needs beyond torch and transformers, and how to install them.
@@ -386,7 +386,6 @@ def run_export(args: ExportArguments) -> GreedyCheck | None:
         raise ValueError(f"check failed: the exported programs' greedy text differs from generate()'s from token "
                          f"{check.first_difference} on: {got!r} against {expected!r} (the files are in "
                          f"{args.output_dir}).")
-    shown = visible_controls(got) if is_terminal(sys.stdout) else got  # a terminal shows escape codes, not obeys
     print(f"check: {check.got.shape[1] - input_ids.shape[1]} characters of greedy text through the files in "
-          f"{args.output_dir} equal model.generate(do_sample=False)'s:\n{shown}")
+          f"{args.output_dir} equal model.generate(do_sample=False)'s:\n{as_shown(got, sys.stdout)}")
     return check

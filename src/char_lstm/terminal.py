@@ -43,6 +43,12 @@ def is_terminal(file) -> bool:
         return False
 
 
+def as_shown(text: str, file) -> str:
+    """`text` as it is written to `file`: with its control characters shown (`visible_controls`) on a terminal, exact
+    anywhere else."""
+    return visible_controls(text) if is_terminal(file) else text
+
+
 class TerminalWriter:
     """A file for `print(..., file=)` in front of `file`: to a terminal (`is_terminal`), unless `raw`, it writes the
     text with its control characters shown (`visible_controls`); to anything else, or with `raw`, the exact text.

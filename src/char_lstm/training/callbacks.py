@@ -13,7 +13,7 @@ from transformers import ProgressCallback, TrainerCallback
 from ..encoding import iter_texts, release_mapped_pages
 from ..errors import see_troubleshooting
 from ..sampling import repetition_warning
-from ..terminal import is_terminal, visible_controls
+from ..terminal import as_shown
 from .summary import run_summary
 
 
@@ -43,7 +43,7 @@ class SampleCallback(TrainerCallback):
             return
         self.sampled_step = state.global_step
         text = sample(model, self.tokenizer, self.prompt, self.length, self.temperature)
-        shown = visible_controls(text) if is_terminal(sys.stdout) else text  # where tqdm.write writes
+        shown = as_shown(text, sys.stdout)  # where tqdm.write writes
         # through tqdm, so that the progress bars are cleared first and drawn again after the sample
         tqdm.write(f"----- sample at step {state.global_step} -----\n{shown}\n-----")
         if shown != text and not self.controls_said:

@@ -35,8 +35,8 @@ def save_final_model(trainer, model_args, data_args, train_blocks, eval_blocks, 
     staging = staged if trainer.is_world_process_zero() else None
     with failed_save_reported("the final model", args.output_dir, staging):
         trainer.save_model(staged, _internal_call=True)  # the best model when load_best_model_at_end, with tokenizer
-    evaluation = final_evaluation(trainer, eval_blocks, data_args.final_eval_stderr, data_args.stateful,
-                                  reusable_rows(trainer, eval_blocks, data_args.stateful))
+    evaluation = final_evaluation(trainer, eval_blocks, data_args.final_eval_stderr, data_args.block_size,
+                                  data_args.stateful, reusable_rows(trainer, eval_blocks, data_args.stateful))
     metrics = {**train_metrics, **evaluation, "global_step": trainer.state.global_step}
     if baselines is not None:
         metrics["unigram_bits_per_char"] = bits(baselines.unigram)
@@ -105,10 +105,12 @@ def reusable_rows(trainer, eval_blocks, stateful: bool):
     return rows if evaluations[-1] == state.global_step and best_is_last else None
 
 
-def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool = False, reused=None) -> dict:
+def final_evaluation(trainer, eval_blocks, target_stderr: float, block_size: int, stateful: bool = False,
+                     reused=None) -> dict:
     """The final model's evaluation: a random sample of `eval_blocks` read in stages (each a Trainer evaluation loop)
     until the eval loss's standard error is at most `target_stderr` nats/char, or all of them with `target_stderr`
-    0 or a split that small. `reused`: the rows of the first blocks of the order, read already (`reusable_rows`).
+    0 or a split that small (blocks of `block_size` targets; at least `FINAL_EVAL_FIRST_CHARACTERS` characters).
+    `reused`: the rows of the first blocks of the order, read already (`reusable_rows`).
     The metrics, logged once and passed to the callbacks as `Trainer.evaluate()` does, have `eval_loss` (the mean over
     the characters read), its standard error `eval_loss_stderr` (0 when every block was read) and `eval_characters`
     (those read). The order is `evaluation_order`; --stateful reads the first windows of every stream in order, a
@@ -122,7 +124,8 @@ def final_evaluation(trainer, eval_blocks, target_stderr: float, stateful: bool 
     start = time.time()
     totals, counts = reused if reused is not None else (np.zeros(0), np.zeros(0))
     read = len(totals)
-    least = _first_stage(eval_blocks)  # a standard error measured on fewer blocks is itself uncertain
+    # at least this many blocks: a standard error measured on fewer is itself uncertain
+    least = max(2, FINAL_EVAL_FIRST_CHARACTERS // block_size)
     wanted = math.inf if target_stderr <= 0 else least
     if read and target_stderr > 0:
         wanted = _more_blocks(totals, counts, population, target_stderr, unit, least)
@@ -156,12 +159,6 @@ def _more_blocks(totals: np.ndarray, counts: np.ndarray, population: int | None,
     if stderr <= target and (read >= least or (population is not None and read >= population)):  # NaN reads on
         return None
     return max(read + unit, least, FINAL_EVAL_MARGIN * _blocks_needed(stderr, read, population, target))
-
-
-def _first_stage(eval_blocks) -> int:
-    """Blocks of the first stage: `FINAL_EVAL_FIRST_CHARACTERS` characters' worth."""
-    sample = eval_blocks[0] if hasattr(eval_blocks, "__len__") else next(iter(eval_blocks))  # a stream: its first
-    return max(2, FINAL_EVAL_FIRST_CHARACTERS // max(1, len(sample["input_ids"]) - 1))
 
 
 def _blocks_needed(stderr: float, read: int, population: int | None, target: float) -> float:

@@ -9,7 +9,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import IterableDataset
 from transformers import AutoTokenizer
 
-from ..cache import cache_root, dataset_bytes, preparation_needs, sound_cache, space_reported, step_folder, text_bytes
+from ..cache import cache_root, cached_step, dataset_bytes, preparation_needs, space_reported, step_folder, text_bytes
 from ..configuration_char_lstm import CharLSTMConfig
 from ..data import BUNDLED_DATASET, DEFAULT_DATASET, load_raw_datasets, resolve_dataset_name, split_validation_tail
 from ..encoding import count_characters, encode_blocks, vocabulary_from_counts
@@ -62,9 +62,9 @@ def load_datasets(data_args: DataArguments, training_args: CharLSTMTrainingArgum
         if eval_raw is None:
             if data_args.streaming:
                 raise DataError("--streaming needs a validation split or --validation_file.")
-            with space_reported("the validation split", step_folder(train_raw)):
-                train_raw, eval_raw = sound_cache(lambda rows=train_raw: split_validation_tail(
-                    rows, data_args.text_column, data_args.validation_split_percentage), "the validation split")
+            train_raw, eval_raw = cached_step(lambda rows=train_raw: split_validation_tail(
+                rows, data_args.text_column, data_args.validation_split_percentage), "the validation split",
+                step_folder(train_raw))
     return data_args, train_raw, eval_raw
 
 
@@ -282,8 +282,8 @@ def periodic_eval_blocks(data_args: DataArguments, training_args: CharLSTMTraini
                          eval_blocks):
     """The blocks of the periodic evaluations: `--max_eval_samples` when given; else, when the validation split is
     larger, a fixed sample (the first blocks of `evaluation_order`: the same at every evaluation, and in every run
-    on the same text) of as many blocks as cost about
-    `EVAL_TIME_SHARE` of the training time between two evaluations, said once. With --stateful the sample is the
+    on the same text) of as many blocks as cost about `EVAL_TIME_SHARE` of the training time between two
+    evaluations, said once. With --stateful the sample is the
     first windows of every stream (it keeps the streams' order), with --streaming the first blocks of the stream.
     The final evaluation reads a sample of its own (`final.final_evaluation`)."""
     args = training_args
