@@ -1,17 +1,24 @@
-"""char_lstm's defaults that need evaluations (the best checkpoint, the plateau schedule) follow the flags a user
-gives, from the command line, a preset or a config file, with one info line; a flag given against them is one error
-line."""
+"""char_lstm's defaults: the model's flags take theirs from CharLSTMConfig and build the config they name; those
+that need evaluations (the best checkpoint, the plateau schedule) follow the flags a user gives, from the command
+line, a preset or a config file, with one info line; a flag given against them is one error line."""
 
+import dataclasses
+import inspect
 import json
 import logging
 import re
+from collections import Counter
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
+from char_lstm import CharLSTMConfig
+from char_lstm.configuration_char_lstm import CELL_TYPES
 from char_lstm.errors import UsageError
-from char_lstm.training import parse_arguments, train
-from helpers import run_script, shakespeare_like, write_text
+from char_lstm.training import CharLSTMTrainingArguments, DataArguments, ModelArguments, parse_arguments, train
+from char_lstm.training.arguments import PRESETS
+from char_lstm.training.preparation import load_tokenizer_and_model
+from helpers import call_script, run_script, shakespeare_like, write_text
 
 
 TINY = [
@@ -192,3 +199,83 @@ def test_a_refused_combination_is_one_error_line_from_the_script(tmp_path):
     assert result.stderr.splitlines() == ["error: --eval_strategy no with --lr_scheduler_type reduce_lr_on_plateau: "
                                           "the plateau schedule needs evaluations; drop it or --eval_strategy no."]
     assert not (tmp_path / "out").exists()
+
+
+# The model's flags: train.py's arguments that CharLSTMConfig takes too.
+MODEL_FLAGS = {"embedding_size", "hidden_size", "num_hidden_layers", "dropout", "cell_type"}
+
+
+def shared_with_the_config() -> list[str]:
+    """The ModelArguments fields that are CharLSTMConfig's attributes too (read on a config, not from its code)."""
+    config = CharLSTMConfig()
+    return [field.name for field in dataclasses.fields(ModelArguments) if hasattr(config, field.name)]
+
+
+def test_the_model_flags_take_their_defaults_from_the_config():
+    parameters = inspect.signature(CharLSTMConfig.__init__).parameters
+    shared = {field.name: field.default for field in dataclasses.fields(ModelArguments) if field.name in parameters}
+    assert set(shared) == MODEL_FLAGS == set(shared_with_the_config())
+    assert shared == {name: parameters[name].default for name in shared}  # a literal that differs fails here
+    model_args = parse_arguments(["--output_dir", "unused"])[0]
+    config = CharLSTMConfig()
+    assert {name: getattr(model_args, name) for name in shared} == {name: getattr(config, name) for name in shared}
+
+
+def test_help_shows_each_model_default_and_the_cell_types(tmp_path):
+    result = call_script("train.py", ["--help"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = " ".join(result.stdout.split())  # argparse wraps the help at the terminal's width
+    config = CharLSTMConfig()
+    for name in MODEL_FLAGS:
+        alias = "" if "_" not in name else rf", --{name.replace('_', '-')} {name.upper()}"
+        pattern = rf"--{name} {name.upper()}{alias} [^(]*\(default: {re.escape(str(getattr(config, name)))}\)"
+        assert re.search(pattern, shown), name
+    assert f"The recurrent cell: {', '.join(CELL_TYPES)}. (default: {config.cell_type})" in shown
+
+
+def test_the_char_rnn_preset_names_the_defaults():
+    parser = HfArgumentParser((ModelArguments, DataArguments, CharLSTMTrainingArguments))
+    assert {name: parser.get_default(name) for name in PRESETS["char-rnn"]} == PRESETS["char-rnn"]
+
+
+@pytest.mark.parametrize(
+    "flags, given, cutoffs",
+    [
+        ((), {}, None),
+        (("--embedding_size", "8", "--hidden_size", "16", "--num_hidden_layers", "1", "--dropout", "0.1",
+          "--cell_type", "gru"),
+         {"embedding_size": 8, "hidden_size": 16, "num_hidden_layers": 1, "dropout": 0.1, "cell_type": "gru"}, None),
+        (("--preset", "cpu-small", "--cell_type", "rnn", "--adaptive_softmax", "8,16"),
+         {"embedding_size": 64, "hidden_size": 256, "dropout": 0.1, "cell_type": "rnn"}, [8, 16]),
+    ],
+)
+def test_the_model_a_run_builds_is_the_config_of_its_flags(flags, given, cutoffs):
+    model_args, data_args, training_args = parse_arguments(["--output_dir", "unused", *flags])
+    counts = Counter(shakespeare_like(6000))
+    tokenizer, model = load_tokenizer_and_model(model_args, data_args, counts, training_args)
+    expected = CharLSTMConfig(
+        **{name: getattr(model_args, name) for name in shared_with_the_config()},
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        unk_token_id=tokenizer.unk_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        adaptive_softmax_cutoffs=cutoffs,
+    )
+    assert model.config.to_dict() == expected.to_dict()
+    defaults = CharLSTMConfig()
+    for name in MODEL_FLAGS:
+        assert getattr(model.config, name) == given.get(name, getattr(defaults, name)), name
+    assert len(tokenizer) == len(set(shakespeare_like(6000))) + len(tokenizer.all_special_tokens)
+
+
+def test_a_saved_model_keeps_its_config_whatever_the_model_flags(tmp_path):
+    flags = ["--output_dir", "unused", "--embedding_size", "8", "--hidden_size", "16", "--cell_type", "gru"]
+    model_args, data_args, training_args = parse_arguments(flags)
+    tokenizer, model = load_tokenizer_and_model(model_args, data_args, Counter(shakespeare_like(6000)), training_args)
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    model_args, data_args, training_args = parse_arguments(
+        ["--output_dir", "unused", "--model_name_or_path", str(tmp_path / "saved"), "--hidden_size", "32"])
+    _, loaded = load_tokenizer_and_model(model_args, data_args, Counter("other text"), training_args)
+    assert loaded.config.to_dict() == {**model.config.to_dict(), "_name_or_path": str(tmp_path / "saved")}

@@ -14,9 +14,10 @@ from transformers.hf_argparser import string_to_bool
 from transformers.utils import is_torch_xla_available
 
 from ..cli import parse_command_line, removed_in_v5
+from ..configuration_char_lstm import CELL_TYPES
 from ..errors import UsageError
 from ..loading import check_model_path
-from .defaults import check_evaluation_needs, follow_given_flags
+from .defaults import check_evaluation_needs, config_field, follow_given_flags
 from .runtime import native_bf16
 
 
@@ -37,11 +38,11 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Use this saved tokenizer instead of building one from the training text."}
     )
-    embedding_size: int = field(default=128, metadata={"help": "Character embedding size."})
-    hidden_size: int = field(default=512, metadata={"help": "Units per recurrent layer."})
-    num_hidden_layers: int = field(default=2, metadata={"help": "Number of recurrent layers."})
-    dropout: float = field(default=0.5, metadata={"help": "Dropout between layers and before the head, in [0, 1)."})
-    cell_type: str = field(default="lstm", metadata={"help": "lstm, gru or rnn."})
+    embedding_size: int = config_field("embedding_size", "Character embedding size.")
+    hidden_size: int = config_field("hidden_size", "Units per recurrent layer.")
+    num_hidden_layers: int = config_field("num_hidden_layers", "Number of recurrent layers.")
+    dropout: float = config_field("dropout", "Dropout between layers and before the head, in [0, 1).")
+    cell_type: str = config_field("cell_type", f"The recurrent cell: {', '.join(CELL_TYPES)}.")
     adaptive_softmax: str = field(default="auto", metadata={"help": "Output layer for large vocabularies: 'auto' (an "
                                   "adaptive softmax above 1024 characters), 'off', or its cutoffs, e.g. '256,2048'."})
 
@@ -258,7 +259,6 @@ PRESETS = {
 }
 
 
-
 def parse_arguments(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, CharLSTMTrainingArguments) from the command line or from one .json/.yaml file,
     with `--preset` values as defaults. Flags must be spelled out (no prefix matching: --learning_rat is an error).
@@ -363,7 +363,6 @@ def _preset_values(name: str | None) -> dict:
         if values["bf16"] and not torch.cuda.is_available():
             values["use_cpu"] = True
     return values
-
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: CharLSTMTrainingArguments):

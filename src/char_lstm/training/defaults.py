@@ -1,4 +1,9 @@
-"""char_lstm's defaults that need evaluations and checkpoints follow the user's own flags.
+"""char_lstm's defaults: the model's are its config's, and those that need evaluations and checkpoints follow the
+user's own flags.
+
+The model's defaults (--embedding_size, --hidden_size, --cell_type...) are written once, as the defaults of
+`CharLSTMConfig.__init__`: `ModelArguments` takes its fields' defaults from there (`config_field`), and a run builds
+its config from the fields the config takes (`config_arguments`).
 
 Two of char_lstm's defaults are not transformers': keeping the best checkpoint (`--load_best_model_at_end true`,
 which needs every checkpoint evaluated) and the plateau learning-rate schedule (`--lr_scheduler_type
@@ -8,7 +13,32 @@ the defaults the user did not give turn into transformers' own (no reload of the
 transformers' default, which run_clm.py trains with), said in one info line (`follow_given_flags`). Only a flag the
 user gave that cannot work with the others is refused, in one line (`check_evaluation_needs`)."""
 
+import dataclasses
+import inspect
+
+from ..configuration_char_lstm import CharLSTMConfig
 from ..errors import UsageError
+
+
+def config_default(name: str):
+    """The default of `CharLSTMConfig`'s argument `name` (the one place the model's defaults are written)."""
+    parameter = inspect.signature(CharLSTMConfig.__init__).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        raise TypeError(f"CharLSTMConfig has no argument {name!r} with a default: name one of its arguments.")
+    return parameter.default
+
+
+def config_field(name: str, help: str):
+    """A `ModelArguments` field for `CharLSTMConfig`'s argument `name`, whose default is the config's (--help shows
+    it)."""
+    return dataclasses.field(default=config_default(name), metadata={"help": help})
+
+
+def config_arguments(model_args) -> dict:
+    """The fields of `model_args` (`ModelArguments`) that `CharLSTMConfig` takes, by name: the model the flags give."""
+    accepted = inspect.signature(CharLSTMConfig.__init__).parameters
+    return {field.name: getattr(model_args, field.name) for field in dataclasses.fields(model_args)
+            if field.name in accepted}
 
 
 # The schedules that step on evaluations (transformers refuses them without).

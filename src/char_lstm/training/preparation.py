@@ -19,6 +19,7 @@ from ..modeling_char_lstm import CharLSTMForCausalLM
 from ..streams import encode_streams
 from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments
 from .callbacks import default_sample_prompt
+from .defaults import config_arguments
 from .final import evaluation_order
 
 
@@ -130,12 +131,8 @@ def load_tokenizer_and_model(model_args: ModelArguments, data_args: DataArgument
                 _say_left_out(left_out, train_counts, data_args)
         cutoffs = adaptive_cutoffs(model_args.adaptive_softmax, len(tokenizer), say=True)
         config = CharLSTMConfig(
+            **config_arguments(model_args),  # --embedding_size, --hidden_size, --cell_type...
             vocab_size=len(tokenizer),
-            embedding_size=model_args.embedding_size,
-            hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            dropout=model_args.dropout,
-            cell_type=model_args.cell_type,
             pad_token_id=tokenizer.pad_token_id,
             unk_token_id=tokenizer.unk_token_id,
             bos_token_id=tokenizer.bos_token_id,
