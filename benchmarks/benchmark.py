@@ -45,7 +45,8 @@ from transformers import Trainer, TrainerCallback
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMTokenizer
 from char_lstm.cli import run_command
-from char_lstm.data import BUNDLED_CORPUS, collate_blocks, encode_blocks, read_text_file
+from char_lstm.data import BUNDLED_CORPUS, read_text_file
+from char_lstm.encoding import collate_blocks, encode_blocks
 from char_lstm.errors import UsageError
 from char_lstm.loading import pick_device
 from char_lstm.training import CharLSTMTrainingArguments, keep_freed_memory, native_bf16

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of the code where a silent error costs users most, in three scopes, each with the
 # in-process tests that exercise it (a mutant runs only the tests that reached its function in a first clean run):
-#   modeling   the one-token decoding step and the cache plumbing of modeling_char_lstm.py
+#   modeling   the one-token decoding step (step_char_lstm.py) and the cache plumbing (cache_char_lstm.py)
 #   tokenizer  the character <-> id lookups, special and added tokens, encode_corpus / oov_characters
 #   training   the stateful streams (training/stateful.py) and the checkpoints (training/checkpoints.py): staging,
 #              publishing, completeness, resume
@@ -9,7 +9,7 @@
 #
 #   scripts/mutation.sh                        # the three scopes; results in $MUTATION_DIR/<scope> (default /tmp/char_lstm_mutation)
 #   scripts/mutation.sh tokenizer              # one scope
-#   scripts/mutation.sh modeling 'char_lstm.modeling_char_lstm.x__single_step__mutmut_1*'   # some mutants (names, globs)
+#   scripts/mutation.sh modeling 'char_lstm.step_char_lstm.x__single_step__mutmut_1*'   # some mutants (names, globs)
 #   MUTATION_JOBS=1 MUTATION_DIR=/tmp/m scripts/mutation.sh training
 #
 # Each scope runs in its own copy of src/ and tests/ (mutmut rewrites the sources it mutates), with in-process tests
@@ -18,19 +18,22 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 base=${MUTATION_DIR:-/tmp/char_lstm_mutation}
-m=char_lstm.modeling_char_lstm
+m=char_lstm.step_char_lstm
+k=char_lstm.cache_char_lstm
 t=char_lstm.tokenization_char_lstm
 c=char_lstm.training.checkpoints
+e=char_lstm.training.resuming
 r=char_lstm.training.stateful
 
 # The scopes: the module mutated, the tests, and mutmut's mutant names ("x_FUNCTION" or "xǁCLASSǁMETHOD").
 scope_modeling() {
-    modules='"src/char_lstm/modeling_char_lstm.py"'
-    tests=('"tests/test_modeling_char_lstm.py"' '"tests/test_generation_char_lstm.py"'
-           '"tests/test_training.py::test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start"')
-    names=("$m.x__step_weights__mutmut_*" "$m.x__single_step__mutmut_*" "$m.x__read_state__mutmut_*"
-           "$m.x__write_state__mutmut_*" "$m.x_detach_cache__mutmut_*" "$m.x_reset_cache_rows__mutmut_*"
-           "$m.x_cache_states__mutmut_*" "$m.x_cache_from_states__mutmut_*")
+    modules='"src/char_lstm/step_char_lstm.py", "src/char_lstm/cache_char_lstm.py"'
+    tests=('"tests/test_step_char_lstm.py"' '"tests/test_cache_char_lstm.py"' '"tests/test_modeling_char_lstm.py"'
+           '"tests/test_generation_char_lstm.py"'
+           '"tests/test_stateful.py::test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start"')
+    names=("$m.x__step_weights__mutmut_*" "$m.x__single_step__mutmut_*" "$k.x__read_state__mutmut_*"
+           "$k.x__write_state__mutmut_*" "$k.x_detach_cache__mutmut_*" "$k.x_reset_cache_rows__mutmut_*"
+           "$k.x_cache_states__mutmut_*" "$k.x_cache_from_states__mutmut_*")
 }
 scope_tokenizer() {
     modules='"src/char_lstm/tokenization_char_lstm.py"'
@@ -44,17 +47,17 @@ scope_tokenizer() {
            "$t.xǁCharLSTMTokenizerǁsave_vocabulary__mutmut_*")
 }
 scope_training() {
-    modules='"src/char_lstm/training/checkpoints.py", "src/char_lstm/training/stateful.py"'
-    tests=('"tests/test_training.py::test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start"'
-           '"tests/test_training.py::test_stateful_checkpoint_saves_and_restores_the_training_streams"'
-           '"tests/test_training.py::test_checkpoint_problem_names_what_is_missing_damaged_or_unsafe"'
-           '"tests/test_training.py::test_latest_complete_checkpoint_sets_newer_incomplete_ones_aside"'
-           '"tests/test_training.py::test_publish_moves_a_complete_folder_or_its_files_into_place_weights_last"'
-           '"tests/test_training.py::test_finished_at_is_the_step_of_a_checkpoint_that_ends_the_run"')
+    modules='"src/char_lstm/training/checkpoints.py", "src/char_lstm/training/stateful.py", "src/char_lstm/training/resuming.py"'
+    tests=('"tests/test_stateful.py::test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start"'
+           '"tests/test_stateful.py::test_stateful_checkpoint_saves_and_restores_the_training_streams"'
+           '"tests/test_checkpoints.py::test_checkpoint_problem_names_what_is_missing_damaged_or_unsafe"'
+           '"tests/test_checkpoints.py::test_latest_complete_checkpoint_sets_newer_incomplete_ones_aside"'
+           '"tests/test_checkpoints.py::test_publish_moves_a_complete_folder_or_its_files_into_place_weights_last"'
+           '"tests/test_checkpoints.py::test_finished_at_is_the_step_of_a_checkpoint_that_ends_the_run"')
     names=("$r.xǁStatefulTrainerǁcompute_loss__mutmut_*" "$r.xǁStatefulTrainerǁ_save_rng_state__mutmut_*"
            "$r.xǁStatefulTrainerǁ_load_rng_state__mutmut_*" "$c.x_checkpoint_step__mutmut_*"
            "$c.x_checkpoint_problem__mutmut_*" "$c.x_latest_complete_checkpoint__mutmut_*"
-           "$c.x_publish_folder__mutmut_*" "$c.x_publish_files__mutmut_*" "$c.x_finished_at__mutmut_*"
+           "$c.x_publish_folder__mutmut_*" "$c.x_publish_files__mutmut_*" "$e.x_finished_at__mutmut_*"
            "$c.xǁCharLSTMTrainerǁ_get_output_dir__mutmut_*" "$c.xǁCharLSTMTrainerǁ_save_checkpoint__mutmut_*")
 }
 

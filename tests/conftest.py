@@ -28,6 +28,7 @@ if "HF_DATASETS_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 from char_lstm import CharLSTMTokenizer  # noqa: E402
+from char_lstm.cells_char_lstm import CELL_TYPES  # noqa: E402
 from helpers import CORPUS  # noqa: E402
 
 
@@ -41,6 +42,7 @@ def tokenizer():
     return CharLSTMTokenizer.from_corpus(CORPUS)
 
 
-@pytest.fixture(params=["lstm", "gru", "rnn"])
+@pytest.fixture(params=CELL_TYPES)
 def cell_type(request):
+    """Each cell type of the registry (`cells_char_lstm.CELLS`)."""
     return request.param

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM
 
@@ -121,3 +122,80 @@ def call_script(name, args, cwd, stdin=None):
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(), stderr.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny training run through char_lstm.training.train(), for the tests of the training package (test_training.py,
+# test_checkpoints.py, test_output_dir.py, test_callbacks.py, test_stateful.py, test_diagnostics.py)
+
+TINY = [
+    "--embedding_size", "16", "--hidden_size", "32", "--dropout", "0.0", "--block_size", "32",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--report_to", "none",
+    "--dataloader_pin_memory", "false", "--sample_length", "40",
+]
+
+
+def run(tmp_path, *extra, text=None, callbacks=None, out="out"):
+    """train() of a tiny model (TINY, then `extra`) on tmp_path/train.txt (`text`, by default 8,000 characters of
+    `shakespeare_like`; written by the first run of a test) into tmp_path/`out`: (its metrics, its output folder)."""
+    # imported here: the training package (Trainer, accelerate) is imported by the tests that train, not by all
+    from char_lstm.training import train
+    from char_lstm.training.arguments import parse_arguments
+
+    data = tmp_path / "train.txt"
+    if not data.exists():
+        write_text(data, text if text is not None else shakespeare_like(8000))
+    argv = ["--train_file", str(data), "--output_dir", str(tmp_path / out), *TINY, *extra]
+    metrics = train(*parse_arguments(argv), callbacks=callbacks)
+    return metrics, tmp_path / out
+
+
+def log_history(out):
+    """The log history of the trainer_state.json in `out` (a run's output folder or a checkpoint)."""
+    import json
+
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def checkpoints(out):
+    """The names of the checkpoint-N folders in `out`, by step."""
+    return sorted(
+        (p.name for p in out.iterdir() if p.name.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
+    )
+
+
+# The model's code that travels with every saved folder: modeling_char_lstm.py and the siblings it imports
+SHIPPED_CODE = frozenset(path.name for path in (ROOT / "src" / "char_lstm").glob("*_char_lstm.py"))
+
+
+def encode(tokenizer, texts, **kwargs):
+    return tokenizer(texts, return_tensors="pt", **kwargs)
+
+
+def decode_token_by_token(model, ids, prompt_length=3):
+    """The logits of `ids` fed as a prompt of `prompt_length` tokens, then one token per call (the decoding step)."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = [model(input_ids=ids[:, :prompt_length], cache=cache, use_cache=True).logits]
+        for t in range(prompt_length, ids.shape[1]):
+            logits.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1)
+
+
+def adaptive_model(vocab_size=300, cell_type="lstm", seed=0):
+    torch.manual_seed(seed)
+    config = CharLSTMConfig(vocab_size=vocab_size, embedding_size=16, hidden_size=32, dropout=0.1,
+                            cell_type=cell_type, adaptive_softmax_cutoffs=[20, 100], unk_token_id=1, eos_token_id=2,
+                            bos_token_id=2)
+    return CharLSTMForCausalLM(config)
+
+
+def chi_square(counts: torch.Tensor, probabilities: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of `counts` against `probabilities` (classes expected fewer than 5 times pooled) and its
+    degrees of freedom."""
+    expected = probabilities.double() * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = expected > 0
+    return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1

@@ -14,20 +14,15 @@ from char_lstm import CharLSTMTokenizer
 from char_lstm.data import (
     BUNDLED_DATASET,
     DEFAULT_DATASET,
-    DataError,
-    build_tokenizer,
-    collate_blocks,
-    collate_stream_blocks,
-    count_oov,
-    encode_blocks,
-    encode_streams,
-    encode_text,
     load_files,
     load_raw_datasets,
     read_text_file,
     resolve_dataset_name,
     split_validation_tail,
 )
+from char_lstm.encoding import build_tokenizer, collate_blocks, count_oov, encode_blocks
+from char_lstm.errors import DataError
+from char_lstm.streams import collate_stream_blocks, encode_streams, encode_text
 from char_lstm.text_files import CONTINUES_COLUMN, LENGTH_COLUMN, file_parts, part_rows
 from helpers import shakespeare_like, write_text
 
@@ -321,7 +316,7 @@ def test_streams_are_contiguous_and_each_process_owns_its_own(tmp_path):
 
 
 def test_stateful_text_too_short_names_the_split_and_the_fix():
-    from char_lstm.data import stream_layout
+    from char_lstm.streams import stream_layout
 
     with pytest.raises(DataError, match="training text \\(0 characters\\) is too short"):
         stream_layout(0, 4, 10)

@@ -6,14 +6,16 @@ import re
 
 import pytest
 import torch
-from test_training import log_history, run
 from transformers import TrainerCallback
 
 from char_lstm.doctor import recommended_launch
 from char_lstm.errors import UsageError
 from char_lstm.sampling import repetition_loop
-from char_lstm.training import TrainingDiverged, TrainingOutOfMemory, parse_arguments, train
-from helpers import ROOT, call_script, shakespeare_like, write_text
+from char_lstm.training import train
+from char_lstm.training.arguments import parse_arguments
+from char_lstm.training.callbacks import TrainingDiverged
+from char_lstm.training.diagnostics import TrainingOutOfMemory
+from helpers import ROOT, call_script, log_history, run, shakespeare_like, write_text
 
 
 LINK = "docs/troubleshooting.md#"
@@ -71,7 +73,7 @@ def test_a_nan_or_exploding_loss_stops_with_the_gradient_norms_before_clipping(t
     [
         (("--learning_rate", "1e-7"), "a learning rate too low (--learning_rate 1e-07", ["--learning_rate 2e-3"]),
         (("--hidden_size", "4", "--num_hidden_layers", "1", "--cell_type", "rnn"),
-         "a vanilla RNN (--cell_type rnn) and a model too small (4 units)",
+         "a cell without gates (--cell_type rnn) and a model too small (4 units)",
          ["--cell_type lstm or gru", "--hidden_size 128"]),
     ],
     ids=["lr-1e-7", "rnn-4-units"],
@@ -205,7 +207,7 @@ def test_the_checklist_warns_once_each(tmp_path, caplog):
     said = [message for message in reports(caplog) if message.endswith(f"{LINK}the-checklist.")]
     assert len(said) == 4, reports(caplog)
     assert said[0].startswith("Gradient clipping is off (--max_grad_norm 0)")
-    assert said[1].startswith("A vanilla RNN (--cell_type rnn) on blocks of 64 characters")
+    assert said[1].startswith("A cell without gates (--cell_type rnn) on blocks of 64 characters")
     assert said[2].startswith("No validation loss during training (--eval_strategy no)")
     assert said[3].startswith("No checkpoints (--save_strategy no)")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from char_lstm import UsageError
+from char_lstm.cache_char_lstm import cache_states
 from char_lstm.export import (
     FORMATS,
     check_format,
@@ -20,7 +21,6 @@ from char_lstm.export import (
     load_export,
     save_export,
 )
-from char_lstm.modeling_char_lstm import cache_states
 from helpers import make_model
 
 

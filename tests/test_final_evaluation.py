@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from char_lstm.training import parse_arguments, train
+from char_lstm.training import train
+from char_lstm.training.arguments import parse_arguments
 from char_lstm.training.final import FINAL_EVAL_FIRST_CHARACTERS
 from char_lstm.training.metrics import loss_stderr, metrics_from_rows
 from helpers import shakespeare_like, write_text

@@ -1,13 +1,15 @@
-"""generate() with CharLSTMForCausalLM: one token per step, padding, beams, sampling, streaming, continuation."""
+"""generate() with CharLSTMForCausalLM: one token per step, padding, beams, sampling, streaming, continuation, the
+lean decoding loop, accelerate's cpu offload and the adaptive softmax head."""
 
 from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import DynamicCache, TextStreamer
+from transformers import AutoModelForCausalLM, DynamicCache, TextStreamer
 
-from char_lstm import CharLSTMForCausalLM
-from helpers import count_forward_calls, make_model
+from char_lstm import CharLSTMConfig, CharLSTMForCausalLM
+from char_lstm.step_char_lstm import _decoding_table_ids
+from helpers import adaptive_model, chi_square, count_forward_calls, make_model
 
 
 @pytest.fixture
@@ -357,11 +359,11 @@ def test_the_lean_loop_streams_and_leaves_the_cache_as_transformers_loop_does(to
 
 def test_the_lean_loop_without_the_input_table(tokenizer):
     """A vocabulary too large for the first layer's lookup table: the lean loop embeds and multiplies instead."""
-    from char_lstm.modeling_char_lstm import _INPUT_TABLE_MAX_ELEMENTS
+    from char_lstm.step_char_lstm import _INPUT_TABLE_MAX_ELEMENTS
 
     model = make_model(tokenizer, "lstm", hidden_size=8, embedding_size=4)
     model.resize_token_embeddings(_INPUT_TABLE_MAX_ELEMENTS // (4 * 8) + 1)
-    assert model.model._decoding_table_ids(torch.zeros(1, 1, dtype=torch.long)) is None
+    assert _decoding_table_ids(model.model, torch.zeros(1, 1, dtype=torch.long)) is None
     prompt = tokenizer(["ROMEO:"], return_tensors="pt")
     lean, reference = both_loops(model, **prompt, max_new_tokens=20, do_sample=False)
     assert torch.equal(lean, reference)
@@ -511,3 +513,66 @@ def test_generate_with_a_dynamically_quantized_head_equals_greedy_full_forwards(
             next_id = quantized(input_ids=expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             expected = torch.cat([expected, next_id], dim=1)
     assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate() under accelerate's cpu offload and with the adaptive softmax head
+
+
+def test_generation_under_accelerate_cpu_offload(tokenizer):
+    """Offloaded weights sit on `meta` until accelerate's hooks bring them in: decoding runs the layers' own
+    forward."""
+    from accelerate import cpu_offload
+
+    model = make_model(tokenizer).eval()
+    ids = torch.randint(2, len(tokenizer), (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].weight_hh_l0.is_meta
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.5])
+def test_adaptive_softmax_sampling_through_generate_follows_the_model(temperature, monkeypatch):
+    """Two new characters of 100k copies of one prompt against the model's own probabilities, chi-square over the 144
+    pairs; after the first character (drawn from the prompt's logits with torch.multinomial, as transformers' loop
+    does) the lean loop draws from the head and one cluster, with no multinomial over the vocabulary."""
+    torch.manual_seed(0)
+    config = CharLSTMConfig(vocab_size=12, embedding_size=8, hidden_size=32, adaptive_softmax_cutoffs=[4, 8],
+                            unk_token_id=1, eos_token_id=2, bos_token_id=2)
+    model = CharLSTMForCausalLM(config).eval()
+    prompt = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        first = torch.softmax(model(prompt).logits[0, -1] / temperature, dim=0)
+        pairs = torch.cat([prompt.expand(12, -1), torch.arange(12)[:, None]], dim=1)
+        second = torch.softmax(model(pairs).logits[:, -1] / temperature, dim=1)
+    multinomial_calls = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: multinomial_calls.append(1) or multinomial(*a, **k))
+    rows = prompt.expand(100_000, -1)
+    out = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=2, do_sample=True,
+                         temperature=temperature, top_k=None, top_p=None, eos_token_id=None)
+    assert len(multinomial_calls) == 1
+    counts = torch.bincount(out[:, 3] * 12 + out[:, 4], minlength=144)
+    statistic, freedom = chi_square(counts, (first[:, None] * second).reshape(-1))
+    assert statistic < freedom + 6 * (2 * freedom) ** 0.5, (statistic, freedom)
+
+
+@pytest.mark.parametrize("cell_type", ["lstm", "gru"])
+def test_adaptive_softmax_generates_as_transformers_loop_and_round_trips(tmp_path, cell_type):
+    model = adaptive_model(cell_type=cell_type).eval()
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.ones_like(prompt)
+    greedy = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    transformers_loop = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                       return_dict_in_generate=True).sequences
+    assert torch.equal(greedy, transformers_loop)
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=True, top_p=0.9)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                                               top_p=0.9, return_dict_in_generate=True).sequences)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded.lm_head) is torch.nn.AdaptiveLogSoftmaxWithLoss and loaded.get_output_embeddings() is None
+    assert torch.equal(loaded.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False), greedy)

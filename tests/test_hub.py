@@ -1,5 +1,6 @@
 """Auto classes, save/load, trust_remote_code in a clean process, pipeline, and loading errors."""
 
+import ast
 import json
 import os
 import subprocess
@@ -19,8 +20,8 @@ from char_lstm import (
     check_vocab_match,
     load_model_and_tokenizer,
 )
-from char_lstm.hub import write_model_card
-from helpers import CORPUS, make_model
+from char_lstm.model_card import write_model_card
+from helpers import CORPUS, ROOT, SHIPPED_CODE, make_model
 
 
 @pytest.fixture
@@ -46,7 +47,9 @@ def test_save_writes_safetensors_auto_map_and_code(saved):
     files = set(os.listdir(folder))
     expected = {"model.safetensors", "config.json", "generation_config.json", "vocab.json", "tokenizer_config.json"}
     assert expected <= files
+    # the model's parts (the siblings modeling_char_lstm.py imports) and the tokenizer's code, all of them
     assert {"configuration_char_lstm.py", "modeling_char_lstm.py", "tokenization_char_lstm.py"} <= files
+    assert SHIPPED_CODE == {name for name in files if name.endswith(".py")}
     assert not {"pytorch_model.bin"} & files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
@@ -60,14 +63,22 @@ def test_save_writes_safetensors_auto_map_and_code(saved):
     assert "auto_map" not in tok_config and "tokenizer.json" in files
 
 
-def test_shipped_modeling_file_imports_only_torch_transformers_and_config(saved):
+@pytest.mark.parametrize("name", sorted(SHIPPED_CODE))
+def test_shipped_code_imports_only_torch_transformers_and_its_siblings(saved, name):
     folder, _ = saved
-    source = (folder / "modeling_char_lstm.py").read_text()
-    imports = [line.strip() for line in source.splitlines() if line.startswith(("import ", "from "))]
-    roots = {line.split()[1].split(".")[0] for line in imports}
-    # the standard library, torch, transformers and the relative .configuration_char_lstm ("")
-    assert roots - {"torch", "transformers", ""} <= sys.stdlib_module_names, imports
-    assert "from .configuration_char_lstm import CharLSTMConfig" in imports
+    tree = ast.parse((folder / name).read_text())
+    modules = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    siblings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            modules.append(node.module if node.level == 0 else "")
+            if node.level:
+                siblings.add(f"{node.module}.py")
+    # the standard library, torch, transformers and the relative imports of siblings (""), each of them saved too;
+    # the tokenizer also uses two of transformers' own dependencies
+    allowed = {"torch", "transformers", ""} | ({"numpy", "tokenizers"} if name.startswith("tokenization") else set())
+    assert {module.split(".")[0] for module in modules} - allowed <= sys.stdlib_module_names, modules
+    assert siblings <= SHIPPED_CODE and siblings <= set(os.listdir(folder)), siblings
 
 
 def test_save_load_round_trip_is_bit_exact(saved, tokenizer):
@@ -82,6 +93,38 @@ def test_save_load_round_trip_is_bit_exact(saved, tokenizer):
     assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
+# A folder saved by char_lstm before its model was split into parts (modeling_char_lstm.py alone), with the greedy
+# continuation that code generated
+FOLDER_BEFORE_PARTS = ROOT / "tests" / "fixtures" / "saved_at_652c081"
+
+BLOCK_CHAR_LSTM = """
+import sys
+
+class BlockCharLSTM:
+    def find_spec(self, name, path=None, target=None):
+        if name == "char_lstm" or name.startswith("char_lstm."):
+            raise ImportError("char_lstm is blocked in this test")
+
+sys.meta_path.insert(0, BlockCharLSTM())
+try:
+    import char_lstm
+except ImportError:
+    pass
+else:
+    raise SystemExit("char_lstm should not be importable here")
+"""
+
+
+def run_without_char_lstm(script: str, tmp_path) -> str:
+    """Run `script` in a new Python where char_lstm cannot be imported (an empty HF cache, offline); its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", BLOCK_CHAR_LSTM + textwrap.dedent(script)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_trust_remote_code_load_in_a_clean_process(saved, tokenizer, tmp_path):
     """The saved folder alone is enough: char_lstm cannot be imported, and the text generated is the same."""
     folder, model = saved
@@ -91,23 +134,8 @@ def test_trust_remote_code_load_in_a_clean_process(saved, tokenizer, tmp_path):
     expected = tokenizer.decode(
         model.generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=40, do_sample=True, top_k=10)[0]
     )
-    script = textwrap.dedent(
+    stdout = run_without_char_lstm(
         f"""
-        import sys
-
-        class BlockCharLSTM:
-            def find_spec(self, name, path=None, target=None):
-                if name == "char_lstm" or name.startswith("char_lstm."):
-                    raise ImportError("char_lstm is blocked in this test")
-
-        sys.meta_path.insert(0, BlockCharLSTM())
-        try:
-            import char_lstm
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("char_lstm should not be importable here")
-
         import torch
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -124,15 +152,34 @@ def test_trust_remote_code_load_in_a_clean_process(saved, tokenizer, tmp_path):
         inputs = tokenizer([{prompt!r}], return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_k=10)
         sys.stdout.write("TEXT:" + repr(tokenizer.decode(out[0])))
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("TEXT:")[-1] == repr(expected)
+        """, tmp_path)
+    assert stdout.split("TEXT:")[-1] == repr(expected)
+
+
+def test_a_folder_saved_before_the_model_was_in_parts_loads_and_generates_as_it_did(tmp_path):
+    """A folder saved with the model in one file loads with the installed package (its classes are registered) and,
+    with trust_remote_code where char_lstm is not installed, with its own code; both continue the prompt as the code
+    that saved it did."""
+    expected = json.loads((FOLDER_BEFORE_PARTS / "expected.json").read_text())
+    code = {name for name in os.listdir(FOLDER_BEFORE_PARTS) if name.endswith(".py")}
+    assert code == {"configuration_char_lstm.py", "modeling_char_lstm.py", "tokenization_char_lstm.py"}
+    tokenizer = AutoTokenizer.from_pretrained(FOLDER_BEFORE_PARTS)
+    model = AutoModelForCausalLM.from_pretrained(FOLDER_BEFORE_PARTS).eval()
+    assert type(model) is CharLSTMForCausalLM
+    ids = tokenizer(expected["prompt"], return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=20, do_sample=False)[0].tolist() == expected["greedy_20"]
+    stdout = run_without_char_lstm(
+        f"""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = {str(FOLDER_BEFORE_PARTS)!r}
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        ids = tokenizer({expected["prompt"]!r}, return_tensors="pt").input_ids
+        sys.stdout.write("IDS:" + repr(model.generate(ids, max_new_tokens=20, do_sample=False)[0].tolist()))
+        """, tmp_path)
+    assert stdout.split("IDS:")[-1] == repr(expected["greedy_20"])
 
 
 def test_pipeline_text_generation(saved, tokenizer):

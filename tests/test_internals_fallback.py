@@ -16,7 +16,7 @@ from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
-from char_lstm.modeling_char_lstm import _onednn_linear_usable
+from char_lstm.internals_char_lstm import _onednn_linear_usable
 from helpers import count_forward_calls, make_model
 
 

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from char_lstm.data import file_selection, load_files, load_raw_datasets, read_text_file
 from char_lstm.errors import DataError, UsageError
 from char_lstm.text_files import LENGTH_COLUMN, SNIFF_BYTES, file_parts, part_rows
-from char_lstm.training import parse_arguments, train
+from char_lstm.training import train
+from char_lstm.training.arguments import parse_arguments
 from helpers import write_text
 
 

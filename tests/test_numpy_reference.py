@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from char_lstm.modeling_char_lstm import detach_cache
+from char_lstm.cache_char_lstm import detach_cache
 from char_lstm.numpy_reference import NumpyCharLSTM, clip_grads_by_global_norm
 from helpers import make_model
 

@@ -19,7 +19,7 @@ from char_lstm.evaluation import EvaluateArguments
 from char_lstm.export import ExportArguments
 from char_lstm.hub import PushArguments
 from char_lstm.sampling import GenerateArguments
-from char_lstm.training import parse_arguments as parse_train_arguments
+from char_lstm.training.arguments import parse_arguments as parse_train_arguments
 from helpers import ROOT
 
 

@@ -112,8 +112,10 @@ with warnings.catch_warnings():  # their marks (accelerate_tests, flash_attn_tes
     generation_stand_in = importlib.import_module(f"{PACKAGE}.generation.test_utils")
 
 import torch  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM, CharLSTMModel, CharLSTMTokenizer  # noqa: E402
+from char_lstm.cells_char_lstm import CELL_TYPES  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,8 +166,104 @@ class CharLSTMModelTester:
         return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class RecurrentGenerationTests:
+    """What transformers' GenerationTesterMixin checks of a recurrent-state model (the mixin is not in the source
+    distribution: the stand-in is empty), on the model tester's tiny config and batch."""
+
+    def _model_and_inputs(self, **config_changes):
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        for name, value in config_changes.items():
+            setattr(config, name, value)
+        torch.manual_seed(0)
+        return CharLSTMForCausalLM(config).eval(), config, inputs["input_ids"]
+
+    def _check_recurrent_cache(self, cache, config, batch_size):
+        """The cache's format: one recurrent-state layer per recurrent layer, each holding the cell's states (h and c
+        for an LSTM, h otherwise), each (batch, hidden), read through the cache's public methods."""
+        self.assertIsInstance(cache, DynamicCache)
+        self.assertEqual(len(cache.layers), config.num_hidden_layers)
+        for layer_idx in range(config.num_hidden_layers):
+            self.assertTrue(cache.has_previous_state(layer_idx))
+            for state_idx in range(config.number_of_conv_states):
+                state = cache.get_recurrent_state(layer_idx, state_idx)
+                self.assertEqual(tuple(state.shape), (batch_size, config.hidden_size))
+
+    def test_generate_dict_outputs_use_cache(self):
+        model, config, input_ids = self._model_and_inputs()
+        out = model.generate(input_ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_scores=True, output_logits=True, use_cache=True)
+        batch_size, length = input_ids.shape
+        self.assertEqual(tuple(out.sequences.shape), (batch_size, length + 4))
+        self.assertEqual([tuple(s.shape) for s in out.scores], [(batch_size, config.vocab_size)] * 4)
+        self.assertEqual(len(out.logits), 4)
+        self._check_recurrent_cache(out.past_key_values, config, batch_size)
+
+    def test_past_key_values_format(self):
+        model, config, input_ids = self._model_and_inputs()
+        with torch.no_grad():
+            outputs = model(input_ids, use_cache=True)
+        self._check_recurrent_cache(outputs.cache, config, input_ids.shape[0])
+        self.assertIsNone(model(input_ids, use_cache=False).cache)
+
+    def test_greedy_generate_with_and_without_cache_is_the_same(self):
+        model, _, input_ids = self._model_and_inputs()
+        cached = model.generate(input_ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(input_ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        self.assertTrue(torch.equal(cached, uncached))
+
+    def test_left_padding_compatibility(self):
+        """Left padding changes nothing at the real positions: the next-token logits of each row equal those of the
+        row alone, padding of any width in front."""
+        model, config, input_ids = self._model_and_inputs()
+        with torch.no_grad():
+            plain = model(input_ids, attention_mask=torch.ones_like(input_ids)).logits[:, -1]
+            for width in (1, 3):
+                pad = torch.full((input_ids.shape[0], width), config.pad_token_id)
+                mask = torch.cat([torch.zeros_like(pad), torch.ones_like(input_ids)], dim=1)
+                padded = model(torch.cat([pad, input_ids], dim=1), attention_mask=mask).logits[:, -1]
+                torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+
+    def test_padding_inside_a_continued_forward(self):
+        """A forward that continues from a cache, with padding inside its new tokens: its real positions and the
+        state it leaves are those of the new tokens without the padding."""
+        model, config, input_ids = self._model_and_inputs()
+        first, second = input_ids[:, :3], input_ids[:, 3:]
+        with torch.no_grad():
+            plain_cache = model(first, use_cache=True).cache
+            plain = model(second, cache=plain_cache).logits
+            padded_cache = model(first, use_cache=True).cache
+            pad = torch.full((input_ids.shape[0], 2), config.pad_token_id)
+            with_pad = torch.cat([second[:, :1], pad, second[:, 1:]], dim=1)
+            mask = torch.ones_like(with_pad)
+            mask[:, 1:3] = 0
+            full_mask = torch.cat([torch.ones_like(first), mask], dim=1)  # the mask of the whole sequence
+            padded = model(with_pad, attention_mask=full_mask, cache=padded_cache).logits
+        real = mask.bool()[0]
+        torch.testing.assert_close(padded[:, real], plain, rtol=1e-5, atol=1e-5)
+        self._check_caches_are_equal(padded_cache, plain_cache)
+
+    def test_generate_without_input_ids(self):
+        """generate() with no prompt starts from the beginning-of-sequence id, as from that id alone."""
+        model, config, _ = self._model_and_inputs(bos_token_id=2)
+        model.generation_config.bos_token_id = 2
+        alone = model.generate(max_new_tokens=5, do_sample=False)
+        self.assertEqual(alone[0, 0].item(), 2)
+        self.assertTrue(torch.equal(alone, model.generate(torch.tensor([[2]]), max_new_tokens=5, do_sample=False)))
+
+    def test_generate_continue_from_the_returned_cache(self):
+        """Generating 3 tokens, then 3 more from the returned cache and the sequences so far, gives the 6 tokens
+        generated at once. (With the mask of the sequences: a tiny model may generate the pad id, which
+        generate() would otherwise take for padding.)"""
+        model, _, input_ids = self._model_and_inputs()
+        at_once = model.generate(input_ids, max_new_tokens=6, do_sample=False)
+        first = model.generate(input_ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        more = model.generate(first.sequences, attention_mask=torch.ones_like(first.sequences),
+                              cache=first.past_key_values, max_new_tokens=3, do_sample=False)
+        self.assertTrue(torch.equal(more, at_once))
+
+
 class _CharLSTMCommonTests(common.ModelTesterMixin, generation_stand_in.GenerationTesterMixin,
-                           training_mixin.TrainingTesterMixin):
+                           training_mixin.TrainingTesterMixin, RecurrentGenerationTests):
     """The settings transformers gives its recurrent models (Mamba, xLSTM)."""
 
     cell_type = None
@@ -203,16 +301,10 @@ class _CharLSTMCommonTests(common.ModelTesterMixin, generation_stand_in.Generati
                 torch.testing.assert_close(state, layer2.recurrent_states[key])
 
 
-class CharLSTMLSTMCommonTest(_CharLSTMCommonTests, unittest.TestCase):
-    cell_type = "lstm"
-
-
-class CharLSTMGRUCommonTest(_CharLSTMCommonTests, unittest.TestCase):
-    cell_type = "gru"
-
-
-class CharLSTMRNNCommonTest(_CharLSTMCommonTests, unittest.TestCase):
-    cell_type = "rnn"
+# One test class per cell type of the registry: CharLSTMLSTMCommonTest, CharLSTMGRUCommonTest, ...
+for _cell_type in CELL_TYPES:
+    _name = f"CharLSTM{_cell_type.upper()}CommonTest"
+    globals()[_name] = type(_name, (_CharLSTMCommonTests, unittest.TestCase), {"cell_type": _cell_type})
 
 
 class CharLSTMTokenizationCommonTest(tokenization_common.TokenizerTesterMixin, unittest.TestCase):

@@ -19,7 +19,7 @@ from helpers import ROOT
 RENDER = """
 import char_lstm, os, sys
 from char_lstm import CharLSTMConfig, CharLSTMForCausalLM
-from char_lstm.hub import render_model_card
+from char_lstm.model_card import render_model_card
 assert char_lstm.__file__.startswith(sys.prefix), char_lstm.__file__  # the wheel's copy, not the checkout's
 model = CharLSTMForCausalLM(CharLSTMConfig(vocab_size=10, embedding_size=4, hidden_size=4, num_hidden_layers=1))
 print(render_model_card(model, run={}, results={}, repo_id="you/char-model"))

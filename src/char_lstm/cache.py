@@ -70,7 +70,7 @@ class CacheDamaged(DataError):
 CACHE_ERRORS = (CacheFull, CacheDamaged)
 
 
-def cache_root() -> str:
+def cache_root() -> str:  # read when needed: HF_DATASETS_CACHE may be set after the import
     return str(datasets.config.HF_DATASETS_CACHE)
 
 
@@ -283,10 +283,9 @@ def discard(path: str) -> str:
 
 def damaged_refusal(path: str, problem: str) -> CacheDamaged:
     target = builder_folder(path) or path
-    return CacheDamaged(
-        f"The datasets cache file {path} is damaged ({problem}) and was not made again: run the command again with "
-        f"--overwrite_cache (it makes the cache of this text again), or delete {target}."
-    )
+    return CacheDamaged(f"The datasets cache file {path} is damaged ({problem}) and was not made again: run the "
+                        f"command again with --overwrite_cache (it makes the cache of this text again), or delete "
+                        f"{target}.")
 
 
 def _split_files(folder: str) -> list[str]:

@@ -1,14 +1,12 @@
 """CharLSTM model configuration.
 
-This file is shipped to the Hub next to the weights (``trust_remote_code``), so it imports only ``transformers``.
+This file is shipped to the Hub next to the weights (``trust_remote_code``), so it imports only ``transformers`` and
+its sibling ``cells_char_lstm`` (the registry of cell types, which says what each `cell_type` is).
 """
 
 from transformers import PretrainedConfig
 
-
-# Gates per cell type: nn.LSTM, nn.GRU and nn.RNN stack this many blocks of hidden_size rows in weight_ih/hh.
-GATES_PER_CELL = {"lstm": 4, "gru": 3, "rnn": 1}
-CELL_TYPES = tuple(GATES_PER_CELL)
+from .cells_char_lstm import CELL_TYPES, cell_type_of
 
 
 class CharLSTMConfig(PretrainedConfig):
@@ -30,7 +28,8 @@ class CharLSTMConfig(PretrainedConfig):
             Dropout probability applied to the output of every recurrent layer: between layers and before the head.
             Must be in [0, 1).
         cell_type (`str`, defaults to `"lstm"`):
-            `"lstm"`, `"gru"` or `"rnn"` (Elman RNN with tanh).
+            A name in the registry of cell types (`cells_char_lstm.CELLS`): `"lstm"`, `"gru"` or `"rnn"` (Elman RNN
+            with tanh).
         tie_word_embeddings (`bool`, defaults to `False`):
             Share the embedding matrix with the output head. Only possible when `embedding_size == hidden_size`.
         initializer_range (`float`, defaults to 1.0):
@@ -152,14 +151,15 @@ class CharLSTMConfig(PretrainedConfig):
 
     @property
     def num_gates(self) -> int:
-        """Gates of the cell (`GATES_PER_CELL`): the recurrent weights stack this many blocks of hidden_size rows."""
-        return GATES_PER_CELL[self.cell_type]
+        """Gates of the cell (its entry in `cells_char_lstm.CELLS`): the recurrent weights stack this many blocks of
+        hidden_size rows."""
+        return cell_type_of(self.cell_type).num_gates
 
     @property
     def number_of_conv_states(self) -> int:
         """Number of state tensors per layer in the cache: h and c for an LSTM, h for a GRU or an RNN. (transformers
         reads this attribute, named after Mamba's conv states, to size each `LinearAttentionLayer`.)"""
-        return 2 if self.cell_type == "lstm" else 1
+        return cell_type_of(self.cell_type).num_states
 
 
 __all__ = ["CharLSTMConfig"]

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .configuration_char_lstm import GATES_PER_CELL, CharLSTMConfig
+from .cells_char_lstm import CELL_TYPES, CELLS
+from .configuration_char_lstm import CharLSTMConfig
 from .errors import UsageError
 from .modeling_char_lstm import CharLSTMForCausalLM
 from .tokenization_char_lstm import PAD_TOKEN, UNK_TOKEN, CharLSTMTokenizer
@@ -34,7 +35,8 @@ class ConvertArguments:
     chars: str = field(metadata={"help": "The character list: a JSON list, or the training text (sorted set)."})
     output_dir: str = field(metadata={"help": "Where to save the converted model and tokenizer."})
     dropout: float = field(default=0.5, metadata={"help": "Dropout of the original (not stored in a state dict)."})
-    cell_type: str = field(default="lstm", metadata={"help": "lstm (the course's model), gru or rnn."})
+    cell_type: str = field(
+        default="lstm", metadata={"help": f"One of {', '.join(CELL_TYPES)} (lstm: the course's model)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
 
 
@@ -88,8 +90,8 @@ def load_chars(path: str) -> list[str]:
 
 def _check_keys(state: dict[str, torch.Tensor], cell_type: str) -> int:
     """The number of layers of the state dict; a ConversionError naming the keys that do not fit."""
-    if cell_type not in GATES_PER_CELL:
-        raise ConversionError(f"--cell_type must be one of {sorted(GATES_PER_CELL)}, got {cell_type!r}.")
+    if cell_type not in CELLS:
+        raise ConversionError(f"--cell_type must be one of {', '.join(CELL_TYPES)}, got {cell_type!r}.")
     required = ["embedding.weight", "fc.weight", "fc.bias", "lstm.weight_ih_l0"]
     missing = [key for key in required if key not in state]
     if missing:
@@ -111,11 +113,11 @@ def _check_shapes(state: dict[str, torch.Tensor], chars: list[str], cell_type: s
     fit."""
     vocab, embedding_size = state["embedding.weight"].shape
     gates_hidden = state["lstm.weight_ih_l0"].shape[0]
-    if gates_hidden % GATES_PER_CELL[cell_type]:
+    if gates_hidden % CELLS[cell_type].num_gates:
         raise ConversionError(
-            f"lstm.weight_ih_l0 has {gates_hidden} rows, not a multiple of {GATES_PER_CELL[cell_type]} gates."
+            f"lstm.weight_ih_l0 has {gates_hidden} rows, not a multiple of {CELLS[cell_type].num_gates} gates."
         )
-    hidden = gates_hidden // GATES_PER_CELL[cell_type]
+    hidden = gates_hidden // CELLS[cell_type].num_gates
     shapes = {"fc.weight": (vocab, hidden), "fc.bias": (vocab,)}
     for k in range(num_layers):
         shapes |= {

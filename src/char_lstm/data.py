@@ -23,20 +23,8 @@ from datasets import Dataset, DatasetDict, Features, IterableDataset, Value
 from huggingface_hub import HfApi, is_offline_mode
 
 from .cache import CACHE_ERRORS, prepared
-from .encoding import (  # noqa: F401  (imported from char_lstm.data before issue 14)
-    BATCH_CHARS,
-    boundary_id,
-    build_tokenizer,
-    collate_blocks,
-    count_oov,
-    encode_blocks,
-    iter_texts,
-    join_documents,
-    passes_num_proc,
-    rows_per_batch,
-)
+from .encoding import BATCH_CHARS, passes_num_proc, rows_per_batch
 from .errors import DataError
-from .streams import collate_stream_blocks, encode_streams, encode_text, stream_layout  # noqa: F401
 from .text_files import (
     CONTINUES_COLUMN,
     LENGTH_COLUMN,

@@ -13,7 +13,7 @@ import torch
 from .data import DEFAULT_DATASET, hub_unreachable_reason
 from .encoding import usable_cores
 from .errors import TROUBLESHOOTING
-from .modeling_char_lstm import _cpu_has_native_bf16
+from .layers_char_lstm import _cpu_has_native_bf16
 
 
 @dataclass

@@ -31,9 +31,9 @@ import torch
 from packaging import version
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .cache_char_lstm import cache_from_states
 from .errors import UsageError
 from .loading import load_model_and_tokenizer
-from .modeling_char_lstm import cache_from_states
 from .terminal import as_shown
 
 
@@ -86,7 +86,7 @@ def _layers_own_kernel(model, export_format: str):
     constants; ExecuTorch's pipeline does not, and runs it outside XNNPACK: 131 ms a character for a 2x512 LSTM,
     against 0.8 ms through the kernel (docs/export.md). The torch.export program keeps the hand-written step, faster
     there (6.4 against 12.8 ms). A forward pre-hook on every layer is what makes the model run the layers' own
-    forward (`CharLSTMModel._weights_in_place`); the hooks do nothing and are removed after the export."""
+    forward (`step_char_lstm._weights_in_place`); the hooks do nothing and are removed after the export."""
     if export_format != "executorch":
         yield
         return

@@ -1,5 +1,5 @@
-"""Sharing CharLSTM models: the Hub folder, the Space and the upload. The model card is `char_lstm.model_card` (its
-names are importable from here too); loading is `char_lstm.loading`."""
+"""Sharing CharLSTM models: the Hub folder, the Space and the upload. The model card is `char_lstm.model_card`; loading
+is `char_lstm.loading`."""
 
 import importlib.metadata
 import json
@@ -14,21 +14,13 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import terminal
 from .errors import UsageError
-from .loading import (  # noqa: F401  (check_model_path, check_vocab_match: imported from here before issue 14)
-    check_model_path,
-    check_vocab_match,
-    load_model_and_tokenizer,
-    missing_folder_message,
-)
-from .model_card import (  # noqa: F401  (the model card's names: imported from here before the split)
-    MODEL_CARD_TEMPLATE,
+from .loading import load_model_and_tokenizer, missing_folder_message
+from .model_card import (
     RUN_INFO_NAME,
     TOKENIZER_FILES,
     TRAINING_CURVES_NAME,
     packaged_file,
-    render_model_card,
     results_from_training,
-    vocabulary_note,
     write_model_card,
 )
 

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .configuration_char_lstm import GATES_PER_CELL
+from .cells_char_lstm import CELLS, cell_type_of
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -38,8 +38,7 @@ def clip_grads_by_global_norm(grads: dict[str, np.ndarray], max_norm: float) -> 
 class NumpyCharLSTM:
     def __init__(self, params: dict[str, np.ndarray], cell_type: str, num_layers: int, hidden_size: int,
                  tied: bool = False, dtype=np.float64):
-        if cell_type not in GATES_PER_CELL:
-            raise ValueError(f"cell_type must be one of {sorted(GATES_PER_CELL)}, got {cell_type!r}")
+        self.cell = ORACLES[cell_type_of(cell_type).name]
         self.params = {name: np.asarray(value, dtype=dtype) for name, value in params.items()}
         self.cell_type, self.num_layers, self.hidden_size, self.tied, self.dtype = (
             cell_type, num_layers, hidden_size, tied, dtype
@@ -67,79 +66,31 @@ class NumpyCharLSTM:
 
     def zero_state(self, batch_size: int) -> list[tuple[np.ndarray, ...]]:
         """Per layer: (h, c) for an LSTM, (h,) otherwise, each (B, H) of zeros."""
-        n = 2 if self.cell_type == "lstm" else 1
-        return [tuple(np.zeros((batch_size, self.hidden_size), self.dtype) for _ in range(n))
+        return [tuple(np.zeros((batch_size, self.hidden_size), self.dtype) for _ in range(self.cell.num_states))
                 for _ in range(self.num_layers)]
 
     # -----------------------------------------------------------------------------------------------------------------
-    # One time step of one layer, forward and backward
+    # One time step of one layer, forward and backward: the products here, the cell's own part in its class below
 
     def _cell_forward(self, k: int, x: np.ndarray, state: tuple) -> tuple[tuple, dict]:
         """x (B, in), state ((B, H), ...) -> (new state, cache of what the backward step needs)."""
         w_ih, w_hh, b_ih, b_hh = self._layer(k)
-        H = self.hidden_size
         h = state[0]
-        if self.cell_type == "lstm":
-            c = state[1]
-            a = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh  # (B, 4H) gate pre-activations
-            i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H:2 * H]), sigmoid(a[:, 3 * H:])
-            g = np.tanh(a[:, 2 * H:3 * H])
-            c_new = f * c + i * g  # the cell keeps (f) part of its memory and writes (i) new content (g)
-            tanh_c = np.tanh(c_new)
-            h_new = o * tanh_c  # the output gate decides what of the memory is shown
-            return (h_new, c_new), {"x": x, "h": h, "c": c, "i": i, "f": f, "g": g, "o": o, "tanh_c": tanh_c}
-        if self.cell_type == "gru":
-            ax = x @ w_ih.T + b_ih  # (B, 3H): input parts of reset, update, new
-            ah = h @ w_hh.T + b_hh  # (B, 3H): hidden parts
-            r = sigmoid(ax[:, :H] + ah[:, :H])
-            z = sigmoid(ax[:, H:2 * H] + ah[:, H:2 * H])
-            hn = ah[:, 2 * H:]
-            n = np.tanh(ax[:, 2 * H:] + r * hn)  # candidate state: the reset gate scales the hidden contribution
-            h_new = (1.0 - z) * n + z * h  # the update gate interpolates between old state and candidate
-            return (h_new,), {"x": x, "h": h, "r": r, "z": z, "n": n, "hn": hn}
-        h_new = np.tanh(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh)  # plain RNN
-        return (h_new,), {"x": x, "h": h, "h_new": h_new}
+        # (B, G*H): the input and hidden pre-activations of every gate
+        new_state, cache = self.cell.forward(x @ w_ih.T + b_ih, h @ w_hh.T + b_hh, state, self.hidden_size)
+        return new_state, {**cache, "x": x, "h": h}
 
     def _cell_backward(self, k: int, cache: dict, d_state: tuple, grads: dict) -> tuple[np.ndarray, tuple]:
         """Given dL/d(new state), accumulate the layer's weight gradients and return (dL/dx, dL/d(previous state))."""
         w_ih, w_hh, _, _ = self._layer(k)
         p = f"model.layers.{k}."
-        x, h = cache["x"], cache["h"]
-        if self.cell_type == "lstm":
-            dh, dc = d_state
-            i, f, g, o, tanh_c = cache["i"], cache["f"], cache["g"], cache["o"], cache["tanh_c"]
-            do = dh * tanh_c  # h = o * tanh(c)
-            dc = dc + dh * o * (1.0 - tanh_c ** 2)  # ... and through tanh(c) into the cell
-            di, dg, df = dc * g, dc * i, dc * cache["c"]  # c = f * c_prev + i * g
-            dc_prev = dc * f  # the cell path: multiplied by the forget gate only (why LSTMs keep gradients alive)
-            da_ih = da_hh = np.concatenate(  # back through the gate nonlinearities
-                [di * i * (1 - i), df * f * (1 - f), dg * (1 - g ** 2), do * o * (1 - o)], axis=1
-            )
-        elif self.cell_type == "gru":
-            (dh,) = d_state
-            r, z, n, hn = cache["r"], cache["z"], cache["n"], cache["hn"]
-            dn = dh * (1.0 - z)  # h_new = (1 - z) * n + z * h
-            dz = dh * (h - n)
-            dan = dn * (1.0 - n ** 2)  # n = tanh(ax_n + r * hn)
-            dr = dan * hn
-            dar, daz = dr * r * (1 - r), dz * z * (1 - z)
-            da_ih = np.concatenate([dar, daz, dan], axis=1)
-            da_hh = np.concatenate([dar, daz, dan * r], axis=1)  # the hidden part of n is scaled by r
-            dh_direct = dh * z
-        else:
-            (dh,) = d_state
-            da_ih = da_hh = dh * (1.0 - cache["h_new"] ** 2)  # h_new = tanh(a)
-        grads[p + "weight_ih_l0"] += da_ih.T @ x
-        grads[p + "weight_hh_l0"] += da_hh.T @ h
+        da_ih, da_hh, direct = self.cell.backward(cache, d_state)
+        grads[p + "weight_ih_l0"] += da_ih.T @ cache["x"]
+        grads[p + "weight_hh_l0"] += da_hh.T @ cache["h"]
         grads[p + "bias_ih_l0"] += da_ih.sum(axis=0)
         grads[p + "bias_hh_l0"] += da_hh.sum(axis=0)
-        dx = da_ih @ w_ih
         dh_prev = da_hh @ w_hh  # the recurrent path: one multiplication by W_hh per time step back
-        if self.cell_type == "lstm":
-            return dx, (dh_prev, dc_prev)
-        if self.cell_type == "gru":
-            return dx, (dh_prev + dh_direct,)
-        return dx, (dh_prev,)
+        return da_ih @ w_ih, (dh_prev + direct[0], *direct[1:])
 
     # -----------------------------------------------------------------------------------------------------------------
     # Whole sequences
@@ -330,3 +281,85 @@ def plot_gradient_flow(rows: list[dict], path: str, max_norm: float = 1.0) -> No
     norms.grid(True, axis="x", alpha=0.3)
     norms.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=80)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cells, one class each, named by the registry (`cells_char_lstm.CELLS[name].oracle`). forward(a_ih, a_hh, state,
+# H): the pre-activations x W_ih^T + b_ih and h W_hh^T + b_hh (B, G*H) and the state -> (new state, cache);
+# backward(cache, d_state) -> (dL/da_ih, dL/da_hh, the state gradients that bypass W_hh: added to dL/dh_prev, then
+# the others)
+
+
+class NumpyLSTMCell:
+    """The LSTM, gates (input, forget, cell, output) as PyTorch lays them out."""
+
+    num_states = 2
+
+    @staticmethod
+    def forward(a_ih, a_hh, state, H):
+        a = a_ih + a_hh
+        i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H:2 * H]), sigmoid(a[:, 3 * H:])
+        g = np.tanh(a[:, 2 * H:3 * H])
+        c_new = f * state[1] + i * g  # the cell keeps (f) part of its memory and writes (i) new content (g)
+        tanh_c = np.tanh(c_new)
+        h_new = o * tanh_c  # the output gate decides what of the memory is shown
+        return (h_new, c_new), {"c": state[1], "i": i, "f": f, "g": g, "o": o, "tanh_c": tanh_c}
+
+    @staticmethod
+    def backward(cache, d_state):
+        dh, dc = d_state
+        i, f, g, o, tanh_c = cache["i"], cache["f"], cache["g"], cache["o"], cache["tanh_c"]
+        do = dh * tanh_c  # h = o * tanh(c)
+        dc = dc + dh * o * (1.0 - tanh_c ** 2)  # ... and through tanh(c) into the cell
+        di, dg, df = dc * g, dc * i, dc * cache["c"]  # c = f * c_prev + i * g
+        # back through the gate nonlinearities
+        da = np.concatenate([di * i * (1 - i), df * f * (1 - f), dg * (1 - g ** 2), do * o * (1 - o)], axis=1)
+        # the cell path: multiplied by the forget gate only (why LSTMs keep gradients alive)
+        return da, da, (0.0, dc * f)
+
+
+class NumpyGRUCell:
+    """The GRU, gates (reset, update, new) as PyTorch lays them out."""
+
+    num_states = 1
+
+    @staticmethod
+    def forward(a_ih, a_hh, state, H):
+        h = state[0]
+        r = sigmoid(a_ih[:, :H] + a_hh[:, :H])
+        z = sigmoid(a_ih[:, H:2 * H] + a_hh[:, H:2 * H])
+        hn = a_hh[:, 2 * H:]
+        n = np.tanh(a_ih[:, 2 * H:] + r * hn)  # candidate state: the reset gate scales the hidden contribution
+        h_new = (1.0 - z) * n + z * h  # the update gate interpolates between old state and candidate
+        return (h_new,), {"r": r, "z": z, "n": n, "hn": hn}
+
+    @staticmethod
+    def backward(cache, d_state):
+        (dh,) = d_state
+        r, z, n, hn, h = cache["r"], cache["z"], cache["n"], cache["hn"], cache["h"]
+        dn = dh * (1.0 - z)  # h_new = (1 - z) * n + z * h
+        dz = dh * (h - n)
+        dan = dn * (1.0 - n ** 2)  # n = tanh(ax_n + r * hn)
+        dar, daz = dan * hn * r * (1 - r), dz * z * (1 - z)
+        # the hidden part of n is scaled by r; h reaches h_new directly through z
+        return np.concatenate([dar, daz, dan], axis=1), np.concatenate([dar, daz, dan * r], axis=1), (dh * z,)
+
+
+class NumpyRNNCell:
+    """The Elman RNN with tanh."""
+
+    num_states = 1
+
+    @staticmethod
+    def forward(a_ih, a_hh, state, H):
+        h_new = np.tanh(a_ih + a_hh)
+        return (h_new,), {"h_new": h_new}
+
+    @staticmethod
+    def backward(cache, d_state):
+        da = d_state[0] * (1.0 - cache["h_new"] ** 2)  # h_new = tanh(a)
+        return da, da, (0.0,)
+
+
+# Each registered cell's class, named by its registry entry (a cell without one fails here, on import)
+ORACLES = {name: globals()[cell.oracle] for name, cell in CELLS.items()}

@@ -9,7 +9,7 @@ import torch
 from transformers import TextStreamer, set_seed
 
 from .errors import see_troubleshooting
-from .loading import load_model_and_tokenizer, pick_device, resolve_dtype  # noqa: F401  (resolve_dtype: old path)
+from .loading import load_model_and_tokenizer, pick_device, resolve_dtype
 from .terminal import TerminalWriter
 
 

@@ -12,7 +12,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
     """A tiny model trained for a few seconds with the real training code (shared by the script tests)."""
-    from char_lstm.training import parse_arguments, train
+    from char_lstm.training import train
+    from char_lstm.training.arguments import parse_arguments
 
     folder = tmp_path_factory.mktemp("trained")
     data = write_text(folder / "train.txt", shakespeare_like(8000))

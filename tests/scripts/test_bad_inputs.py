@@ -127,7 +127,8 @@ def test_a_misspelled_flag_is_answered_with_the_closest_flags(tmp_path):
 
 def test_streaming_with_max_eval_samples_trains(tmp_path):
     """The cpu-small preset sets --max_eval_samples; with --streaming it used to crash on len() of a stream."""
-    from char_lstm.training import parse_arguments, train
+    from char_lstm.training import train
+    from char_lstm.training.arguments import parse_arguments
 
     rows = [json.dumps({"text": shakespeare_like(2000)[i * 200:(i + 1) * 200]}) for i in range(10)]
     train_file = write_text(tmp_path / "t.jsonl", "\n".join(rows) + "\n")

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from char_lstm import load_model_and_tokenizer
-from char_lstm.data import DataError, boundary_id, join_documents
+from char_lstm.encoding import boundary_id, join_documents
+from char_lstm.errors import DataError
 from char_lstm.evaluation import EvaluateArguments, evaluate_ids, run
 from helpers import call_script, run_script, shakespeare_like, write_text
 

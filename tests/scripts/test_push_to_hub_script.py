@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import call_script, run_script, script_env, shakespeare_like, write_text
+from helpers import SHIPPED_CODE, call_script, run_script, script_env, shakespeare_like, write_text
 
 
 def front_matter(card: str) -> dict:
@@ -54,9 +54,8 @@ def test_dry_run_builds_the_complete_repository_whose_card_snippet_runs_from_the
                                             "--dry_run"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     files = set(os.listdir(folder))
-    assert files == {"model.safetensors", "config.json", "generation_config.json", "configuration_char_lstm.py",
-                     "modeling_char_lstm.py", "tokenization_char_lstm.py", "vocab.json", "tokenizer_config.json",
-                     "tokenizer.json", "README.md", "training_curves.png"}
+    assert files == {"model.safetensors", "config.json", "generation_config.json", "vocab.json",
+                     "tokenizer_config.json", "tokenizer.json", "README.md", "training_curves.png"} | SHIPPED_CODE
     assert (folder / "training_curves.png").read_bytes() == (trained_model / "training_curves.png").read_bytes()
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
         "modeling_char_lstm.CharLSTMForCausalLM"

@@ -16,14 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from char_lstm.training import (
-    FINAL_STAGING_DIR,
-    LOCK_NAME,
-    STAGING_DIR,
-    checkpoint_problem,
-    parse_arguments,
-    train,
-)
+from char_lstm.training import train
+from char_lstm.training.arguments import parse_arguments
+from char_lstm.training.checkpoints import FINAL_STAGING_DIR, STAGING_DIR, checkpoint_problem
+from char_lstm.training.output_dir import LOCK_NAME
 from helpers import SUBPROCESS_TIMEOUT, call_script, shakespeare_like, write_text
 
 

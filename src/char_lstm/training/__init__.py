@@ -31,17 +31,8 @@ from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallbac
 
 from ..encoding import collate_blocks
 from ..streams import collate_stream_blocks
-from .arguments import (
-    PRESETS,
-    CharLSTMTrainingArguments,
-    DataArguments,
-    ModelArguments,
-    check_arguments,
-    parse_arguments,
-    read_config_file,
-)
+from .arguments import CharLSTMTrainingArguments, DataArguments, ModelArguments, check_arguments, parse_arguments
 from .callbacks import (
-    DIVERGENCE_HELP,
     DivergenceGuard,
     LearningRateLogCallback,
     MetricsProgressCallback,
@@ -49,24 +40,8 @@ from .callbacks import (
     SampleCallback,
     TimeLimitCallback,
     TrainingDiverged,
-    default_sample_prompt,
-    sample,
 )
-from .checkpoints import (
-    FINAL_STAGING_DIR,
-    SET_ASIDE_PREFIX,
-    STAGING_DIR,
-    CharLSTMTrainer,
-    SaveFailed,
-    checkpoint_problem,
-    checkpoint_step,
-    failed_save_reported,
-    latest_complete_checkpoint,
-    publish_files,
-    publish_folder,
-    remove_staging,
-    save_failed,
-)
+from .checkpoints import CharLSTMTrainer, remove_staging
 from .diagnostics import (
     TrainingDiagnostics,
     TrainingOutOfMemory,
@@ -77,15 +52,8 @@ from .diagnostics import (
     recent_grad_norms,
 )
 from .final import how_it_stopped, save_final_model
-from .metrics import BatchedMetrics, compute_metrics, preprocess_logits_for_metrics
-from .output_dir import (
-    LOCK_NAME,
-    OutputDirInUse,
-    OutputDirLock,
-    delete_previous_run,
-    lock_holder_gone,
-    prepare_output_dir,
-)
+from .metrics import BatchedMetrics, preprocess_logits_for_metrics
+from .output_dir import OutputDirLock, delete_previous_run, lock_holder_gone, prepare_output_dir
 from .preparation import (
     count_training_characters,
     encode_datasets,
@@ -100,7 +68,6 @@ from .resuming import check_resume_matches, finished_at, restore_finished_run
 from .runtime import (
     STOP_SIGNALS,
     ReportedByMainProcess,
-    RunInterrupted,
     ignore_stop_signals,
     keep_freed_memory,
     lost_peer,
@@ -112,15 +79,13 @@ from .runtime import (
     stop_when_the_launcher_ends,
     training_console,
 )
-from .stateful import STREAM_STATE_NAME, StatefulTrainer
+from .stateful import StatefulTrainer
 from .summary import (
     close_progress_bars,
     interrupted_message,
     lost_peer_message,
     run_summary,
     scheduler_name,
-    training_results,
-    training_run_info,
 )
 
 
@@ -305,69 +270,27 @@ def run_training(trainer, resume: str | None, started_from: str | None = None) -
     return trainer.train(resume_from_checkpoint=resume).metrics
 
 
+# The public training API: train() and what scripts/train.py, benchmarks/ and docs/training.md import from here.
+# Everything else is imported from the submodule that defines it.
 __all__ = [
-    "CharLSTMTrainer",
     "CharLSTMTrainingArguments",
-    "DIVERGENCE_HELP",
-    "DataArguments",
-    "DivergenceGuard",
-    "FINAL_STAGING_DIR",
-    "LOCK_NAME",
-    "LearningRateLogCallback",
-    "MetricsProgressCallback",
-    "ModelArguments",
-    "OutputDirInUse",
-    "OutputDirLock",
-    "PRESETS",
     "ReportedByMainProcess",
-    "RunInterrupted",
-    "SET_ASIDE_PREFIX",
-    "STAGING_DIR",
     "STOP_SIGNALS",
-    "STREAM_STATE_NAME",
-    "SaveFailed",
-    "SampleCallback",
-    "StatefulTrainer",
-    "TimeLimitCallback",
-    "TrainingDiagnostics",
     "TrainingDiverged",
     "TrainingOutOfMemory",
-    "check_arguments",
     "close_progress_bars",
-    "checkpoint_problem",
-    "checkpoint_step",
-    "compute_metrics",
-    "default_sample_prompt",
-    "delete_previous_run",
-    "failed_save_reported",
-    "finished_at",
     "ignore_stop_signals",
     "interrupted_message",
-    "lost_peer_message",
     "keep_freed_memory",
-    "latest_complete_checkpoint",
     "lock_holder_gone",
     "lost_peer",
+    "lost_peer_message",
     "native_bf16",
-    "on_main_process",
     "parse_arguments",
     "prepare_launch_environment",
-    "prepare_output_dir",
-    "preprocess_logits_for_metrics",
-    "publish_files",
-    "publish_folder",
-    "read_config_file",
-    "remove_staging",
     "received_stop_signal",
-    "restore_finished_run",
-    "run_summary",
-    "sample",
-    "save_failed",
-    "scheduler_name",
     "stop_on_signals",
     "stop_when_the_launcher_ends",
     "train",
     "training_console",
-    "training_results",
-    "training_run_info",
 ]

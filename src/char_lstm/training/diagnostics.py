@@ -25,6 +25,7 @@ import torch
 from accelerate.utils.memory import should_reduce_batch_size
 from transformers import TrainerCallback
 
+from ..cells_char_lstm import CELLS
 from ..encoding import usable_cores
 from ..errors import see_troubleshooting
 
@@ -153,6 +154,12 @@ def describe_grad_norms(norms: list[float], max_grad_norm: float) -> str:
             f"{', '.join(f'{n:.3g}' for n in norms)} ({clipping})")
 
 
+def _gated_cells() -> str:
+    """The flags of the gated cells (registry `cells_char_lstm.CELLS`), e.g. "--cell_type lstm or gru"."""
+    gated = [name for name, cell in CELLS.items() if cell.gated]
+    return "--cell_type " + (" or ".join([", ".join(gated[:-1]), gated[-1]]) if len(gated) > 1 else gated[0])
+
+
 def checklist_warnings(training_args, cell_type: str, block_size: int, has_eval_data: bool) -> list[str]:
     """The reference text's checklist, for the arguments of a run: clip gradients, prefer LSTM/GRU over a vanilla RNN
     for long blocks, watch the validation loss, save checkpoints."""
@@ -162,11 +169,11 @@ def checklist_warnings(training_args, cell_type: str, block_size: int, has_eval_
             f"Gradient clipping is off (--max_grad_norm {training_args.max_grad_norm or 0:g}): one exploding gradient "
             f"can ruin a recurrent network's training; keep --max_grad_norm 1.0 (the default). "
             f"{see_troubleshooting('the-checklist')}")
-    if cell_type == "rnn" and block_size > 50:
+    if not CELLS[cell_type].gated and block_size > 50:
         warnings.append(
-            f"A vanilla RNN (--cell_type rnn) on blocks of {block_size} characters: its gradient vanishes within a "
-            f"few dozen steps, so most of each block teaches it little; prefer --cell_type lstm or gru, or a shorter "
-            f"--block_size. {see_troubleshooting('the-checklist')}")
+            f"A cell without gates (--cell_type {cell_type}) on blocks of {block_size} characters: its gradient "
+            f"vanishes within a few dozen steps, so most of each block teaches it little; prefer {_gated_cells()}, or "
+            f"a shorter --block_size. {see_troubleshooting('the-checklist')}")
     if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no" or not has_eval_data:
         warnings.append(
             "No validation loss during training (--eval_strategy no): overfitting will go unseen; evaluate with "
@@ -306,9 +313,9 @@ class TrainingDiagnostics(TrainerCallback):
                           f"{moved:.1%} in {len(self.evaluations)} evaluations"
                           + (f", with gradient norms around {typical:.2g})" if typical is not None else ")"))
             fixes.append("--learning_rate 2e-3 (the default; 5e-3 for small models)")
-        if self.cell_type == "rnn":
-            causes.append("a vanilla RNN (--cell_type rnn)")
-            fixes.append("--cell_type lstm or gru")
+        if not CELLS[self.cell_type].gated:
+            causes.append(f"a cell without gates (--cell_type {self.cell_type})")
+            fixes.append(_gated_cells())
         if self.hidden_size < 32 and not lr_too_low:
             causes.append(f"a model too small ({self.hidden_size} units)")
             fixes.append(f"--hidden_size {max(128, 4 * self.hidden_size)}")

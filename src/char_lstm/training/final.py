@@ -12,7 +12,7 @@ from transformers import ProgressCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import speed_metrics
 
-from ..hub import RUN_INFO_NAME, TRAINING_CURVES_NAME, results_from_training, write_model_card
+from ..model_card import RUN_INFO_NAME, TRAINING_CURVES_NAME, results_from_training, write_model_card
 from .callbacks import TimeLimitCallback
 from .checkpoints import FINAL_STAGING_DIR, failed_save_reported, publish_files
 from .curves import plot_training_curves, stop_mark

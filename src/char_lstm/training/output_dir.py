@@ -104,13 +104,13 @@ _FINAL_WEIGHTS = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
 
 def _results_in(output_dir: str) -> list[str]:
     """The entries of `output_dir` that a run must not write over unasked: everything but checkpoints and the
-    leftovers of runs (a model's weights first, then by name; [] for a folder that does not exist)."""
+    leftovers of runs (a model's weights first, its code last, else by name; [] for a folder that does not exist)."""
     if not os.path.isdir(output_dir):
         return []
     return sorted(
         (name for name in os.listdir(output_dir)
          if not name.startswith((PREFIX_CHECKPOINT_DIR + "-", SET_ASIDE_PREFIX, ".")) and name not in _RUN_LEFTOVERS),
-        key=lambda name: (name not in _FINAL_WEIGHTS, name.lower()),
+        key=lambda name: (name not in _FINAL_WEIGHTS, name.endswith(".py"), name.lower()),
     )
 
 

@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import quiet_progress_bars
 from ..errors import UsageError, first_sentence
-from ..modeling_char_lstm import _cpu_has_native_bf16
+from ..layers_char_lstm import _cpu_has_native_bf16
 
 
 def prepare_launch_environment() -> None:

@@ -7,8 +7,8 @@ import os
 import torch
 from transformers import DynamicCache
 
+from ..cache_char_lstm import cache_from_states, cache_states, detach_cache, reset_cache_rows
 from ..errors import UsageError
-from ..modeling_char_lstm import cache_from_states, cache_states, detach_cache, reset_cache_rows
 from .checkpoints import CharLSTMTrainer
 
 
