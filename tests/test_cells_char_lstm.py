@@ -13,7 +13,7 @@ from char_lstm.cells_char_lstm import CELL_TYPES, CELLS, cell_type_of
 from char_lstm.convert import ConversionError, convert
 from char_lstm.numpy_reference import ORACLES, NumpyCharLSTM
 from char_lstm.step_char_lstm import _single_step
-from char_lstm.training.arguments import CharLSTMTrainingArguments
+from char_lstm.training.arguments import CharLSTMTrainingArguments, parse_arguments
 from char_lstm.training.diagnostics import checklist_warnings
 
 
@@ -101,3 +101,9 @@ def test_the_training_checklist_names_the_gated_cells_of_the_registry():
         said = [line for line in checklist_warnings(args, name, 100, True) if "without gates" in line]
         assert bool(said) == (name in ungated)
         assert all("--cell_type " in line and all(f" {g}" in line for g in gated) for line in said)
+
+
+def test_the_training_flag_refuses_an_unknown_cell_before_reading_any_data(capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(["--output_dir", "unused", "--cell_type", UNKNOWN])
+    assert f"invalid choice: '{UNKNOWN}' (choose from 'lstm', 'gru', 'rnn')" in capsys.readouterr().err

@@ -227,8 +227,10 @@ def test_help_shows_each_model_default_and_the_cell_types(tmp_path):
     shown = " ".join(result.stdout.split())  # argparse wraps the help at the terminal's width
     config = CharLSTMConfig()
     for name in MODEL_FLAGS:
-        alias = "" if "_" not in name else rf", --{name.replace('_', '-')} {name.upper()}"
-        pattern = rf"--{name} {name.upper()}{alias} [^(]*\(default: {re.escape(str(getattr(config, name)))}\)"
+        # the metavar: the choices where the flag has some (--cell_type {lstm,gru,rnn}), else the name
+        metavar = re.escape("{" + ",".join(CELL_TYPES) + "}") if name == "cell_type" else name.upper()
+        alias = "" if "_" not in name else rf", --{name.replace('_', '-')} {metavar}"
+        pattern = rf"--{name} {metavar}{alias} [^(]*\(default: {re.escape(str(getattr(config, name)))}\)"
         assert re.search(pattern, shown), name
     assert f"The recurrent cell: {', '.join(CELL_TYPES)}. (default: {config.cell_type})" in shown
 

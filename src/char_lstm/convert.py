@@ -36,7 +36,8 @@ class ConvertArguments:
     output_dir: str = field(metadata={"help": "Where to save the converted model and tokenizer."})
     dropout: float = field(default=0.5, metadata={"help": "Dropout of the original (not stored in a state dict)."})
     cell_type: str = field(
-        default="lstm", metadata={"help": f"One of {', '.join(CELL_TYPES)} (lstm: the course's model)."})
+        default="lstm", metadata={"help": f"One of {', '.join(CELL_TYPES)} (lstm: the course's model).",
+                                  "choices": CELL_TYPES})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
 
 

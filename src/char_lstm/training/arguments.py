@@ -42,7 +42,7 @@ class ModelArguments:
     hidden_size: int = config_field("hidden_size", "Units per recurrent layer.")
     num_hidden_layers: int = config_field("num_hidden_layers", "Number of recurrent layers.")
     dropout: float = config_field("dropout", "Dropout between layers and before the head, in [0, 1).")
-    cell_type: str = config_field("cell_type", f"The recurrent cell: {', '.join(CELL_TYPES)}.")
+    cell_type: str = config_field("cell_type", f"The recurrent cell: {', '.join(CELL_TYPES)}.", choices=CELL_TYPES)
     adaptive_softmax: str = field(default="auto", metadata={"help": "Output layer for large vocabularies: 'auto' (an "
                                   "adaptive softmax above 1024 characters), 'off', or its cutoffs, e.g. '256,2048'."})
 

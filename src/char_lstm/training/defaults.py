@@ -28,10 +28,10 @@ def config_default(name: str):
     return parameter.default
 
 
-def config_field(name: str, help: str):
+def config_field(name: str, help: str, **metadata):
     """A `ModelArguments` field for `CharLSTMConfig`'s argument `name`, whose default is the config's (--help shows
-    it)."""
-    return dataclasses.field(default=config_default(name), metadata={"help": help})
+    it); `metadata` goes to argparse with the help (e.g. `choices`)."""
+    return dataclasses.field(default=config_default(name), metadata={"help": help, **metadata})
 
 
 def config_arguments(model_args) -> dict:
