@@ -362,14 +362,13 @@ class CharLSTMForCausalLM(CharLSTMPreTrainedModel, CharLSTMGenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        hidden_states = self.dropout(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         if logits_at_targets:
-            logits, loss = _target_log_probs(self.lm_head, self.dropout(hidden_states), labels, **kwargs)
+            logits, loss = _target_log_probs(self.lm_head, hidden_states, labels, **kwargs)
         elif isinstance(self.lm_head, nn.AdaptiveLogSoftmaxWithLoss):
-            logits, loss = _adaptive_logits_and_loss(self.lm_head, self.dropout(hidden_states), labels,
-                                                     self.training, **kwargs)
+            logits, loss = _adaptive_logits_and_loss(self.lm_head, hidden_states, labels, self.training, **kwargs)
         else:
-            logits = self.lm_head(self.dropout(hidden_states))
+            logits = self.lm_head(hidden_states)
             loss = None
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
