@@ -45,7 +45,7 @@ from .internals_char_lstm import (
     _verified_sample,
     _with_parameters_of,
 )
-from .step_char_lstm import _decoding_table_ids, _step_weights, _weights_in_place
+from .step_char_lstm import _decoding_table_ids, _step_weights, _StepLinear, _weights_in_place
 
 
 # Keyword arguments of generate() that transformers 5.24 passes on to the decoding loop with the model's own
@@ -80,8 +80,9 @@ def _columns_to_feed(seen: int, input_ids, inputs_embeds, attention_mask) -> int
 
 def _lean_plan(model, input_ids: torch.Tensor) -> tuple:
     """What `_lean_layers` and `_lean_head` need, read once per generate(): each layer's step weights, the cell (its
-    registry entry), the embedding module (None when the first layer looks its input projection up by id), the
-    head's weight and bias."""
+    registry entry), the embedding module (None when the first layer looks its input projection up by id), and the
+    head: a linear one's product as the layers' (`_StepLinear`: on a CPU, oneDNN's prepacked product, whose rows do not
+    depend on the batch they are in, which serving needs: docs/serving.md), an adaptive one's `log_prob`."""
     use_table = _decoding_table_ids(model.model, input_ids) is not None
     cell = cell_type_of(model.config.cell_type)
     weights = [
@@ -90,14 +91,14 @@ def _lean_plan(model, input_ids: torch.Tensor) -> tuple:
     ]
     embeddings = None if use_table else model.model.embeddings
     if isinstance(model.lm_head, nn.AdaptiveLogSoftmaxWithLoss):
-        return weights, cell, embeddings, model.lm_head.log_prob, None
-    return weights, cell, embeddings, model.lm_head.weight, model.lm_head.bias
+        return weights, cell, embeddings, model.lm_head.log_prob
+    return weights, cell, embeddings, _StepLinear(model.lm_head.weight.detach(), model.lm_head.bias.detach())
 
 
 def _lean_layers(plan: tuple, tokens: torch.Tensor, states: list) -> torch.Tensor:
     """One token through the layers as forward computes it for a (B, 1) input in eval mode (dropout is the identity
     then): tokens (B,); `states` (one tuple per layer) updated in the list. Returns the last layer's output (B, H)."""
-    weights, cell, embeddings, _, _ = plan
+    weights, cell, embeddings, _ = plan
     x = embeddings(tokens) if embeddings is not None else None
     for layer_idx, layer_weights in enumerate(weights):
         ids = tokens if layer_idx == 0 and embeddings is None else None
@@ -107,9 +108,7 @@ def _lean_layers(plan: tuple, tokens: torch.Tensor, states: list) -> torch.Tenso
 
 def _lean_head(plan: tuple, hidden: torch.Tensor) -> torch.Tensor:
     """The head's logits (B, V) in float32 from the last layer's output (B, H)."""
-    _, _, _, head_weight, head_bias = plan
-    # the adaptive softmax's full log-probabilities, or the linear head
-    logits = head_weight(hidden) if callable(head_weight) else nn.functional.linear(hidden, head_weight, head_bias)
+    logits = plan[3](hidden)  # the adaptive softmax's full log-probabilities, or the linear head
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
