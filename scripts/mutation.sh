@@ -27,7 +27,7 @@ r=char_lstm.training.stateful
 
 # The scopes: the module mutated, the tests, and mutmut's mutant names ("x_FUNCTION" or "xǁCLASSǁMETHOD").
 scope_modeling() {
-    modules='"src/char_lstm/step_char_lstm.py", "src/char_lstm/cache_char_lstm.py"'
+    modules='"src/char_lstm/step_char_lstm.py", "src/char_lstm/cells_char_lstm.py", "src/char_lstm/cache_char_lstm.py"'
     tests=('"tests/test_step_char_lstm.py"' '"tests/test_cache_char_lstm.py"' '"tests/test_modeling_char_lstm.py"'
            '"tests/test_generation_char_lstm.py"'
            '"tests/test_stateful.py::test_stateful_trainer_carries_the_state_and_resets_it_where_streams_start"')

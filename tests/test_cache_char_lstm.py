@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from char_lstm.cells_char_lstm import CELLS
 from helpers import CORPUS, encode, make_model
 
 
@@ -30,7 +31,7 @@ def test_cached_step_by_step_equals_full_forward(tokenizer, cell_type, hidden_si
 def test_cache_holds_h_and_c_for_lstm_h_for_gru(tokenizer, cell_type):
     model = make_model(tokenizer, cell_type)
     out = model(input_ids=encode(tokenizer, ["abc", "def"])["input_ids"], use_cache=True)
-    states = 2 if cell_type == "lstm" else 1
+    states = CELLS[cell_type].num_states
     for layer in out.cache.layers:
         assert [layer.recurrent_states[i].shape for i in range(states)] == [torch.Size([2, 24])] * states
         assert all(layer.has_previous_state.values())
@@ -105,7 +106,7 @@ def test_stream_state_helpers_save_restore_and_reset_rows(tokenizer, cell_type):
     assert cache_states(cache) is None
     model(input_ids=ids[:, :6], cache=cache, use_cache=True)
     states = cache_states(cache)
-    assert len(states) == 2 and len(states[0]) == (2 if cell_type == "lstm" else 1)
+    assert len(states) == 2 and len(states[0]) == CELLS[cell_type].num_states
     restored = cache_from_states(model.config, states)
     with torch.no_grad():
         expected = model(input_ids=ids[:, 6:], cache=cache, use_cache=True).logits

@@ -21,7 +21,7 @@ UNKNOWN = "lsmt"
 
 
 def test_the_registry_lists_the_cell_types_the_config_and_the_tests_take():
-    assert CELL_TYPES == tuple(CELLS) == ("lstm", "gru", "rnn")
+    assert CELL_TYPES == tuple(CELLS) and {"lstm", "gru", "rnn"} <= set(CELL_TYPES)
     assert all(cell_type_of(name).name == name for name in CELL_TYPES)
 
 
@@ -61,7 +61,7 @@ def test_entries_are_frozen():
 
 
 def test_an_unknown_cell_type_is_one_line_naming_the_choices():
-    with pytest.raises(ValueError, match=f"'{UNKNOWN}'.*lstm, gru, rnn") as error:
+    with pytest.raises(ValueError, match=f"'{UNKNOWN}'.*{', '.join(CELL_TYPES)}") as error:
         cell_type_of(UNKNOWN)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="cell_type must be one of"):
@@ -88,7 +88,7 @@ def test_the_numpy_reference_and_the_conversion_refuse_an_unknown_cell():
         NumpyCharLSTM({}, UNKNOWN, num_layers=1, hidden_size=4, dtype=np.float32)
     state = {"embedding.weight": torch.zeros(3, 2), "fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3),
              "lstm.weight_ih_l0": torch.zeros(16, 2)}
-    with pytest.raises(ConversionError, match=f"--cell_type must be one of lstm, gru, rnn, got '{UNKNOWN}'"):
+    with pytest.raises(ConversionError, match=f"--cell_type must be one of {', '.join(CELL_TYPES)}, got '{UNKNOWN}'"):
         convert(state, ["a", "b", "c"], cell_type=UNKNOWN)
 
 
@@ -106,4 +106,5 @@ def test_the_training_checklist_names_the_gated_cells_of_the_registry():
 def test_the_training_flag_refuses_an_unknown_cell_before_reading_any_data(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(["--output_dir", "unused", "--cell_type", UNKNOWN])
-    assert f"invalid choice: '{UNKNOWN}' (choose from 'lstm', 'gru', 'rnn')" in capsys.readouterr().err
+    choices = ", ".join(f"'{name}'" for name in CELL_TYPES)
+    assert f"invalid choice: '{UNKNOWN}' (choose from {choices})" in capsys.readouterr().err

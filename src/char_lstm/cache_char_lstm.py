@@ -156,7 +156,7 @@ def _seen_tokens(cache: Cache | None) -> int:
     if cache is None or len(getattr(cache, "layers", ())) == 0:
         return 0
     try:
-        written = cache.has_previous_state(0, 0)
+        written = any(cache.has_previous_state(0, i) for i in getattr(cache.layers[0], "recurrent_states", {}))
     except (ValueError, TypeError, AttributeError, KeyError):  # not a recurrent-state cache: forward says so
         return 0
     return getattr(cache, _SEEN_TOKENS_ATTR, 0) if written else 0
@@ -202,9 +202,9 @@ def cache_states(cache: Cache) -> list[tuple[torch.Tensor, ...]] | None:
     """The states of `cache`, one tuple ``((B, H), ...)`` per layer (for saving), or None when it holds none yet."""
     states = []
     for layer_idx, layer in enumerate(cache.layers):
-        count = len(getattr(layer, "recurrent_states", {}))
-        state = tuple(cache.get_recurrent_state(layer_idx, state_idx) for state_idx in range(count))
-        if not state or any(s is None for s in state):
+        indices = sorted(getattr(layer, "recurrent_states", {}))  # the written ones: (h, c), (h,), ...
+        state = [cache.get_recurrent_state(layer_idx, i) for i in indices if cache.has_previous_state(layer_idx, i)]
+        if not state:
             return None
         states.append(tuple(s.detach() for s in state))
     return states

@@ -1,11 +1,11 @@
 """The cell types of CharLSTM in one registry (`CELLS`): what each cell is, and each part of it.
 
-This file is shipped to the Hub with `modeling_char_lstm.py` (``trust_remote_code``) and imports only torch and
-transformers. Everything else reads the cell types from `CELLS`: the config's check and its number of gates and
-states, the model's layers and decoding step, the weight init's forget gate, the NumPy oracle (`oracle` names its
-class in `char_lstm.numpy_reference`), the conversion of course checkpoints, the training diagnostics, `--help`, and
-the tests (their list of cell types is `CELL_TYPES`). A name that is not in `CELLS` is an error everywhere
-(`cell_type_of`), never a fallback to another cell.
+This file is shipped to the Hub with `modeling_char_lstm.py` (``trust_remote_code``) and imports only torch and its
+sibling `layers_char_lstm` (the layer classes). Everything else reads the cell types from `CELLS`: the config's check
+and its number of gates and states, the model's layers and decoding step, the weight init's forget gate, the NumPy
+oracle (`oracle` names its class in `char_lstm.numpy_reference`), the conversion of course checkpoints, the training
+diagnostics, `--help`, and the tests (their list of cell types is `CELL_TYPES`). A name that is not in `CELLS` is an
+error everywhere (`cell_type_of`), never a fallback to another cell.
 
 Adding a cell type (docs/design.md, "Adding a cell type"): its torch layer class, its weight layout and one-token
 step below, its NumPy class in `char_lstm.numpy_reference`, and one `CellType` entry in `CELLS`.

@@ -1,7 +1,7 @@
 """CharLSTM model configuration.
 
 This file is shipped to the Hub next to the weights (``trust_remote_code``), so it imports only ``transformers`` and
-its sibling ``cells_char_lstm`` (the registry of cell types, which says what each `cell_type` is).
+its sibling ``cells_char_lstm`` (the registry of cell types, which says what each `cell_type` is; it imports torch).
 """
 
 from transformers import PretrainedConfig

@@ -143,8 +143,8 @@ class CharLSTMGenerationMixin(GenerationMixin):
         """The generate() settings that the installed transformers cannot carry out for this model, each replaced by
         one that gives the same sequences (said in a warning); {} on transformers 5.25:
 
-        * its cache layers lack what this file reads and writes (`_cache_layout_problem`): `use_cache=False`, every
-          token computed from the start (a cache the user passed gets forward's error instead);
+        * its cache layers lack what `cache_char_lstm` reads and writes (`_cache_layout_problem`): `use_cache=False`,
+          every token computed from the start (a cache the user passed gets forward's error instead);
         * `prefill_chunk_size` where its cache cannot count a recurrent state's tokens (5.24: `get_seq_length()`
           refuses a cache of recurrent-state layers only, and its chunked prefill calls it): the prompt in one piece.
         """
