@@ -19,12 +19,13 @@ from char_lstm.evaluation import EvaluateArguments
 from char_lstm.export import ExportArguments
 from char_lstm.hub import PushArguments
 from char_lstm.sampling import GenerateArguments
+from char_lstm.serving.server import ServeArguments
 from char_lstm.training.arguments import parse_arguments as parse_train_arguments
 from helpers import ROOT
 
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-NOT_OURS = ("pip", "lm_eval", "echo", "bash", "scripts/mutation.sh", "CHAR_LSTM_KILL_LOOP=8")
+NOT_OURS = ("pip", "lm_eval", "echo", "bash", "curl", "scripts/mutation.sh", "CHAR_LSTM_KILL_LOOP=8")
 
 
 def dataclass_parser(*classes):
@@ -57,6 +58,7 @@ PARSERS = {
     "scripts/convert_pytorch_checkpoint.py": dataclass_parser(ConvertArguments),
     "scripts/export.py": dataclass_parser(ExportArguments),
     "scripts/doctor.py": dataclass_parser(DoctorArguments),
+    "scripts/serve.py": dataclass_parser(ServeArguments),
     "scripts/bptt_demo.py": lambda argv: script_function("scripts/bptt_demo.py", "parse_arguments")(argv),
     "scripts/benchmark.py": benchmark_parser,
     "benchmarks/benchmark.py": benchmark_parser,
