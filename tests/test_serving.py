@@ -109,6 +109,6 @@ def test_more_waiting_requests_than_the_limit_are_refused_all_or_none(tokenizer)
     engine = Engine(make_model(tokenizer, "rnn"), tokenizer, max_batch_size=1, max_waiting=2)
     job = Job([1, 2], Settings(), lambda *event: None)
     engine.submit([job, job])
-    with pytest.raises(Busy, match="2 requests are waiting"):
+    with pytest.raises(Busy, match="2 requests wait for a row"):
         engine.submit([job])
     assert engine.queue_length == 2

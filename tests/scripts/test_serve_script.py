@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, script_env, shakespeare_like
+from helpers import ROOT, run_script, script_env, shakespeare_like
 
 
 openai = pytest.importorskip("openai")
@@ -190,6 +190,10 @@ def test_models_health_metrics_and_the_chat_endpoints_error(server):
     ('{"model": "tiny", "prompt": "A\\u20ac\\u00e9"}', "prompt", "never seen: ['é', '€']"),
     ('{"model": "tiny", "prompt": ""}', "prompt", "empty"),
     ('{"model": "tiny"}', "prompt", "Field required"),
+    ('{"model": "tiny", "prompt": [1, 2, 3]}', "prompt", "token ids are not taken"),
+    ('{"model": "tiny", "prompt": "A", "n": 0}', "n", "n must be in [1, 16]"),
+    ('{"model": "tiny", "prompt": "A", "seed": 99999999999999999999}', "seed", "seed must be in [0, "),
+    ('[1, 2]', None, "must be a JSON object"),
 ])
 def test_bad_requests_get_openais_error_body(server, body, param, fragment):
     response = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
@@ -197,6 +201,39 @@ def test_bad_requests_get_openais_error_body(server, body, param, fragment):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and fragment in error["message"], error
+
+
+def test_scoring_a_text_with_echo_and_logprobs(server, trained_model):
+    """What evaluation tools send to score a text: echo, logprobs, max_tokens 0. Each character's log-probability
+    is the model's given the characters before it (the first has none); offsets count from the prompt's start."""
+    import torch
+
+    from char_lstm import load_model_and_tokenizer
+
+    text = "ROMEO:\nBut soft"
+    response = server.client().completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    choice = response.choices[0]
+    assert choice.text == text and choice.logprobs.tokens == list(text)
+    assert choice.logprobs.text_offset == list(range(len(text))) and choice.logprobs.token_logprobs[0] is None
+    model, tokenizer = load_model_and_tokenizer(str(trained_model))
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = torch.log_softmax(model(ids).logits[0, :-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert response.usage.completion_tokens == 0
+    generated = server.client().completions.create(model="tiny", prompt=text, max_tokens=3, logprobs=0,
+                                                   temperature=0)
+    assert generated.choices[0].logprobs.text_offset == [len(text), len(text) + 1, len(text) + 2]
+
+
+def test_the_model_route_the_key_scheme_and_wrong_methods(server):
+    client = server.client()
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    response = httpx.get(server.url + "/v1/completions")
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
@@ -220,6 +257,10 @@ def test_limits_key_and_sigterm(trained_model):
     try:
         with pytest.raises(openai.AuthenticationError):
             running.client(api_key="wrong").models.list()
+        lowercase = httpx.get(running.url + "/v1/models", headers={"Authorization": "bearer s3cret"})
+        assert lowercase.status_code == 200  # the scheme's case does not matter
+        refused = httpx.get(running.url + "/v1/models")
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
         client = running.client(api_key="s3cret")
         streams = [client.completions.create(model="tiny", prompt="All:", max_tokens=1000000, stream=True)]
         assert next(iter(streams[0])).choices[0].finish_reason is None  # the first holds the row ...
@@ -237,3 +278,16 @@ def test_limits_key_and_sigterm(trained_model):
     finally:
         running.stop()
     assert "Traceback" not in running.output, running.output
+
+
+def test_a_port_in_use_is_one_line(trained_model, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = str(sock.getsockname()[1])
+        result = run_script("serve.py", ["--model_name_or_path", str(trained_model), "--port", port], tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        f"error: Cannot listen on 127.0.0.1:{port}"), result.stderr
+    assert "Traceback" not in result.stderr and "Uvicorn" not in result.stdout + result.stderr

@@ -15,6 +15,7 @@ import time
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
@@ -95,8 +96,13 @@ class CountRequests:
 
         try:
             await self.app(scope, receive, counted)
+        except Exception:
+            status.append(500)  # answered by the outer error handler
+            raise
         finally:
-            route = scope["path"] if scope["path"] in self.ROUTES else "other"
+            route = scope["path"] if scope["path"] in self.ROUTES or scope["path"].startswith("/v1/models/") \
+                else "other"
+            route = "/v1/models/{model}" if route.startswith("/v1/models/") else route
             self.metrics.requests.labels(route, str(status[0]) if status else "499").inc()
 
 
@@ -113,7 +119,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: HTTPException):
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(f"{error.detail}: {request.method} {request.url.path}", error.status_code,
-                                        type=kind))
+                                        type=kind, headers=dict(error.headers or {})))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
@@ -124,10 +130,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _check_key(request: Request, api_key: str | None) -> None:
     if api_key is None:
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
         raise APIError("Incorrect or missing API key: send the header `Authorization: Bearer <key>`.", 401,
-                       code="invalid_api_key", type="authentication_error")
+                       code="invalid_api_key", type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
 
 async def _completion_request(request: Request) -> CompletionRequest:
@@ -135,11 +141,17 @@ async def _completion_request(request: Request) -> CompletionRequest:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(f"The request body is not JSON: {error}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError("The request body must be a JSON object.", code="invalid_json")
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+        raise APIError("prompt must be a string or a list of strings (token ids are not taken: a character model "
+                       "reads text).", param="prompt", code="invalid_value")
     try:
         return CompletionRequest.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = str(first["loc"][0]) if first["loc"] else None
         raise APIError(f"{param}: {first['msg']}.", param=param, code="invalid_value") from None
 
 
@@ -192,7 +204,7 @@ class CompletionService:
         try:
             self.engine.submit(jobs)
         except Busy as busy:
-            raise APIError(f"The server is busy ({busy}): retry in a second.", 429, code="rate_limit_exceeded",
+            raise APIError(f"The server is busy: {busy}; retry in a second.", 429, code="rate_limit_exceeded",
                            type="rate_limit_error", headers={"Retry-After": "1"}) from None
 
     async def events(self, jobs: list[Job]):
@@ -225,8 +237,12 @@ class CompletionService:
             self.metrics.first.observe(min(firsts) - started)
 
 
-def _echo(body: CompletionRequest, prompts: list[str], job: Job) -> str:
-    return prompts[job.index // (body.n or 1)] if body.echo else ""
+def _start(body: CompletionRequest, prompts: list[str], job: Job) -> tuple[str, list, int]:
+    """What a choice's text and logprobs start with, and the text offset of its first generated character (offsets
+    count from the prompt's start, as OpenAI's do): with `echo`, the prompt (and its characters' log-probabilities,
+    known once the prompt was read)."""
+    prompt = prompts[job.index // (body.n or 1)]
+    return (prompt, job.prompt_entries, 0) if body.echo else ("", [], len(prompt))
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -237,8 +253,7 @@ async def _until_disconnected(request: Request) -> None:
 async def _complete(service: CompletionService, request: Request, body: CompletionRequest, jobs: list[Job],
                     prompts: list[str], prompt_tokens: int, started: float) -> Response:
     """The whole completion at once; a client that leaves before it ends frees its rows."""
-    texts = {job.index: _echo(body, prompts, job) for job in jobs}
-    entries, reasons = {job.index: [] for job in jobs}, {}
+    texts, entries, reasons = {job.index: "" for job in jobs}, {job.index: [] for job in jobs}, {}
 
     async def collect():
         async for job, text, new_entries, reason, error in service.events(jobs):
@@ -261,9 +276,12 @@ async def _complete(service: CompletionService, request: Request, body: Completi
         return Response(status_code=499)  # the client is gone: nobody reads this
     collecting.result()  # its error, if any
     service.observe(jobs, started)
-    choices = [{"index": job.index, "text": texts[job.index], "finish_reason": reasons[job.index],
-                "logprobs": logprobs_body(entries[job.index], len(_echo(body, prompts, job)))
-                if body.logprobs is not None else None} for job in jobs]
+    choices = []
+    for job in jobs:
+        text, start_entries, offset = _start(body, prompts, job)
+        choices.append({"index": job.index, "text": text + texts[job.index], "finish_reason": reasons[job.index],
+                        "logprobs": logprobs_body(start_entries + entries[job.index], offset)
+                        if body.logprobs is not None else None})
     completion = sum(job.generated for job in jobs)
     return JSONResponse(chunk(completion_id(), service.model_name, choices, usage(prompt_tokens, completion)))
 
@@ -278,18 +296,15 @@ def _stream(service: CompletionService, body: CompletionRequest, jobs: list[Job]
         return f"data: {json.dumps(data)}\n\n"
 
     async def stream():
-        offsets = {job.index: len(_echo(body, prompts, job)) for job in jobs}
-        finished = False
+        offsets, finished = {}, False
         try:
-            for job in jobs:
-                if body.echo:
-                    yield event(chunk(request_id, service.model_name, [
-                        {"index": job.index, "text": _echo(body, prompts, job), "logprobs": None,
-                         "finish_reason": None}]))
             async for job, text, entries, reason, error in service.events(jobs):
                 if error is not None:
                     yield event(APIError(f"Generation failed: {error}", 500, type="server_error").body())
                     break
+                if job.index not in offsets:  # its first chunk: the echoed prompt first
+                    start_text, start_entries, offsets[job.index] = _start(body, prompts, job)
+                    text, entries = start_text + text, start_entries + entries
                 logprobs = logprobs_body(entries, offsets[job.index]) if body.logprobs is not None else None
                 offsets[job.index] += len(text)
                 yield event(chunk(request_id, service.model_name, [
@@ -309,9 +324,13 @@ def _stream(service: CompletionService, body: CompletionRequest, jobs: list[Job]
 
 
 def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, max_tokens: int = 4096,
-              max_prompt_characters: int = 65536, stream_interval: float = 0.02) -> FastAPI:
+              max_prompt_characters: int = 65536, stream_interval: float = 0.02,
+              cors_origins: list[str] | None = None) -> FastAPI:
     """The server's ASGI app over a not yet started `engine` (started and stopped with the app); `stream_interval`:
-    the longest a generated character waits to be sent with others (`Outbox`)."""
+    the longest a generated character waits to be sent with others (`Outbox`); `cors_origins`: the web pages' origins
+    allowed to call the API from a browser (none by default)."""
+    created = int(time.time())
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "char_lstm"}
     metrics = Metrics(engine)
     service = CompletionService(engine, tokenizer, model_name, metrics, max_tokens, max_prompt_characters)
 
@@ -326,6 +345,9 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
     _add_error_handlers(app)
 
     app.add_middleware(CountRequests, metrics=metrics)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     @app.get("/health")
     async def health():
         if engine.stopping:
@@ -340,8 +362,15 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
     @app.get("/v1/models")
     async def models(request: Request):
         _check_key(request, api_key)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "char_lstm"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        _check_key(request, api_key)
+        if model_id != model_name:
+            raise APIError(f"The model `{model_id}` does not exist: this server serves `{model_name}`.", 404,
+                           param="model", code="model_not_found")
+        return model_card
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..cache_char_lstm import _read_state
 from ..generation_char_lstm import _lean_head, _lean_layers, _lean_plan
-from .sampling import Settings, choose_tokens, logprob_entries
+from .sampling import Settings, choose_tokens, logprob_entries, prompt_logprob_entries
 
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Job:
     cancelled: bool = False
     done: bool = False
     pieces: list = field(default_factory=list)  # (text, entry) of every generated token
+    prompt_entries: list = field(default_factory=list)  # the prompt's (text, logprob, top) with prompt_logprobs
     text: str = ""
     shown: int = 0  # characters of `text` delivered
     shown_pieces: int = 0
@@ -104,7 +105,7 @@ class Engine:
             if self.stopping:
                 raise Busy("the server is shutting down")
             if len(self.waiting) + len(jobs) > self.max_waiting:
-                raise Busy(f"{len(self.waiting)} requests are waiting (the limit is {self.max_waiting})")
+                raise Busy(f"{len(self.waiting)} requests wait for a row, the server's limit is {self.max_waiting}")
             self.waiting.extend(jobs)
             self.condition.notify()
 
@@ -169,6 +170,13 @@ class Engine:
             return
         ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
         outputs = self.model(input_ids=ids, use_cache=True)
+        if job.settings.prompt_logprobs:  # each prompt character scored by the ones before it (the first: none)
+            job.prompt_entries = prompt_logprob_entries(outputs.logits[0], job.prompt_ids, job.settings.logprobs,
+                                                        self.pieces)
+        if job.settings.max_tokens == 0:  # the prompt alone (echo)
+            job.done = True
+            job.deliver(job, "", [], "length")
+            return
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         state = [_read_state(outputs.cache, layer, self.num_states) for layer in range(len(self.plan[0]))]
         token = choose_tokens(logits, [job])

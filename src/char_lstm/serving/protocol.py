@@ -14,6 +14,7 @@ from .sampling import Settings
 
 
 MAX_LOGPROBS = 5  # OpenAI's limit for completions
+MAX_SEED = 2**63 - 1 - 16  # torch's generators take 64-bit seeds; each of up to 16 choices gets seed + its index
 
 
 class APIError(Exception):
@@ -68,17 +69,15 @@ def _check_unsupported(request: CompletionRequest) -> None:
     if request.best_of not in (None, request.n or 1):
         raise APIError("best_of must equal n (or be left out): this server returns every choice it generates.",
                        param="best_of", code="unsupported_parameter")
-    if request.echo and request.logprobs is not None:
-        raise APIError("echo with logprobs is not supported: the prompt's log-probabilities are not computed.",
-                       param="echo", code="unsupported_parameter")
 
 
 def settings_of(request: CompletionRequest, max_tokens_limit: int) -> Settings:
     """The request's `Settings`, or an `APIError` naming the first parameter out of its range."""
     _check_unsupported(request)
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
-    if not 1 <= max_tokens <= max_tokens_limit:
-        raise APIError(f"max_tokens must be in [1, {max_tokens_limit}] (this server's limit), got {max_tokens}.",
+    least = 0 if request.echo else 1  # echo with max_tokens 0: the prompt alone (scored, with logprobs)
+    if not least <= max_tokens <= max_tokens_limit:
+        raise APIError(f"max_tokens must be in [{least}, {max_tokens_limit}] (this server's limit), got {max_tokens}.",
                        param="max_tokens", code="invalid_value")
     temperature = 1.0 if request.temperature is None else request.temperature
     if not 0 <= temperature <= 2:
@@ -87,8 +86,10 @@ def settings_of(request: CompletionRequest, max_tokens_limit: int) -> Settings:
     top_p = 1.0 if request.top_p is None else request.top_p
     if not 0 < top_p <= 1:
         raise APIError(f"top_p must be in (0, 1], got {top_p}.", param="top_p", code="invalid_value")
-    if not 1 <= (request.n or 1) <= 16:
+    if not 1 <= (1 if request.n is None else request.n) <= 16:
         raise APIError(f"n must be in [1, 16], got {request.n}.", param="n", code="invalid_value")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise APIError(f"seed must be in [0, {MAX_SEED}], got {request.seed}.", param="seed", code="invalid_value")
     if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
         raise APIError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.", param="logprobs",
                        code="invalid_value")
@@ -96,11 +97,12 @@ def settings_of(request: CompletionRequest, max_tokens_limit: int) -> Settings:
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError("stop must be up to 4 non-empty strings.", param="stop", code="invalid_value")
     return Settings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=request.seed,
-                    logprobs=request.logprobs)
+                    logprobs=request.logprobs, prompt_logprobs=bool(request.echo) and request.logprobs is not None)
 
 
 def logprobs_body(entries: list[tuple], offset: int) -> dict:
-    """OpenAI's legacy completion logprobs for consecutive characters starting at text offset `offset`."""
+    """OpenAI's legacy completion logprobs for consecutive characters starting at text offset `offset` (counted from
+    the prompt's start, as OpenAI counts; a prompt's first character has no log-probability: None)."""
     offsets, position = [], offset
     for text, _, _ in entries:
         offsets.append(position)

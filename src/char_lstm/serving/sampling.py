@@ -22,6 +22,7 @@ class Settings:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # how many most likely characters to report at each position (0-5), None: none
+    prompt_logprobs: bool = False  # the prompt's characters' log-probabilities too (echo with logprobs: scoring)
 
     @cached_property
     def longest_stop(self) -> int:
@@ -77,3 +78,16 @@ def logprob_entries(logits: torch.Tensor, token_id: int, top: int, pieces: list[
         values, ids = log_probs.topk(top)
         best = {pieces[i]: float(v) for v, i in zip(values.tolist(), ids.tolist())}
     return pieces[token_id], float(log_probs[token_id]), best
+
+
+def prompt_logprob_entries(logits: torch.Tensor, ids: list[int], top: int, pieces: list[str]) -> list[tuple]:
+    """`logprob_entries` of every character of a prompt, each scored by the logits (T, V) of the position before it
+    (the model's forward over the prompt); the first character has none (None, None), as OpenAI reports it."""
+    log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    chosen = log_probs.gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0].tolist()
+    tops = [{}] * len(chosen)
+    if top:
+        values, best = log_probs.topk(top, dim=-1)
+        tops = [{pieces[i]: v for v, i in zip(row_values, row_ids)}
+                for row_values, row_ids in zip(values.tolist(), best.tolist())]
+    return [(pieces[ids[0]], None, None)] + [(pieces[i], lp, t) for i, lp, t in zip(ids[1:], chosen, tops)]

@@ -4,6 +4,7 @@ Ctrl-C (in-flight requests end at once with finish reason "abort", their streams
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ class ServeArguments:
                                                              "AVX512-BF16 or AMX; not exact: docs/serving.md)."})
     api_key: str | None = field(
         default=None, metadata={"help": f"Require `Authorization: Bearer KEY` (or set {API_KEY_VARIABLE})."})
+    cors_allow_origins: list[str] = field(
+        default_factory=list, metadata={"help": "Origins of web pages allowed to call the API from a browser (CORS), "
+                                                "e.g. https://example.org; none by default."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Load a model whose code is in its folder."})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level: warning, info, debug..."})
 
@@ -50,6 +54,23 @@ def check_serve_arguments(args: ServeArguments) -> None:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}.")
     if args.dtype not in ("float32", "bfloat16"):
         raise UsageError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}.")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A one-line UsageError where this machine cannot listen on `host`:`port` (in use, not its address), before the
+    model is loaded and uvicorn prints its start-up lines."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise UsageError(f"--host {host} is not an address of this machine ({error.strerror}); use 127.0.0.1 (this "
+                         "machine only) or 0.0.0.0 (every interface).") from None
+    with socket.socket(family, kind, protocol) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as error:
+            raise UsageError(f"Cannot listen on {host}:{port} ({error.strerror}): choose another --port, or stop the "
+                             "program that uses it.") from None
 
 
 def _uvicorn_server(config, engine):
@@ -85,6 +106,7 @@ def run_serve(args: ServeArguments) -> None:
     except ImportError as error:
         raise UsageError(f"Serving needs {error.name}: pip install \"char-lstm[serve]\".") from None
     check_serve_arguments(args)
+    check_can_listen(args.host, args.port)
     # Two threads share the GIL here, the decoding loop and the event loop; one that waits for it gets it after the
     # switch interval at most (5 ms by default, longer than a decoding step): measured, 0.5 ms made a step under load
     # docs/serving.md's figure
@@ -99,7 +121,7 @@ def run_serve(args: ServeArguments) -> None:
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     app = build_app(engine, tokenizer, name, api_key=api_key, max_tokens=args.max_tokens_limit,
                     max_prompt_characters=args.max_prompt_characters,
-                    stream_interval=args.stream_interval_ms / 1000)
+                    stream_interval=args.stream_interval_ms / 1000, cors_origins=args.cors_allow_origins)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
     server = _uvicorn_server(config, engine)
