@@ -348,6 +348,13 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    _add_routes(app, service, api_key, model_card)
+    return app
+
+
+def _add_routes(app: FastAPI, service: CompletionService, api_key: str | None, model_card: dict) -> None:
+    engine, metrics, model_name = service.engine, service.metrics, service.model_name
+
     @app.get("/health")
     async def health():
         if engine.stopping:
@@ -389,5 +396,3 @@ def build_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = 
         raise APIError("This is a character-level language model without a chat template: it continues text. Send "
                        "the text to continue as `prompt` to POST /v1/completions.", param="messages",
                        code="chat_not_supported")
-
-    return app
