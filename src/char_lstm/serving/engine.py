@@ -17,7 +17,6 @@ Shapes: ``n`` running rows, ``H`` hidden size, ``V`` vocabulary size.
 """
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -136,7 +135,6 @@ class Engine:
     # The loop (its own thread)
 
     def _run(self) -> None:
-        torch.set_num_threads(max(1, int(os.environ.get("CHAR_LSTM_SERVE_THREADS", torch.get_num_threads()))))
         while True:
             with self.condition:
                 while not self.waiting and not self.rows and not self.stopping:
