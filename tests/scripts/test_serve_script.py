@@ -74,6 +74,20 @@ def server(trained_model):
 
 
 @pytest.fixture(scope="module")
+def endless_model(tmp_path_factory):
+    """A model whose vocabulary has no `<eos>`: its texts end only at max_tokens (the trained model's may end early,
+    at an `<eos>` it learned to write)."""
+    from char_lstm import CharLSTMTokenizer
+    from helpers import make_model
+
+    tokenizer = CharLSTMTokenizer.from_corpus(shakespeare_like(2000))
+    folder = tmp_path_factory.mktemp("endless")
+    make_model(tokenizer, hidden_size=16, embedding_size=8).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def reference(trained_model):
     """Greedy continuations computed in this process with `generate()`, one prompt at a time."""
     from char_lstm import load_model_and_tokenizer, step_char_lstm
@@ -194,6 +208,8 @@ def test_models_health_metrics_and_the_chat_endpoints_error(server):
     ('{"model": "tiny", "prompt": "A", "n": 0}', "n", "n must be in [1, 16]"),
     ('{"model": "tiny", "prompt": "A", "seed": 99999999999999999999}', "seed", "seed must be in [0, "),
     ('[1, 2]', None, "must be a JSON object"),
+    ('{"model": "tiny", "prompt": "A", "max_tokens": "5"}', "max_tokens", "valid integer"),
+    ('{"model": "tiny", "prompt": "A", "logprobs": true}', "logprobs", "valid integer"),
 ])
 def test_bad_requests_get_openais_error_body(server, body, param, fragment):
     response = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
@@ -236,23 +252,27 @@ def test_the_model_route_the_key_scheme_and_wrong_methods(server):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(server):
-    with httpx.stream("POST", server.url + "/v1/completions", json={"model": "tiny", "prompt": "All:",
-                                                                    "max_tokens": 4096, "stream": True}) as response:
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
-        assert server.health()["slots_in_use"] == 1
-    deadline = time.monotonic() + 10
-    while server.health()["slots_in_use"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.health()["slots_in_use"] == 0
+def test_a_client_that_leaves_mid_stream_frees_its_row(endless_model):
+    running = Server(endless_model, "--max_tokens_limit", "1000000")
+    try:
+        body = {"model": "tiny", "prompt": "All:", "max_tokens": 1000000, "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body) as response:
+            lines = response.iter_lines()  # kept: a line iterator collected as garbage closes the stream
+            assert next(line for line in lines if line.startswith("data:"))
+            assert running.health()["slots_in_use"] == 1
+        deadline = time.monotonic() + 10
+        while running.health()["slots_in_use"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.health()["slots_in_use"] == 0
+    finally:
+        running.stop()
 
 
 @pytest.mark.heavy
-def test_limits_key_and_sigterm(trained_model):
+def test_limits_key_and_sigterm(endless_model):
     """With one row and one waiting place, a third request gets 429 with Retry-After; without the key, 401; SIGTERM
     ends the streams in flight cleanly (finish reason "abort", then [DONE]) and the process exits 0 in seconds."""
-    running = Server(trained_model, "--max_batch_size", "1", "--max_waiting", "1", "--api_key", "s3cret",
+    running = Server(endless_model, "--max_batch_size", "1", "--max_waiting", "1", "--api_key", "s3cret",
                      "--max_tokens_limit", "1000000")  # the streams below last until SIGTERM ends them
     try:
         with pytest.raises(openai.AuthenticationError):

@@ -31,14 +31,17 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
     """POST /v1/completions. Fields OpenAI defines that a character model cannot honour are refused when set to
-    anything but their neutral value (`_check_unsupported`); unknown fields are ignored, as OpenAI's server does."""
+    anything but their neutral value (`_check_unsupported`); unknown fields are ignored, as OpenAI's server does.
+    Types are strict, as JSON gives them: "5" is not a number, true is not 1 (an integer is a number)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     prompt: str | list[str]
