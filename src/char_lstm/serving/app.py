@@ -100,9 +100,9 @@ class CountRequests:
             status.append(500)  # answered by the outer error handler
             raise
         finally:
-            route = scope["path"] if scope["path"] in self.ROUTES or scope["path"].startswith("/v1/models/") \
-                else "other"
-            route = "/v1/models/{model}" if route.startswith("/v1/models/") else route
+            path = scope["path"]
+            model = path.startswith("/v1/models/")
+            route = path if path in self.ROUTES else "/v1/models/{model}" if model else "other"
             self.metrics.requests.labels(route, str(status[0]) if status else "499").inc()
 
 
@@ -195,9 +195,8 @@ class CompletionService:
                 generator = None
                 if settings.seed is not None:  # each choice its own stream of draws: seed, seed + 1, ...
                     generator = torch.Generator().manual_seed(settings.seed + choice)
-                job = Job(prompt_ids, settings, self.outbox.deliver, generator=generator)
-                job.sink, job.index = sink, len(jobs)
-                jobs.append(job)
+                jobs.append(Job(prompt_ids, settings, self.outbox.deliver, generator=generator, sink=sink,
+                                index=len(jobs)))
         return jobs, prompts, sum(len(i) for i in ids)
 
     def submit(self, jobs: list[Job]) -> None:

@@ -51,6 +51,8 @@ class Job:
     settings: Settings
     deliver: Callable
     generator: torch.Generator | None = None
+    sink: object = None  # where the server reads this job's events (its request's queue)
+    index: int = 0  # its choice's index in the request's response
     cancelled: bool = False
     done: bool = False
     pieces: list = field(default_factory=list)  # (text, entry) of every generated token
@@ -241,7 +243,7 @@ class Engine:
 
     def _leave(self) -> None:
         """Drop the rows whose requests finished or were cancelled; the rows after them move up."""
-        keep = [row for row, job in enumerate(self.rows) if not (getattr(job, "done", False) or job.cancelled)]
+        keep = [row for row, job in enumerate(self.rows) if not (job.done or job.cancelled)]
         if len(keep) == len(self.rows):
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)

@@ -73,7 +73,7 @@ def check_can_listen(host: str, port: int) -> None:
                              "program that uses it.") from None
 
 
-def _uvicorn_server(config, engine):
+def _uvicorn_server(config, engine, name: str):
     """uvicorn's server, which on SIGTERM or Ctrl-C ends the engine's requests first (their streams close with
     `data: [DONE]`, so uvicorn's graceful shutdown has nothing left to wait for) and prints where it listens."""
     import uvicorn
@@ -88,13 +88,9 @@ def _uvicorn_server(config, engine):
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    print(f"Serving {engine_name(engine)} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+                    print(f"Serving {name} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
 
     return Server(config)
-
-
-def engine_name(engine) -> str:
-    return getattr(engine, "served_name", "the model")
 
 
 def run_serve(args: ServeArguments) -> None:
@@ -117,14 +113,13 @@ def run_serve(args: ServeArguments) -> None:
                                                 trust_remote_code=args.trust_remote_code)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model_name_or_path))
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
-    engine.served_name = name
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     app = build_app(engine, tokenizer, name, api_key=api_key, max_tokens=args.max_tokens_limit,
                     max_prompt_characters=args.max_prompt_characters,
                     stream_interval=args.stream_interval_ms / 1000, cors_origins=args.cors_allow_origins)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
-    server = _uvicorn_server(config, engine)
+    server = _uvicorn_server(config, engine, name)
     # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again for the handler it found (the
     # default: killed by SIGTERM, a KeyboardInterrupt traceback for Ctrl-C); a server that shut down cleanly exits 0
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
