@@ -14,7 +14,6 @@ generated text (terminal escape codes, bidirectional overrides) are shown as esc
 """
 
 import argparse
-import json
 import os
 import sys
 from threading import Thread
@@ -22,15 +21,16 @@ from threading import Thread
 import gradio as gr
 import torch
 import transformers
-from huggingface_hub import hf_hub_download, metadata_load
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 from transformers.hf_argparser import string_to_bool
 
 
 try:  # installed: its classes load a char_lstm model, and no code from the model's folder or repository runs
     import char_lstm  # noqa: F401  (registers the char_lstm model type with the Auto classes)
+    from char_lstm.facts import card_facts
     from char_lstm.terminal import visible_controls
-except ImportError:  # a Space, without char_lstm: scripts/push_to_hub.py --space puts terminal.py next to app.py
+except ImportError:  # a Space, without char_lstm: scripts/push_to_hub.py --space puts these next to app.py
+    from facts import card_facts
     from terminal import visible_controls
 
 MODEL_ID = None  # the model a Space shows (set by scripts/push_to_hub.py --space); --model wins
@@ -48,41 +48,6 @@ class CharStreamer(TextIteratorStreamer):
             self.next_tokens_are_prompt = False
             return
         self.on_finalized_text(self.tokenizer.decode(value.reshape(-1).tolist(), **self.decode_kwargs))
-
-
-def model_file(model: str, name: str) -> str | None:
-    """The path of `name` in a model folder, or downloaded from the Hub repository `model`; None where it has none."""
-    if os.path.isdir(model):
-        path = os.path.join(model, name)
-        return path if os.path.isfile(path) else None
-    try:
-        return hf_hub_download(model, name)
-    except Exception:  # not in the repository, or the Hub unreachable: the page shows what it has
-        return None
-
-
-def card_facts(model: str, network) -> str:
-    """Markdown lines about the model: its size, its training data and its bits per character, from the config, the
-    card's metadata (README.md) and the training run's record (training_run.json, in a folder written by training)."""
-    config = network.config
-    facts = [f"**{config.cell_type.upper()}**, {config.num_hidden_layers} layers of {config.hidden_size} units, "
-             f"{network.num_parameters():,} parameters, a vocabulary of {config.vocab_size} tokens"]
-    card = model_file(model, "README.md")
-    metadata = metadata_load(card) if card else None
-    run_path = model_file(model, "training_run.json")
-    run = {}
-    if run_path:
-        with open(run_path, encoding="utf-8") as f:
-            run = json.load(f)
-    results = ((metadata or {}).get("model-index") or [{}])[0].get("results") or [{}]
-    dataset = run.get("dataset") or results[0].get("dataset", {}).get("name")
-    if dataset:
-        steps = f" ({run['global_step']} steps)" if run.get("global_step") else ""
-        facts.append(f"trained on **{dataset}**{steps}")
-    bits = [metric for metric in results[0].get("metrics", []) if metric.get("type") == "bits_per_character"]
-    if bits:
-        facts.append(f"**{bits[0]['value']:.3f} bits/char** ({bits[0]['name'].split('(')[-1].rstrip(')')})")
-    return "; ".join(facts) + "."
 
 
 def stream_generation(network, tokenizer, prompt: str, length: float, temperature: float, top_p: float,

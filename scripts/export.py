@@ -12,7 +12,7 @@ generates greedily through the written files and compares with model.generate(do
 import sys
 
 from char_lstm.cli import run_command
-from char_lstm.export import ExportArguments, run_export
+from char_lstm.export_command import ExportArguments, run_export
 
 
 if __name__ == "__main__":

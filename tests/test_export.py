@@ -142,7 +142,7 @@ def test_exporting_leaves_the_model_and_the_random_state_as_they_were(tokenizer)
 
 
 def test_formats_are_checked_with_the_fix(monkeypatch):
-    with pytest.raises(UsageError, match="--format must be one of dynamo, onnx, executorch, got 'tflite'"):
+    with pytest.raises(UsageError, match="--format must be one of dynamo, onnx, executorch, web, got 'tflite'"):
         check_format("tflite")
     check_format("dynamo")  # torch alone
     real = importlib.util.find_spec

@@ -16,7 +16,7 @@ from char_lstm.cli import parse_command_line
 from char_lstm.convert import ConvertArguments
 from char_lstm.doctor import DoctorArguments
 from char_lstm.evaluation import EvaluateArguments
-from char_lstm.export import ExportArguments
+from char_lstm.export_command import ExportArguments
 from char_lstm.hub import PushArguments
 from char_lstm.sampling import GenerateArguments
 from char_lstm.serving.server import ServeArguments

@@ -22,10 +22,9 @@ import importlib.util
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from packaging import version
@@ -33,8 +32,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .cache_char_lstm import cache_from_states
 from .errors import UsageError
-from .loading import load_model_and_tokenizer
-from .terminal import as_shown
 
 
 # The packages each format needs beyond torch and transformers, and how to install them.
@@ -42,6 +39,7 @@ FORMATS = {
     "dynamo": ((), None),
     "onnx": (("onnx", "onnxscript", "onnxruntime"), 'pip install "char-lstm[export]"'),
     "executorch": (("executorch",), "pip install executorch"),
+    "web": (("onnx", "onnxscript", "onnxruntime"), 'pip install "char-lstm[export]"'),  # ONNX, in a page
 }
 
 
@@ -263,13 +261,17 @@ class GreedyCheck:
         return int(differ[0]) if len(differ) else length
 
 
+def generate_greedily(model, input_ids: torch.LongTensor, max_new_tokens: int) -> torch.LongTensor:
+    """`model.generate(do_sample=False)` of `input_ids (1, T)`, stopping at the model's end-of-text token."""
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, temperature=None, top_k=None, top_p=None,
+                          eos_token_id=model.generation_config.eos_token_id, pad_token_id=model.config.pad_token_id)
+
+
 def check_greedy(model, exported, input_ids: torch.LongTensor, max_new_tokens: int) -> GreedyCheck:
     """Greedy decoding of `input_ids (1, T)` by `model.generate(do_sample=False)` and through `exported`."""
-    eos = model.generation_config.eos_token_id
-    expected = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                              do_sample=False, temperature=None, top_k=None, top_p=None, eos_token_id=eos,
-                              pad_token_id=model.config.pad_token_id)
-    return GreedyCheck(expected=expected, got=greedy_generate(exported, input_ids, max_new_tokens, eos))
+    return GreedyCheck(expected=generate_greedily(model, input_ids, max_new_tokens),
+                       got=greedy_generate(exported, input_ids, max_new_tokens, model.generation_config.eos_token_id))
 
 
 def timed(function, *args, **kwargs):
@@ -280,42 +282,7 @@ def timed(function, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# scripts/export.py
-
-
-@dataclass
-class ExportArguments:
-    model_name_or_path: str = field(metadata={"help": "A trained model: a local folder or a Hub id."})
-    output_dir: str = field(metadata={"help": "Where to write the exported programs, config and tokenizer."})
-    format: str = field(default="dynamo", metadata={
-        "help": "dynamo (torch.export, .pt2), onnx (ONNX Runtime: browsers, servers; pip install "
-                "\"char-lstm[export]\") or executorch (.pte, phones; pip install executorch)."})
-    prompt: str = field(default="\n", metadata={
-        "help": "The prompt the prefill graph is traced with (it takes prompts of this length; any other goes "
-                "through the decode graph) and the check samples from."})
-    max_new_tokens: int = field(default=100, metadata={"help": "Characters the check generates."})
-    check: bool = field(default=True, metadata={
-        "help": "Generate greedily through the written files and compare with model.generate(do_sample=False)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model code shipped with a Hub model."})
-
-
-def check_export_arguments(args: ExportArguments) -> None:
-    """One-line UsageErrors, before the model is loaded."""
-    check_format(args.format)
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}.")
-    if not args.prompt:
-        raise UsageError("--prompt is empty: the prefill graph is traced with at least one character.")
-    target = os.path.realpath(args.output_dir)
-    if os.path.isdir(args.model_name_or_path):
-        source = os.path.realpath(args.model_name_or_path)
-        if source == target or source.startswith(target + os.sep):
-            raise UsageError(f"--output_dir {args.output_dir} would replace the model in --model_name_or_path "
-                             f"{args.model_name_or_path}; choose another folder.")
-    if os.path.isfile(args.output_dir):
-        raise UsageError(f"--output_dir {args.output_dir} is a file; give a folder.")
-    _in_use(args.output_dir, args.overwrite_output_dir)
+# Writing and loading an export
 
 
 def _in_use(folder: str, overwrite: bool) -> bool:
@@ -354,38 +321,3 @@ def load_export(folder: str, trust_remote_code: bool = False):
         what = "its torch.export programs (.pt2) are unpickled" if "pickled" in str(error) else "it holds code"
         raise UsageError(f"{folder}: loading it runs code from its files ({what}); for an export you trust (one you "
                          f"wrote), pass load_export({folder!r}, trust_remote_code=True).") from None
-
-
-def _size(count: int) -> str:
-    return f"{count / 1e6:.1f} MB" if count >= 1e6 else f"{count / 1e3:.0f} kB"
-
-
-def run_export(args: ExportArguments) -> GreedyCheck | None:
-    """Check the arguments, load the model, export it, write the folder, check it; returns the check (None: off)."""
-    check_export_arguments(args)
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, device="cpu", dtype=torch.float32,
-                                                trust_remote_code=args.trust_remote_code)
-    unknown = tokenizer.oov_characters(args.prompt) if hasattr(tokenizer, "oov_characters") else []
-    if unknown:
-        raise UsageError(f"--prompt has characters the model has never seen: {unknown}; use characters of its "
-                         "vocabulary.")
-    input_ids = tokenizer([args.prompt], return_tensors="pt")["input_ids"]
-    exported, seconds = timed(export_for_generation, model, input_ids, args.format)
-    files = save_export(exported, tokenizer, args.output_dir, args.overwrite_output_dir)
-    config = model.config
-    print(f"exported {args.model_name_or_path} ({config.num_hidden_layers}x{config.hidden_size} "
-          f"{config.cell_type.upper()}) as {args.format} in {seconds:.1f} s to {args.output_dir}: "
-          + ", ".join(f"{name} {_size(size)}" for name, size in files.items()))
-    if not args.check:
-        return None
-    # the folder this very process has just written: its programs are ours, trusted
-    check = check_greedy(model, load_export(args.output_dir, trust_remote_code=True), input_ids, args.max_new_tokens)
-    got = tokenizer.decode(check.got[0], skip_special_tokens=True)
-    if not check.equal:
-        expected = tokenizer.decode(check.expected[0], skip_special_tokens=True)
-        raise ValueError(f"check failed: the exported programs' greedy text differs from generate()'s from token "
-                         f"{check.first_difference} on: {got!r} against {expected!r} (the files are in "
-                         f"{args.output_dir}).")
-    print(f"check: {check.got.shape[1] - input_ids.shape[1]} characters of greedy text through the files in "
-          f"{args.output_dir} equal model.generate(do_sample=False)'s:\n{as_shown(got, sys.stdout)}")
-    return check

@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from . import terminal
+from . import facts, terminal
 from .errors import UsageError
 from .loading import load_model_and_tokenizer, missing_folder_message
 from .model_card import (
@@ -116,9 +116,9 @@ def tested_versions() -> dict:
 def build_space_folder(folder: str, space_id: str, model_repo_id: str, overwrite: bool = False) -> str:
     """Write a ready-to-push Gradio Space for `space_id` into `folder`, running the demo (demo/app.py) on the model
     `model_repo_id`: app.py with MODEL_ID set and TRUST_REMOTE_CODE on (char_lstm is not installed there: the model's
-    own code loads it, and the Space's owner chose the model), terminal.py (the app shows control characters with
-    it), requirements.txt pinned to the installed torch and transformers (the versions tested here) and README.md with
-    the Spaces YAML header (sdk_version: the installed gradio)."""
+    own code loads it, and the Space's owner chose the model), facts.py and terminal.py (the app shows the model's
+    facts and control characters with them), requirements.txt pinned to the installed torch and transformers (the
+    versions tested here) and README.md with the Spaces YAML header (sdk_version: the installed gradio)."""
     check_repo_id(space_id, "--space")
     versions = tested_versions()
     with open(SPACE_APP, encoding="utf-8") as f:
@@ -133,7 +133,8 @@ def build_space_folder(folder: str, space_id: str, model_repo_id: str, overwrite
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "app.py"), "w", encoding="utf-8") as f:
         f.write(app)
-    shutil.copyfile(terminal.__file__, os.path.join(folder, "terminal.py"))
+    for module in (facts, terminal):  # what the app imports from char_lstm, which a Space does not have
+        shutil.copyfile(module.__file__, os.path.join(folder, os.path.basename(module.__file__)))
     with open(os.path.join(folder, "requirements.txt"), "w", encoding="utf-8") as f:
         f.write("# the versions char_lstm's demo was tested with (gradio: sdk_version in README.md)\n"
                 f"torch=={versions['torch']}\ntransformers=={versions['transformers']}\n")

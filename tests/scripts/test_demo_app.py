@@ -81,7 +81,7 @@ def test_the_spaces_app_loads_the_model_without_char_lstm_and_shows_control_char
     make_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     build_space_folder(str(space), "you/char-demo", "you/char-model")
-    assert sorted(os.listdir(space)) == ["README.md", "app.py", "requirements.txt", "terminal.py"]
+    assert sorted(os.listdir(space)) == ["README.md", "app.py", "facts.py", "requirements.txt", "terminal.py"]
     app = (space / "app.py").read_text()
     assert "\nMODEL_ID = 'you/char-model'" in app and "\nTRUST_REMOTE_CODE = True" in app
     script = textwrap.dedent(

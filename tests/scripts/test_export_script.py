@@ -65,7 +65,7 @@ def test_a_folder_in_use_is_refused_unless_overwritten(trained_model, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--format", "tflite"], "error: --format must be one of dynamo, onnx, executorch, got 'tflite'."),
+    (["--format", "tflite"], "error: --format must be one of dynamo, onnx, executorch, web, got 'tflite'."),
     (["--max_new_tokens", "0"], "error: --max_new_tokens must be at least 1, got 0."),
     (["--prompt", "\u263a"], "error: --prompt has characters the model has never seen: ['\u263a']"),
 ])
