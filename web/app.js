@@ -73,6 +73,7 @@ class Tokenizer {
   constructor(info) {
     this.tokens = info.tokens;  // the text of each id; "" for special tokens (skipped when decoding)
     this.unk = info.unk_token_id;
+    this.unkToken = info.unk_token;
     this.before = info.ids_before;  // what encoding adds around a text (a model trained with <bos>/<eos>)
     this.after = info.ids_after;
     this.special = [...info.special_tokens].sort((a, b) => b.content.length - a.content.length);
@@ -198,26 +199,28 @@ function setState(state, message, isError = false) {
   $("stop").disabled = state !== "generating";
 }
 
-function readSettings() {  // the controls' values, or an Error naming the control and what it takes
-  const number = (id, low, high, integer = false) => {
-    const value = Number($(id).value);
-    const label = $(id).parentElement.firstChild.textContent.trim();
-    if ($(id).value.trim() === "" || !Number.isFinite(value) || value < low || value > high
+function readSettings() {  // the controls' values, or an Error naming the control and the values it takes
+  const number = (id) => {
+    const input = $(id);
+    const value = Number(input.value), low = Number(input.min), high = Number(input.max);
+    const integer = input.step === "1";
+    if (input.value.trim() === "" || !Number.isFinite(value) || value < low || value > high
         || (integer && !Number.isInteger(value))) {
+      const label = input.parentElement.firstChild.textContent.trim();
       throw new Error(`${label} must be ${integer ? "a whole number" : "a number"} from ${low} to ${high}.`);
     }
     return value;
   };
   return {
-    length: number("length", 1, 1000000, true), temperature: number("temperature", 0.01, 100),
-    topP: number("top_p", 0.01, 1), seed: number("seed", 0, 4294967295, true), greedy: $("greedy").checked,
+    length: number("length"), temperature: number("temperature"), topP: number("top_p"), seed: number("seed"),
+    greedy: $("greedy").checked,
   };
 }
 
 function showUnknown(tokenizer) {
   const { unknown } = tokenizer.encode($("prompt").value);
   $("unknown").textContent = unknown.length === 0 ? "" : `Not in the model's vocabulary, read as ${
-    tokenizer.tokens[tokenizer.unk] || "unknown"}: ${unknown.map((c) => `"${visible(c)}"`).join(" ")}`;
+    tokenizer.unkToken}: ${unknown.map((c) => `"${visible(c)}"`).join(" ")}`;
 }
 
 async function generate(model, tokenizer, info, run) {

@@ -19,6 +19,7 @@ does not read). `greedy_generate` carries them from one call to the next in that
 import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import logging
 import os
 import shutil
@@ -98,18 +99,24 @@ def _layers_own_kernel(model, export_format: str):
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence what the exporters say that is no news to a user: torch.onnx's list of torchlib functions it could not
-    inspect, torch.export's note that `nn.LSTM` reassigned its `_flat_weights` while traced (the eager model is
-    unchanged: tested), torch's deserializer falling back to pickle for the cache in a .pt2's example inputs (its
-    message fails to format in torch 2.13) and transformers 5.25's own deprecated call in its torch.export runner."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._export.serde.serialize")]
+    """Silence what the exporters say that is no news to a user: torch.onnx's progress lines on stdout ("[torch.onnx]
+    Run decompositions... ✅", six per graph) and its list of torchlib functions it could not inspect, onnx_ir's notes
+    on initializers it kept ("Skipped deduplication of initializer 'fill_2'"), transformers' warning that the
+    installed torch and onnxscript differ from those it tested (the export's check compares the programs with
+    generate(), and the extra pins the onnxscript that exports a GRU right), torch.export's note that `nn.LSTM`
+    reassigned its `_flat_weights` while traced (the eager model is unchanged: tested), torch's deserializer falling
+    back to pickle for the cache in a .pt2's example inputs (its message fails to format in torch 2.13), and
+    deprecation warnings of torch's pytree raised inside transformers' exporters (their calls, not ours)."""
+    names = ("torch.onnx", "torch._export.serde.serialize", "onnx_ir", "transformers.exporters.utils")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.filterwarnings("ignore", message="The tensor attributes .*_flat_weights")
             warnings.filterwarnings("ignore", message="`treespec.children_specs` is deprecated")
+            warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
             yield
     finally:
         for logger, level in zip(loggers, levels):
@@ -143,7 +150,8 @@ def _export(model, method: str, export_format: str, inputs: dict, **kwargs):
     `patch_forward_signature` restore it as an instance attribute), which would send every later `generate()` to
     transformers' slower loop (`CharLSTMForCausalLM._lean_decoding_possible`): it is taken off again here."""
     model.eval()  # dropout off: the exported graphs are for inference
-    exporter, config = _exporter_and_config(export_format)
+    with _quiet():  # the exporter warns of version drift when it is made
+        exporter, config = _exporter_and_config(export_format)
     _check_known_issues(model, export_format)
     had_forward = "forward" in model.__dict__
     try:

@@ -130,6 +130,8 @@ class Page:
     def generate(self, timeout: float | None = None, **controls) -> str:
         """Set the controls, press Generate, wait for the end; the page's text, or a RuntimeError with its status."""
         self.set(**controls)
+        # the last run's end state cleared first, so that it is not taken for this run's
+        self.driver.execute_script("document.body.dataset.state = 'submitted';")
         self.element("generate").click()
         self.wait_for("done", "error", timeout=timeout)
         if self.state == "error":

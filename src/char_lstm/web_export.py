@@ -112,7 +112,7 @@ def page_info(model, tokenizer, name_or_path: str, prompt: str, onnx_model) -> d
         "onnx_file": ONNX_FILE, "state_inputs": _state_inputs(onnx_model),
         "tokens": _tokens(tokenizer, config.vocab_size),
         "special_tokens": [{"id": i, "content": str(token)} for i, token in tokenizer.added_tokens_decoder.items()],
-        "unk_token_id": tokenizer.unk_token_id,
+        "unk_token_id": tokenizer.unk_token_id, "unk_token": str(tokenizer.unk_token),
         "ids_before": [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else [],
         "ids_after": [tokenizer.eos_token_id] if getattr(tokenizer, "add_eos_token", False) else [],
         "eos_token_ids": [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
