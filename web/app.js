@@ -166,17 +166,22 @@ function sample(logits, temperature, topP, random) {
   const weights = new Float64Array(logits.length);
   let total = 0;
   for (let i = 0; i < logits.length; i++) total += weights[i] = Math.exp((logits[i] - largest) / temperature);
-  let order = Array.from(weights.keys());
-  if (topP < 1) {
-    order.sort((a, b) => weights[b] - weights[a]);
-    let kept = 0, before = 0;
-    while (kept < order.length && before < topP * total) before += weights[order[kept++]];
-    order = order.slice(0, Math.max(kept, 1));
-    total = order.reduce((sum, i) => sum + weights[i], 0);
+  let smallest = 0;  // the smallest weight kept: all of them, unless top-p keeps fewer
+  if (topP < 1) {  // the likeliest first, until their sum reaches top-p
+    // sorted: the weights over 1e-4 of the largest, where they reach top-p (a trained model's few), else all of them
+    let sorted = weights.filter((weight) => weight >= 1e-4);
+    if (sorted.reduce((sum, weight) => sum + weight, 0) < topP * total) sorted = weights.slice();
+    sorted.sort();
+    let kept = 0, i = sorted.length;
+    while (i > 0 && kept < topP * total) kept += sorted[--i];
+    smallest = sorted[i];
+    total = kept;
   }
   let draw = random() * total;
-  for (const i of order) if ((draw -= weights[i]) < 0) return i;
-  return order[order.length - 1];
+  for (let i = 0; i < weights.length; i++) {
+    if (weights[i] >= smallest && (draw -= weights[i]) < 0) return i;
+  }
+  return argmax(logits);  // rounding left a sliver: the likeliest
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

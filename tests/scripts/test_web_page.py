@@ -118,6 +118,13 @@ def test_the_page_names_unknown_characters_shows_controls_and_refuses_bad_settin
             with pytest.raises(RuntimeError, match=message):
                 page.generate(**controls)
         assert page.generate(length=10).startswith("ROMEO:")  # the page works on after a refusal
+        page.set(length=1_000_000)  # a long run, stopped
+        page.element("generate").click()
+        page.wait_for("generating")
+        page.element("stop").click()
+        page.wait_for("done")
+        assert page.status.startswith("Generated ") and page.status.endswith(" (stopped).")
+        assert int(page.element("rate").get_attribute("data-characters")) < 1_000_000
         assert page.console_errors() == []
 
 
