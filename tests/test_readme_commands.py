@@ -25,7 +25,7 @@ from helpers import ROOT
 
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-NOT_OURS = ("pip", "lm_eval", "echo", "bash", "curl", "scripts/mutation.sh", "CHAR_LSTM_KILL_LOOP=8")
+NOT_OURS = ("pip", "npm", "cd", "lm_eval", "echo", "bash", "curl", "scripts/mutation.sh", "CHAR_LSTM_KILL_LOOP=8")
 
 
 def dataclass_parser(*classes):
