@@ -13,7 +13,10 @@ trust_remote_code, tokenizer files, generation_config.json, README.md model card
 MODEL_DIR-hub), then uploads it with huggingface_hub (token from HF_TOKEN or `hf auth login`). --dry_run stops after
 building the folder. --space you/char-demo also builds (in --space_dir, default MODEL_DIR-space) and uploads a Gradio
 Space running demo/app.py on the model: app.py, requirements.txt pinned to the versions tested here, README.md with the
-Spaces header.
+Spaces header. --web_space you/char-web also builds (in --web_space_dir, default MODEL_DIR-web-space) and uploads a
+static Space running the model in the visitor's browser, with no server: the page of `scripts/export.py --format web`
+(index.html, app.js, decode.onnx, model.json, ort/) and README.md with the Spaces header (sdk static, the model named);
+it needs the export extra and `npm ci` (or --web_runtime).
 """
 
 import sys

@@ -1,5 +1,6 @@
-"""Sharing CharLSTM models: the Hub folder, the Space and the upload. The model card is `char_lstm.model_card`; loading
-is `char_lstm.loading`."""
+"""Sharing CharLSTM models: the Hub folder, the Spaces (the Gradio demo; the page running the model in the browser)
+and the upload. The model card is `char_lstm.model_card`; loading is `char_lstm.loading`; the page is
+`char_lstm.web_export`."""
 
 import importlib.metadata
 import json
@@ -8,12 +9,14 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import facts, terminal
 from .errors import UsageError
+from .export import check_format, export_for_generation
 from .loading import load_model_and_tokenizer, missing_folder_message
 from .model_card import (
     RUN_INFO_NAME,
@@ -23,9 +26,11 @@ from .model_card import (
     results_from_training,
     write_model_card,
 )
+from .web_export import find_runtime, write_web_folder
 
 
 SPACE_APP = packaged_file("demo", "app.py")  # the Gradio demo, the app of the Space that --space builds
+WEB_PROMPT = "\n"  # the page's first prompt in the Space that --web_space builds (scripts/export.py's default)
 
 
 class HubError(UsageError):
@@ -63,6 +68,19 @@ def _make_empty(folder: str, flag: str, overwrite: bool) -> bool:
     return True
 
 
+def check_folders(model_dir: str, folders: dict[str, str]) -> None:
+    """The folders to build ({flag: folder}) are distinct and none holds the model (each is emptied first)."""
+    source, flags = os.path.realpath(model_dir), {}
+    for flag, folder in folders.items():
+        target = os.path.realpath(folder)
+        if source == target or source.startswith(target + os.sep):
+            raise HubError(f"{flag} {folder} would replace the model in --model_dir {model_dir}; choose another "
+                           "folder.")
+        if target in flags:
+            raise HubError(f"{flag} {folder} is also the {flags[target]}: choose another {flag}.")
+        flags[target] = flag
+
+
 def build_hub_folder(
     model_dir: str,
     folder: str,
@@ -76,11 +94,7 @@ def build_hub_folder(
     training curves' picture when the model folder has one."""
     check_repo_id(repo_id)
     check_model_dir(model_dir)
-    source, target = os.path.realpath(model_dir), os.path.realpath(folder)
-    if source == target or source.startswith(target + os.sep):
-        raise HubError(
-            f"--output_dir {folder} would replace the model in --model_dir {model_dir}; choose another folder."
-        )
+    check_folders(model_dir, {"--output_dir": folder})
     model, tokenizer = load_model_and_tokenizer(model_dir)  # before anything is deleted
     if _make_empty(folder, "--output_dir", overwrite):
         shutil.rmtree(folder)
@@ -141,11 +155,58 @@ def build_space_folder(folder: str, space_id: str, model_repo_id: str, overwrite
     header = {"title": space_id.split("/")[-1], "emoji": "\u270d\ufe0f", "colorFrom": "indigo", "colorTo": "gray",
               "sdk": "gradio", "sdk_version": versions["gradio"], "app_file": "app.py", "models": [model_repo_id],
               "short_description": "Character-level LSTM language model: type a prompt"}
+    write_space_card(folder, header, f"A demo of the character-level language model "
+                     f"[{model_repo_id}](https://huggingface.co/{model_repo_id}): type a prompt, choose the length, "
+                     "temperature, top-p and seed, and watch the characters come.")
+    return folder
+
+
+def write_space_card(folder: str, header: dict, body: str) -> None:
+    """The Space's README.md: the Spaces YAML header (https://huggingface.co/docs/hub/spaces-config-reference), its
+    title and `body`."""
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n"
-                f"# {header['title']}\n\nA demo of the character-level language model "
-                f"[{model_repo_id}](https://huggingface.co/{model_repo_id}): type a prompt, choose the length, "
-                "temperature, top-p and seed, and watch the characters come.\n")
+                f"# {header['title']}\n\n{body}\n")
+
+
+def check_web_space(space_id: str, folder: str, overwrite: bool = False, runtime_dir: str | None = None) -> str:
+    """What --web_space needs, checked before any work: its id, the ONNX export's packages, onnxruntime-web's files
+    and an empty --web_space_dir (unless `overwrite`). Returns the runtime's folder."""
+    check_repo_id(space_id, "--web_space")
+    try:
+        check_format("web")
+        runtime = find_runtime(runtime_dir)
+    except UsageError as error:  # worded for scripts/export.py --format web
+        message = str(error)
+        raise HubError(message.replace("--format web", "--web_space", 1) if message.startswith("--format web")
+                       else f"--web_space: {message}") from None
+    _make_empty(folder, "--web_space_dir", overwrite)
+    return runtime
+
+
+def build_web_space_folder(model_dir: str, folder: str, space_id: str, model_repo_id: str, overwrite: bool = False,
+                           runtime_dir: str | None = None) -> str:
+    """Write a ready-to-push static Space for `space_id` into `folder`: the page of `scripts/export.py --format web`
+    running the model of `model_dir` in the visitor's browser (index.html, app.js, decode.onnx, model.json naming the
+    model `model_repo_id`, ort/ with onnxruntime-web's WebAssembly build; `char_lstm.web_export`), and README.md with
+    the Spaces YAML header (sdk static, the model in `models`). Nothing runs on a server: no Python code."""
+    runtime = check_web_space(space_id, folder, overwrite, runtime_dir)
+    check_model_dir(model_dir)
+    check_folders(model_dir, {"--web_space_dir": folder})
+    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu", dtype=torch.float32)
+    input_ids = tokenizer([WEB_PROMPT], return_tensors="pt")["input_ids"]
+    exported = export_for_generation(model, input_ids, "onnx")  # the page runs its decode graph
+    if _make_empty(folder, "--web_space_dir", overwrite):
+        shutil.rmtree(folder)
+    # the page's title: the model's repository, not the local folder's name
+    write_web_folder(exported, model, tokenizer, folder, model_dir, WEB_PROMPT, runtime, name=model_repo_id)
+    header = {"title": space_id.split("/")[-1], "emoji": "\U0001f310", "colorFrom": "indigo", "colorTo": "gray",
+              "sdk": "static", "app_file": "index.html", "models": [model_repo_id],
+              "short_description": "A character-level LSTM writing in your browser"}
+    write_space_card(folder, header, f"The character-level language model [{model_repo_id}]"
+                     f"(https://huggingface.co/{model_repo_id}), running in your browser: ONNX Runtime Web "
+                     "(WebAssembly) runs its one-character step, `decode.onnx`, with no server. Type a prompt, choose "
+                     "the length, temperature and top-p, and watch the characters come.")
     return folder
 
 
@@ -168,13 +229,14 @@ def push_folder(
     commit_message: str = "Upload char_lstm model",
     token: str | None = None,
     repo_type: str = "model",
+    space_sdk: str = "gradio",
 ) -> str:
     """`create_repo` + `upload_folder`; returns the commit URL. The token comes from `token`, HF_TOKEN or the login.
-    `repo_type="space"` creates a Gradio Space."""
+    `repo_type="space"` creates a Space with `space_sdk` (gradio; static for a page)."""
     check_repo_id(repo_id)
     api = HfApi(token=require_token(token))
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type,
-                    space_sdk="gradio" if repo_type == "space" else None)
+                    space_sdk=space_sdk if repo_type == "space" else None)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, commit_message=commit_message,
@@ -204,6 +266,15 @@ class PushArguments:
     space_dir: str | None = field(
         default=None, metadata={"help": "Where to build the Space's folder (default: MODEL_DIR-space)."}
     )
+    web_space: str | None = field(default=None, metadata={
+        "help": "Also a static Space 'name' or 'user/name' running --repo_id in the visitor's browser (the page of "
+                "scripts/export.py --format web; needs the export extra and `npm ci`)."})
+    web_space_dir: str | None = field(
+        default=None, metadata={"help": "Where to build the static Space's folder (default: MODEL_DIR-web-space)."}
+    )
+    web_runtime: str | None = field(default=None, metadata={
+        "help": "--web_space: the dist folder of onnxruntime-web (default: node_modules/onnxruntime-web/dist of the "
+                "char_lstm checkout, after `npm ci`)."})
 
 
 def load_eval_results(path: str) -> dict:
@@ -231,28 +302,43 @@ def load_eval_results(path: str) -> dict:
 
 
 def run_push(args: PushArguments) -> str:
-    """Build the repository folder (and the Space's, with --space) and, unless --dry_run, upload it; returns the
-    folder."""
+    """Build the repository folder (and the Spaces', with --space and --web_space) and, unless --dry_run, upload them;
+    returns the repository folder."""
     check_repo_id(args.repo_id)
     if not args.dry_run:
         require_token()  # before any work
     folder = args.output_dir or os.path.normpath(args.model_dir) + "-hub"
     results = load_eval_results(args.eval_results) if args.eval_results else None
     space = args.space_dir or os.path.normpath(args.model_dir) + "-space"
+    web = args.web_space_dir or os.path.normpath(args.model_dir) + "-web-space"
+    check_folders(args.model_dir, {"--output_dir": folder, **({"--space_dir": space} if args.space else {}),
+                                   **({"--web_space_dir": web} if args.web_space else {})})
     if args.space:  # before any work
         check_repo_id(args.space, "--space")
         tested_versions()
         _make_empty(space, "--space_dir", args.overwrite_output_dir)
+    if args.web_space:
+        check_web_space(args.web_space, web, args.overwrite_output_dir, args.web_runtime)
+    elif args.web_runtime is not None:
+        raise HubError("--web_runtime is for --web_space: add --web_space NAME, or leave --web_runtime out.")
     build_hub_folder(args.model_dir, folder, args.repo_id, results, overwrite=args.overwrite_output_dir,
                      license=args.license)
     print(f"built {folder}: {', '.join(sorted(os.listdir(folder)))}")
     if args.space:
         build_space_folder(space, args.space, args.repo_id, overwrite=args.overwrite_output_dir)
         print(f"built {space}: {', '.join(sorted(os.listdir(space)))}")
+    if args.web_space:
+        build_web_space_folder(args.model_dir, web, args.web_space, args.repo_id, args.overwrite_output_dir,
+                               args.web_runtime)
+        print(f"built {web}: {', '.join(sorted(os.listdir(web)))}")
     if not args.dry_run:
         url = push_folder(folder, args.repo_id, args.private, args.revision, args.commit_message)
         print(f"pushed to https://huggingface.co/{args.repo_id} ({url})")
         if args.space:
             url = push_folder(space, args.space, args.private, commit_message="char_lstm demo", repo_type="space")
             print(f"pushed to https://huggingface.co/spaces/{args.space} ({url})")
+        if args.web_space:
+            url = push_folder(web, args.web_space, args.private, commit_message="char_lstm in the browser",
+                              repo_type="space", space_sdk="static")
+            print(f"pushed to https://huggingface.co/spaces/{args.web_space} ({url})")
     return folder

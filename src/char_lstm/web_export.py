@@ -100,12 +100,15 @@ def page_generation_settings(model) -> dict:
             "top_p": config.top_p if sampling and config.top_p else PAGE_DEFAULTS["top_p"]}
 
 
-def page_info(model, tokenizer, name_or_path: str, prompt: str, onnx_model) -> dict:
-    """model.json: what the page reads besides decode.onnx."""
+def page_info(model, tokenizer, name_or_path: str, prompt: str, onnx_model, name: str | None = None) -> dict:
+    """model.json: what the page reads besides decode.onnx. `name`, the page's title, defaults to the model's folder
+    name or Hub id."""
     config = model.config
     eos = model.generation_config.eos_token_id
+    if name is None:
+        name = os.path.basename(os.path.normpath(name_or_path)) if os.path.isdir(name_or_path) else name_or_path
     return {
-        "name": os.path.basename(os.path.normpath(name_or_path)) if os.path.isdir(name_or_path) else name_or_path,
+        "name": name,
         "facts": card_facts(name_or_path, model),
         "cell_type": config.cell_type, "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
@@ -135,13 +138,14 @@ def _decode_graph(exported):
 
 
 def write_web_folder(exported, model, tokenizer, output_dir: str, name_or_path: str, prompt: str,
-                     runtime_dir: str) -> dict[str, int]:
-    """Write the page's folder (the module docstring) into `output_dir`, which is empty or absent. Returns its files
-    and their sizes in bytes."""
+                     runtime_dir: str, name: str | None = None) -> dict[str, int]:
+    """Write the page's folder (the module docstring) for the model loaded from `name_or_path` into `output_dir`,
+    which is empty or absent; `name` is the page's title (default: `name_or_path`'s). Returns its files and their
+    sizes in bytes."""
     import onnx
 
     onnx_model = _decode_graph(exported)
-    info = page_info(model, tokenizer, name_or_path, prompt, onnx_model)
+    info = page_info(model, tokenizer, name_or_path, prompt, onnx_model, name)
     info["runtime"] = {"package": RUNTIME_PACKAGE, "version": _runtime_version(runtime_dir)}
     os.makedirs(os.path.join(output_dir, "ort"), exist_ok=True)
     onnx.save(onnx_model, os.path.join(output_dir, ONNX_FILE))

@@ -173,3 +173,139 @@ def test_train_push_to_hub_uploads_the_final_model_and_the_runs_card(tmp_path, h
     assert uploaded["README.md"] == (out / "README.md").read_bytes()  # the run's own card, not Trainer's
     assert "config.json" in uploaded and "modeling_char_lstm.py" in uploaded
     assert ("someone/pushed", "char_lstm training run") in hub.commits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --web_space: a static Space running the model in the visitor's browser (the page of scripts/export.py --format web)
+
+
+def web_unavailable() -> str | None:
+    """Why --web_space cannot build here (None: it can): the ONNX export's packages, onnxruntime-web's files."""
+    from char_lstm.errors import UsageError
+    from char_lstm.export import check_format
+    from char_lstm.web_export import find_runtime
+
+    try:
+        check_format("web")
+        find_runtime()
+    except UsageError as error:
+        return str(error)
+    return None
+
+
+WEB = pytest.mark.skipif(web_unavailable() is not None, reason=str(web_unavailable()))
+RUNTIME_FILES = {"ort/ort.wasm.min.mjs", "ort/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.wasm",
+                 "ort/package.json"}  # package.json: onnxruntime-web's version and license (MIT)
+WEB_SPACE_FILES = {"README.md", "index.html", "app.js", "decode.onnx", "model.json"} | RUNTIME_FILES
+
+
+def files_in(folder) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+
+@WEB
+def test_dry_run_builds_a_static_space_whose_page_generates_what_the_model_does(trained_model, tmp_path):
+    """--web_space builds the page of scripts/export.py --format web, and nothing a static Space cannot serve or does
+    not need (no Python, no requirements, no prefill graph, no weights beside decode.onnx), with README.md's Spaces
+    header: sdk static, index.html, the model named. Its decode.onnx and model.json generate greedily what the model
+    does."""
+    from char_lstm import load_model_and_tokenizer
+    from char_lstm.model_card import packaged_file
+    from char_lstm.web_export import greedy_through_page_files
+
+    web = tmp_path / "web-space"
+    result = call_script("push_to_hub.py", ["--model_dir", trained_model, "--repo_id", "someone/char-tiny",
+                                            "--output_dir", tmp_path / "repo", "--web_space", "someone/char-web",
+                                            "--web_space_dir", web, "--dry_run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"built {web}: README.md, app.js, decode.onnx, index.html, model.json, ort\n" in result.stdout
+    assert files_in(web) == WEB_SPACE_FILES
+    for name in ("index.html", "app.js"):
+        assert (web / name).read_bytes() == open(packaged_file("web", name), "rb").read()
+    card = (web / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["sdk"] == "static" and meta["app_file"] == "index.html" and meta["models"] == ["someone/char-tiny"]
+    assert meta["title"] == "char-web" and {"emoji", "colorFrom", "colorTo"} <= set(meta)
+    assert 0 < len(meta["short_description"]) <= 60  # the Hub's limit
+    assert "[someone/char-tiny](https://huggingface.co/someone/char-tiny)" in card
+    info = json.loads((web / "model.json").read_text())
+    assert info["name"] == "someone/char-tiny" and info["prompt"] == "\n"
+    model, tokenizer = load_model_and_tokenizer(trained_model)
+    # the model's facts, as the Gradio demo shows them: read from the training run's folder
+    assert info["facts"].startswith(f"**LSTM**, {model.config.num_hidden_layers} layers of 32 units, ")
+    assert "trained on **train.txt** (40 steps)" in info["facts"]
+    input_ids = tokenizer(["ROMEO:"], return_tensors="pt")["input_ids"]
+    expected = model.generate(input_ids, max_new_tokens=30, do_sample=False, temperature=None, top_k=None,
+                              top_p=None, pad_token_id=tokenizer.pad_token_id)
+    assert greedy_through_page_files(str(web), input_ids, 30).tolist() == expected.tolist()
+
+
+@WEB
+def test_push_creates_a_static_space_with_the_built_page(trained_model, tmp_path, hub):
+    """Through the stand-in Hub: the model repository and a Space created with the static SDK, whose one commit holds
+    the built folder byte for byte, ONNX Runtime's 15 MB WebAssembly stored through LFS as the Hub stores a file over
+    10 MB."""
+    web = tmp_path / "web-space"
+    result = run_script("push_to_hub.py", ["--model_dir", str(trained_model), "--repo_id", "someone/char-tiny",
+                                           "--output_dir", str(tmp_path / "repo"), "--web_space", "someone/char-web",
+                                           "--web_space_dir", str(web)], tmp_path, **hub.env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pushed to https://huggingface.co/spaces/someone/char-web (" in result.stdout
+    assert hub.kinds == {"someone/char-tiny": ("model", None), "someone/char-web": ("space", "static")}
+    uploaded = hub.repos["someone/char-web"]
+    assert set(uploaded) == files_in(web) == WEB_SPACE_FILES
+    assert all(uploaded[name] == (web / name).read_bytes() for name in uploaded)
+    assert {path for repo, path in hub.lfs_paths if repo == "someone/char-web"} == {"ort/ort-wasm-simd-threaded.wasm"}
+    assert hub.commits == [("someone/char-tiny", "Upload char_lstm model"), ("someone/char-web", "char_lstm in the "
+                                                                                                   "browser")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--web_space", "not a valid//id"], "error: Invalid --web_space 'not a valid//id': "),
+    (["--web_runtime", "{tmp}/dist"], "error: --web_runtime is for --web_space: add --web_space NAME, or leave "
+                                      "--web_runtime out."),
+    (["--web_space", "a/web", "--web_space_dir", "{model}", "--overwrite_output_dir"],
+     "error: --web_space_dir {model} would replace the model in --model_dir {model}; choose another folder."),
+    (["--web_space", "a/web", "--web_space_dir", "{tmp}/hub"],
+     "error: --web_space_dir {tmp}/hub is also the --output_dir: choose another --web_space_dir."),
+])
+def test_web_space_arguments_that_cannot_work_are_one_line(trained_model, tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path, model=trained_model) for a in argv]
+    result = call_script("push_to_hub.py", ["--model_dir", trained_model, "--repo_id", "a/b", "--dry_run",
+                                            "--output_dir", tmp_path / "hub", *argv], tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith(message.format(tmp=tmp_path, model=trained_model)), errors[0]
+    assert not (tmp_path / "hub").exists() and (trained_model / "model.safetensors").is_file()
+
+
+def test_web_space_without_the_onnx_packages_says_what_to_install(trained_model, tmp_path, monkeypatch):
+    """Before any work: onnxscript missing (here: hidden from importlib, as an uninstalled package is)."""
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    result = call_script("push_to_hub.py", ["--model_dir", trained_model, "--repo_id", "a/b", "--dry_run",
+                                            "--output_dir", tmp_path / "hub", "--web_space", "a/web"], tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("error: --web_space ") and "pip install" in errors[0], errors[0]
+    assert not (tmp_path / "hub").exists()
+
+
+@WEB
+def test_web_space_without_the_runtime_or_with_its_folder_in_use_is_one_line(trained_model, tmp_path):
+    """onnxruntime-web's files missing, and a --web_space_dir holding files without --overwrite_output_dir: one line
+    each, before any work; with --overwrite_output_dir the folder is built anew."""
+    argv = ["--model_dir", trained_model, "--repo_id", "a/b", "--dry_run", "--output_dir", tmp_path / "hub",
+            "--web_space", "a/web", "--web_space_dir", tmp_path / "web"]
+    (tmp_path / "dist").mkdir()
+    result = call_script("push_to_hub.py", [*argv, "--web_runtime", tmp_path / "dist"], tmp_path)
+    assert result.returncode == 2 and "error: --web_space needs onnxruntime-web's files, and --web_runtime " \
+        f"{tmp_path / 'dist'} has no ort.wasm.min.mjs, " in result.stderr and "run `npm ci`" in result.stderr
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "keep.txt").write_text("mine")
+    result = call_script("push_to_hub.py", argv, tmp_path)
+    assert result.returncode == 2 and (f"error: {tmp_path / 'web'} is not empty: choose another --web_space_dir or "
+                                       "pass --overwrite_output_dir.") in result.stderr
+    assert (tmp_path / "web" / "keep.txt").read_text() == "mine" and not (tmp_path / "hub").exists()
+    result = call_script("push_to_hub.py", [*argv, "--overwrite_output_dir"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files_in(tmp_path / "web") == WEB_SPACE_FILES
