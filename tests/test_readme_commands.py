@@ -63,6 +63,8 @@ PARSERS = {
     "scripts/benchmark.py": benchmark_parser,
     "benchmarks/benchmark.py": benchmark_parser,
     "benchmarks/scale.py": lambda argv: script_function("benchmarks/scale.py", "build_parser")().parse_args(argv),
+    "benchmarks/web.py": lambda argv: dataclass_parser(script_function("benchmarks/web.py",
+                                                                       "WebBenchmarkArguments"))(argv),
     "demo/app.py": demo_parser,
 }
 

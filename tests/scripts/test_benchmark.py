@@ -93,3 +93,55 @@ def test_the_whole_run_benchmark_splits_the_wall_time_and_reports_the_precision(
     assert result["steps"] == 4 and abs(parts - result["wall_s"]) < 1e-6 and result["periodic_eval_s"] > 0
     assert result["eval_characters"] > 0 and result["eval_loss_stderr"] >= 0
     assert "evaluation's share of the wall time" in done.stdout
+
+
+def _web_benchmark_unavailable() -> str | None:
+    """Why benchmarks/web.py cannot run here (None: it can): a browser to drive, onnxruntime-web's files."""
+    from char_lstm.errors import UsageError
+    from char_lstm.web_browser import browser_unavailable
+    from char_lstm.web_export import find_runtime
+
+    try:
+        find_runtime()
+    except UsageError as error:
+        return str(error)
+    return browser_unavailable()
+
+
+@pytest.mark.heavy  # a headless Chromium and its renderers beside the benchmark's process
+@pytest.mark.timeout(300)  # ~25 s wall at load 5 on 2 cores
+@pytest.mark.skipif(_web_benchmark_unavailable() is not None, reason=str(_web_benchmark_unavailable()))
+def test_the_web_benchmark_measures_both_sizes_in_the_page_and_in_python(tmp_path):
+    """benchmarks/web.py --quick: both presets' sizes, the page's characters/s beside generate()'s and their ratio, the
+    page's memory over its texts, the CPU named (the numbers mean nothing: no target judged)."""
+    import subprocess
+
+    from helpers import script_env
+
+    out = tmp_path / "web.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "web.py"), "--quick", "--output_json", str(out)],
+                          capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["benchmark"]: row for row in result["results"]}
+    for size in ("cpu-small", "char-rnn"):
+        assert rows[f"{size}: page / generate()"]["value"] > 0
+        assert rows[f"{size}: greedy text equal to generate()'s, share"]["value"] == 1.0
+        assert f"{size}: page / generate()" in done.stdout
+    assert "cpu-small (2x256 LSTM)" in done.stdout and "char-rnn (2x512 LSTM)" in done.stdout
+    assert ">= 0.25 n/a (quick)" in done.stdout and "MISSED" not in done.stdout
+    assert [sample["characters"] for sample in result["memory"]] == [1000, 1000]
+    assert result["environment"]["cpu"] in done.stdout and result["environment"]["onnxruntime_web"]
+
+
+def test_the_web_benchmark_without_onnxruntime_web_is_one_line(tmp_path):
+    """No runtime (or no browser): one line saying what is missing, exit code 2, as the scripts' bad arguments."""
+    import subprocess
+
+    from helpers import script_env
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "web.py"), "--web_runtime", str(tmp_path)],
+                          capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the web benchmark cannot run: ")
+    assert done.stdout == "" and not (tmp_path / "web_benchmark.json").exists()
