@@ -7,11 +7,14 @@
 // `scripts/export.py --format web`) holds the vocabulary, the state's inputs, the generation settings and the model's
 // facts. docs/export.md, "In the browser".
 
-import * as ort from "./ort/ort.wasm.min.mjs";
+import * as ort from "./ort/ort.wasm.min.js";
 
 // One thread: WebAssembly threads need a cross-origin-isolated page, which static hosts (and http.server) do not give.
 ort.env.wasm.numThreads = 1;
-ort.env.wasm.wasmPaths = new URL("./ort/", import.meta.url).href;  // this folder's copy, never a CDN
+ort.env.wasm.wasmPaths = {  // this folder's copy, never a CDN (its loader renamed .js: see char_lstm/web_export.py)
+  mjs: new URL("./ort/ort-wasm-simd-threaded.js", import.meta.url).href,
+  wasm: new URL("./ort/ort-wasm-simd-threaded.wasm", import.meta.url).href,
+};
 ort.env.logLevel = "error";
 
 const $ = (id) => document.getElementById(id);

@@ -28,9 +28,12 @@ from .model_card import packaged_file
 
 
 RUNTIME_PACKAGE = "onnxruntime-web"
-# the ES module of the WebAssembly build, the loader it imports and the WebAssembly it runs (one build: SIMD, threads
-# when the page is cross-origin isolated; the page asks for one thread)
-RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+# The ES module of the WebAssembly build, the loader it imports and the WebAssembly it runs (one build: SIMD, threads
+# when the page is cross-origin isolated; the page asks for one thread), and their names in the page's ort/: the
+# modules as .js, which every static host serves as JavaScript (browsers refuse a module of another type, and not
+# every host knows .mjs); app.js tells the runtime where its loader and its .wasm are.
+RUNTIME_FILES = {"ort.wasm.min.mjs": "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs": "ort-wasm-simd-threaded.js",
+                 "ort-wasm-simd-threaded.wasm": "ort-wasm-simd-threaded.wasm"}
 PAGE_FILES = ("index.html", "app.js")
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_RUNTIME = os.path.join(_CHECKOUT, "node_modules", RUNTIME_PACKAGE, "dist")
@@ -153,8 +156,8 @@ def write_web_folder(exported, model, tokenizer, output_dir: str, name_or_path: 
         json.dump(info, f, ensure_ascii=False, indent=1)
     for name in PAGE_FILES:
         shutil.copyfile(packaged_file("web", name), os.path.join(output_dir, name))
-    for name in RUNTIME_FILES:
-        shutil.copyfile(os.path.join(runtime_dir, name), os.path.join(output_dir, "ort", name))
+    for name, copy in RUNTIME_FILES.items():
+        shutil.copyfile(os.path.join(runtime_dir, name), os.path.join(output_dir, "ort", copy))
     package = os.path.join(os.path.dirname(runtime_dir), "package.json")  # its version and license (MIT)
     if os.path.isfile(package):
         shutil.copyfile(package, os.path.join(output_dir, "ort", "package.json"))

@@ -194,7 +194,7 @@ def web_unavailable() -> str | None:
 
 
 WEB = pytest.mark.skipif(web_unavailable() is not None, reason=str(web_unavailable()))
-RUNTIME_FILES = {"ort/ort.wasm.min.mjs", "ort/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.wasm",
+RUNTIME_FILES = {"ort/ort.wasm.min.js", "ort/ort-wasm-simd-threaded.js", "ort/ort-wasm-simd-threaded.wasm",
                  "ort/package.json"}  # package.json: onnxruntime-web's version and license (MIT)
 WEB_SPACE_FILES = {"README.md", "index.html", "app.js", "decode.onnx", "model.json"} | RUNTIME_FILES
 
