@@ -39,6 +39,9 @@ def test_pyproject_packages_every_subpackage_and_the_card_template():
     # the demo app, which scripts/push_to_hub.py --space copies into a Space
     assert ROOT / setuptools["package-dir"]["char_lstm.demo"] / "app.py" == ROOT / "demo" / "app.py"
     assert setuptools["package-data"]["char_lstm.demo"] == ["app.py"]
+    # the web page, which scripts/export.py --format web writes
+    assert ROOT / setuptools["package-dir"]["char_lstm.web"] == ROOT / "web"
+    assert all((ROOT / "web" / name).is_file() for name in setuptools["package-data"]["char_lstm.web"])
 
 
 @pytest.mark.slow
@@ -48,7 +51,7 @@ def test_pyproject_packages_every_subpackage_and_the_card_template():
 def test_built_wheel_holds_every_module_and_renders_a_model_card(tmp_path):
     source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in ("src", "model_cards"):
+    for name in ("src", "model_cards", "demo", "web"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
@@ -60,6 +63,7 @@ def test_built_wheel_holds_every_module_and_renders_a_model_card(tmp_path):
     modules = {path.relative_to(ROOT / "src").as_posix() for path in (ROOT / "src").rglob("*.py")}
     assert modules - packaged == set()  # a subpackage missing from pyproject.toml's list shows here
     assert "char_lstm/model_cards/char_lstm.md" in packaged and "char_lstm/demo/app.py" in packaged
+    assert {"char_lstm/web/index.html", "char_lstm/web/app.js"} <= packaged
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
