@@ -63,7 +63,7 @@ def test_built_wheel_holds_every_module_and_renders_a_model_card(tmp_path):
     modules = {path.relative_to(ROOT / "src").as_posix() for path in (ROOT / "src").rglob("*.py")}
     assert modules - packaged == set()  # a subpackage missing from pyproject.toml's list shows here
     assert "char_lstm/model_cards/char_lstm.md" in packaged and "char_lstm/demo/app.py" in packaged
-    assert {"char_lstm/web/index.html", "char_lstm/web/app.js"} <= packaged
+    assert {"char_lstm/web/index.html", "char_lstm/web/app.js", "char_lstm/web/decoding.js"} <= packaged
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,

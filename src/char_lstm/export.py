@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -106,18 +107,23 @@ def _quiet():
     generate(), and the extra pins the onnxscript that exports a GRU right), torch.export's note that `nn.LSTM`
     reassigned its `_flat_weights` while traced (the eager model is unchanged: tested), torch's deserializer falling
     back to pickle for the cache in a .pt2's example inputs (its message fails to format in torch 2.13), and
-    deprecation warnings of torch's pytree raised inside transformers' exporters (their calls, not ours)."""
+    deprecation warnings of torch's pytree raised inside transformers' exporters (their calls, not ours). When the
+    export fails, what it printed goes to stderr before the error."""
     names = ("torch.onnx", "torch._export.serde.serialize", "onnx_ir", "transformers.exporters.utils")
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    printed = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             warnings.filterwarnings("ignore", message="The tensor attributes .*_flat_weights")
             warnings.filterwarnings("ignore", message="`treespec.children_specs` is deprecated")
             warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
             yield
+    except BaseException:  # a failed export: what the exporter printed is the diagnosis
+        sys.stderr.write(printed.getvalue())
+        raise
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

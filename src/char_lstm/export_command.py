@@ -2,7 +2,6 @@
 web` is `char_lstm.web_export`."""
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -81,12 +80,11 @@ def run_export(args: ExportArguments) -> GreedyCheck | None:
     if unknown:
         raise UsageError(f"--prompt has characters the model has never seen: {unknown}; use characters of its "
                          "vocabulary.")
-    input_ids = tokenizer([args.prompt], return_tensors="pt")["input_ids"]
     web = args.format == "web"
+    input_ids = tokenizer([args.prompt], return_tensors="pt")["input_ids"]
     exported, seconds = timed(export_for_generation, model, input_ids, "onnx" if web else args.format)
-    if web:
-        if _in_use(args.output_dir, args.overwrite_output_dir):
-            shutil.rmtree(args.output_dir)
+    if web:  # replaces a folder there only once the new one is complete
+        _in_use(args.output_dir, args.overwrite_output_dir)
         files = write_web_folder(exported, model, tokenizer, args.output_dir, args.model_name_or_path, args.prompt,
                                  find_runtime(args.web_runtime))
     else:

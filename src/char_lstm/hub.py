@@ -16,7 +16,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import facts, terminal
 from .errors import UsageError
-from .export import check_format, export_for_generation
+from .export import GreedyCheck, check_format, export_for_generation, generate_greedily
 from .loading import load_model_and_tokenizer, missing_folder_message
 from .model_card import (
     RUN_INFO_NAME,
@@ -26,11 +26,12 @@ from .model_card import (
     results_from_training,
     write_model_card,
 )
-from .web_export import find_runtime, write_web_folder
+from .web_export import find_runtime, first_prompt, greedy_through_page_files, write_web_folder
 
 
 SPACE_APP = packaged_file("demo", "app.py")  # the Gradio demo, the app of the Space that --space builds
 WEB_PROMPT = "\n"  # the page's first prompt in the Space that --web_space builds (scripts/export.py's default)
+WEB_CHECK_CHARACTERS = 100  # greedy characters compared with generate() before the Space is uploaded
 
 
 class HubError(UsageError):
@@ -194,12 +195,18 @@ def build_web_space_folder(model_dir: str, folder: str, space_id: str, model_rep
     check_model_dir(model_dir)
     check_folders(model_dir, {"--web_space_dir": folder})
     model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu", dtype=torch.float32)
-    input_ids = tokenizer([WEB_PROMPT], return_tensors="pt")["input_ids"]
+    prompt = first_prompt(tokenizer, WEB_PROMPT)
+    input_ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
     exported = export_for_generation(model, input_ids, "onnx")  # the page runs its decode graph
-    if _make_empty(folder, "--web_space_dir", overwrite):
-        shutil.rmtree(folder)
+    _make_empty(folder, "--web_space_dir", overwrite)  # replaced once the new folder is complete
     # the page's title: the model's repository, not the local folder's name
-    write_web_folder(exported, model, tokenizer, folder, model_dir, WEB_PROMPT, runtime, name=model_repo_id)
+    write_web_folder(exported, model, tokenizer, folder, model_dir, prompt, runtime, name=model_repo_id)
+    # checked as scripts/export.py --format web checks it: greedy text through the page's files is generate()'s
+    check = GreedyCheck(expected=generate_greedily(model, input_ids, WEB_CHECK_CHARACTERS),
+                        got=greedy_through_page_files(folder, input_ids, WEB_CHECK_CHARACTERS))
+    if not check.equal:
+        raise HubError(f"--web_space: the page's greedy text through {folder}/decode.onnx differs from generate()'s "
+                       f"from token {check.first_difference} on; nothing was uploaded (the files are in {folder}).")
     header = {"title": space_id.split("/")[-1], "emoji": "\U0001f310", "colorFrom": "indigo", "colorTo": "gray",
               "sdk": "static", "app_file": "index.html", "models": [model_repo_id],
               "short_description": "A character-level LSTM writing in your browser"}

@@ -3,7 +3,8 @@ model in a page, with no server (docs/export.md, "In the browser").
 
 The folder holds:
 
-- ``index.html`` and ``app.js``: the page (web/ in the checkout, packaged as char_lstm.web);
+- ``index.html``, ``app.js`` and ``decoding.js``: the page, its script and the script's arithmetic (tokenizer,
+  sampling, the text as shown) (web/ in the checkout, packaged as char_lstm.web);
 - ``decode.onnx``: the model's one-character step exported by transformers' ONNX exporter (`char_lstm.export`), its
   weights inside the file: one token and the recurrent state in, the logits and the next state out;
 - ``model.json``: what the page needs besides: the vocabulary, the state's inputs, the generation settings, the
@@ -34,7 +35,7 @@ RUNTIME_PACKAGE = "onnxruntime-web"
 # every host knows .mjs); app.js tells the runtime where its loader and its .wasm are.
 RUNTIME_FILES = {"ort.wasm.min.mjs": "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs": "ort-wasm-simd-threaded.js",
                  "ort-wasm-simd-threaded.wasm": "ort-wasm-simd-threaded.wasm"}
-PAGE_FILES = ("index.html", "app.js")
+PAGE_FILES = ("index.html", "app.js", "decoding.js")
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_RUNTIME = os.path.join(_CHECKOUT, "node_modules", RUNTIME_PACKAGE, "dist")
 # A page's WebAssembly memory is 4 GB at most (32-bit addresses), for the weights, the runtime and its buffers.
@@ -74,6 +75,18 @@ def _tokens(tokenizer, vocab_size: int) -> list[str]:
             for i in range(vocab_size)]
 
 
+def tokenizer_info(tokenizer, vocab_size: int) -> dict:
+    """What the page's Tokenizer (web/decoding.js) reads: the text of every id, the special tokens (one token each
+    where typed as written), the unknown token, and the ids encoding adds before and after a text."""
+    return {
+        "tokens": _tokens(tokenizer, vocab_size),
+        "special_tokens": [{"id": i, "content": str(token)} for i, token in tokenizer.added_tokens_decoder.items()],
+        "unk_token_id": tokenizer.unk_token_id, "unk_token": str(tokenizer.unk_token),
+        "ids_before": [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else [],
+        "ids_after": [tokenizer.eos_token_id] if getattr(tokenizer, "add_eos_token", False) else [],
+    }
+
+
 def _state_inputs(onnx_model) -> list[dict]:
     """The decode graph's state inputs (all but `input_ids`): name, the output that gives the next one, dtype, dims."""
     import onnx
@@ -95,12 +108,14 @@ def _state_inputs(onnx_model) -> list[dict]:
 
 def page_generation_settings(model) -> dict:
     """The page's first settings: sampling (greedy is a checkbox), with the model's temperature and top-p where its
-    generation config samples, else the demo's."""
+    generation config samples, else the demo's. The page samples with these two alone, as the Gradio demo does (a
+    config's top-k or repetition penalty is not applied)."""
     config = model.generation_config
     sampling = bool(config.do_sample)
-    return {"do_sample": True, "max_new_tokens": PAGE_DEFAULTS["max_new_tokens"],
-            "temperature": config.temperature if sampling and config.temperature else PAGE_DEFAULTS["temperature"],
-            "top_p": config.top_p if sampling and config.top_p else PAGE_DEFAULTS["top_p"]}
+    temperature = config.temperature if sampling and config.temperature else PAGE_DEFAULTS["temperature"]
+    top_p = config.top_p if sampling and config.top_p else PAGE_DEFAULTS["top_p"]
+    return {"do_sample": True, "max_new_tokens": PAGE_DEFAULTS["max_new_tokens"],  # within the page's ranges:
+            "temperature": min(max(temperature, 0.01), 100.0), "top_p": min(max(top_p, 0.01), 1.0)}
 
 
 def page_info(model, tokenizer, name_or_path: str, prompt: str, onnx_model, name: str | None = None) -> dict:
@@ -116,11 +131,7 @@ def page_info(model, tokenizer, name_or_path: str, prompt: str, onnx_model, name
         "cell_type": config.cell_type, "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
         "onnx_file": ONNX_FILE, "state_inputs": _state_inputs(onnx_model),
-        "tokens": _tokens(tokenizer, config.vocab_size),
-        "special_tokens": [{"id": i, "content": str(token)} for i, token in tokenizer.added_tokens_decoder.items()],
-        "unk_token_id": tokenizer.unk_token_id, "unk_token": str(tokenizer.unk_token),
-        "ids_before": [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else [],
-        "ids_after": [tokenizer.eos_token_id] if getattr(tokenizer, "add_eos_token", False) else [],
+        **tokenizer_info(tokenizer, config.vocab_size),
         "eos_token_ids": [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         "prompt": prompt, "generation": page_generation_settings(model),
     }
@@ -140,29 +151,51 @@ def _decode_graph(exported):
     return onnx_model
 
 
+def first_prompt(tokenizer, prompt: str = "\n") -> str:
+    """`prompt` where the vocabulary has all its characters, else the vocabulary's first character (a page's first
+    prompt, which a visitor replaces)."""
+    if not (hasattr(tokenizer, "oov_characters") and tokenizer.oov_characters(prompt)):
+        return prompt
+    special = set(tokenizer.all_special_ids)
+    return next(token for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+                if i not in special)
+
+
 def write_web_folder(exported, model, tokenizer, output_dir: str, name_or_path: str, prompt: str,
                      runtime_dir: str, name: str | None = None) -> dict[str, int]:
-    """Write the page's folder (the module docstring) for the model loaded from `name_or_path` into `output_dir`,
-    which is empty or absent; `name` is the page's title (default: `name_or_path`'s). Returns its files and their
-    sizes in bytes."""
+    """Write the page's folder (the module docstring) for the model loaded from `name_or_path` into `output_dir`;
+    `name` is the page's title (default: `name_or_path`'s). The folder is written beside `output_dir` first and takes
+    its place only when complete: a folder there before (the caller allowed replacing it) stays until then, and a
+    failed export leaves it as it was. Returns the files and their sizes in bytes."""
     import onnx
 
-    onnx_model = _decode_graph(exported)
-    info = page_info(model, tokenizer, name_or_path, prompt, onnx_model, name)
-    info["runtime"] = {"package": RUNTIME_PACKAGE, "version": _runtime_version(runtime_dir)}
-    os.makedirs(os.path.join(output_dir, "ort"), exist_ok=True)
-    onnx.save(onnx_model, os.path.join(output_dir, ONNX_FILE))
-    with open(os.path.join(output_dir, INFO_FILE), "w", encoding="utf-8") as f:
-        json.dump(info, f, ensure_ascii=False, indent=1)
-    for name in PAGE_FILES:
-        shutil.copyfile(packaged_file("web", name), os.path.join(output_dir, name))
-    for name, copy in RUNTIME_FILES.items():
-        shutil.copyfile(os.path.join(runtime_dir, name), os.path.join(output_dir, "ort", copy))
-    package = os.path.join(os.path.dirname(runtime_dir), "package.json")  # its version and license (MIT)
-    if os.path.isfile(package):
-        shutil.copyfile(package, os.path.join(output_dir, "ort", "package.json"))
-    return {os.path.relpath(os.path.join(root, name), output_dir): os.path.getsize(os.path.join(root, name))
-            for root, _, names in os.walk(output_dir) for name in sorted(names)}
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}-", dir=parent)
+    try:
+        onnx_model = _decode_graph(exported)
+        info = page_info(model, tokenizer, name_or_path, prompt, onnx_model, name)
+        info["runtime"] = {"package": RUNTIME_PACKAGE, "version": _runtime_version(runtime_dir)}
+        os.makedirs(os.path.join(scratch, "ort"))
+        onnx.save(onnx_model, os.path.join(scratch, ONNX_FILE))
+        with open(os.path.join(scratch, INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump(info, f, ensure_ascii=False, indent=1)
+        for page_file in PAGE_FILES:
+            shutil.copyfile(packaged_file("web", page_file), os.path.join(scratch, page_file))
+        for runtime_file, copy in RUNTIME_FILES.items():
+            shutil.copyfile(os.path.join(runtime_dir, runtime_file), os.path.join(scratch, "ort", copy))
+        package = os.path.join(os.path.dirname(runtime_dir), "package.json")  # its version and license (MIT)
+        if os.path.isfile(package):
+            shutil.copyfile(package, os.path.join(scratch, "ort", "package.json"))
+        os.chmod(scratch, 0o755)  # mkdtemp's folder is the owner's alone: a served folder is readable
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(scratch, output_dir)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return {os.path.relpath(os.path.join(root, file), output_dir): os.path.getsize(os.path.join(root, file))
+            for root, _, files in os.walk(output_dir) for file in sorted(files)}
 
 
 def greedy_through_page_files(folder: str, input_ids: torch.LongTensor, max_new_tokens: int) -> torch.LongTensor:

@@ -196,7 +196,7 @@ def web_unavailable() -> str | None:
 WEB = pytest.mark.skipif(web_unavailable() is not None, reason=str(web_unavailable()))
 RUNTIME_FILES = {"ort/ort.wasm.min.js", "ort/ort-wasm-simd-threaded.js", "ort/ort-wasm-simd-threaded.wasm",
                  "ort/package.json"}  # package.json: onnxruntime-web's version and license (MIT)
-WEB_SPACE_FILES = {"README.md", "index.html", "app.js", "decode.onnx", "model.json"} | RUNTIME_FILES
+WEB_SPACE_FILES = {"README.md", "index.html", "app.js", "decoding.js", "decode.onnx", "model.json"} | RUNTIME_FILES
 
 
 def files_in(folder) -> set[str]:
@@ -218,7 +218,7 @@ def test_dry_run_builds_a_static_space_whose_page_generates_what_the_model_does(
                                             "--output_dir", tmp_path / "repo", "--web_space", "someone/char-web",
                                             "--web_space_dir", web, "--dry_run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"built {web}: README.md, app.js, decode.onnx, index.html, model.json, ort\n" in result.stdout
+    assert f"built {web}: README.md, app.js, decode.onnx, decoding.js, index.html, model.json, ort\n" in result.stdout
     assert files_in(web) == WEB_SPACE_FILES
     for name in ("index.html", "app.js"):
         assert (web / name).read_bytes() == open(packaged_file("web", name), "rb").read()
