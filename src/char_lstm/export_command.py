@@ -84,9 +84,8 @@ def run_export(args: ExportArguments) -> GreedyCheck | None:
     input_ids = tokenizer([args.prompt], return_tensors="pt")["input_ids"]
     exported, seconds = timed(export_for_generation, model, input_ids, "onnx" if web else args.format)
     if web:  # replaces a folder there only once the new one is complete
-        _in_use(args.output_dir, args.overwrite_output_dir)
         files = write_web_folder(exported, model, tokenizer, args.output_dir, args.model_name_or_path, args.prompt,
-                                 find_runtime(args.web_runtime))
+                                 find_runtime(args.web_runtime), overwrite=args.overwrite_output_dir)
     else:
         files = save_export(exported, tokenizer, args.output_dir, args.overwrite_output_dir)
     config = model.config

@@ -200,7 +200,8 @@ def build_web_space_folder(model_dir: str, folder: str, space_id: str, model_rep
     exported = export_for_generation(model, input_ids, "onnx")  # the page runs its decode graph
     _make_empty(folder, "--web_space_dir", overwrite)  # replaced once the new folder is complete
     # the page's title: the model's repository, not the local folder's name
-    write_web_folder(exported, model, tokenizer, folder, model_dir, prompt, runtime, name=model_repo_id)
+    write_web_folder(exported, model, tokenizer, folder, model_dir, prompt, runtime, name=model_repo_id,
+                     overwrite=overwrite, flag="--web_space_dir")
     # checked as scripts/export.py --format web checks it: greedy text through the page's files is generate()'s
     check = GreedyCheck(expected=generate_greedily(model, input_ids, WEB_CHECK_CHARACTERS),
                         got=greedy_through_page_files(folder, input_ids, WEB_CHECK_CHARACTERS))

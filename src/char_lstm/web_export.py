@@ -16,6 +16,7 @@ The folder holds:
 `scripts/push_to_hub.py --web_space`).
 """
 
+import errno
 import json
 import os
 import shutil
@@ -65,6 +66,10 @@ def _runtime_version(runtime_dir: str) -> str | None:
             return json.load(f).get("version")
     except (OSError, ValueError):
         return None
+
+
+def _runtime_bytes(runtime_dir: str) -> int:
+    return sum(os.path.getsize(os.path.join(runtime_dir, name)) for name in RUNTIME_FILES)
 
 
 def _tokens(tokenizer, vocab_size: int) -> list[str]:
@@ -161,39 +166,55 @@ def first_prompt(tokenizer, prompt: str = "\n") -> str:
                 if i not in special)
 
 
-def write_web_folder(exported, model, tokenizer, output_dir: str, name_or_path: str, prompt: str,
-                     runtime_dir: str, name: str | None = None) -> dict[str, int]:
-    """Write the page's folder (the module docstring) for the model loaded from `name_or_path` into `output_dir`;
-    `name` is the page's title (default: `name_or_path`'s). The folder is written beside `output_dir` first and takes
-    its place only when complete: a folder there before (the caller allowed replacing it) stays until then, and a
-    failed export leaves it as it was. Returns the files and their sizes in bytes."""
+def _write_page(scratch: str, exported, model, tokenizer, name_or_path: str, prompt: str, runtime_dir: str,
+                name: str | None) -> None:
+    """The page's files (the module docstring), written into the empty folder `scratch`."""
     import onnx
 
+    onnx_model = _decode_graph(exported)
+    info = page_info(model, tokenizer, name_or_path, prompt, onnx_model, name)
+    info["runtime"] = {"package": RUNTIME_PACKAGE, "version": _runtime_version(runtime_dir)}
+    os.makedirs(os.path.join(scratch, "ort"))
+    onnx.save(onnx_model, os.path.join(scratch, ONNX_FILE))
+    with open(os.path.join(scratch, INFO_FILE), "w", encoding="utf-8") as f:
+        json.dump(info, f, ensure_ascii=False, indent=1)
+    for page_file in PAGE_FILES:
+        shutil.copyfile(packaged_file("web", page_file), os.path.join(scratch, page_file))
+    for runtime_file, copy in RUNTIME_FILES.items():
+        shutil.copyfile(os.path.join(runtime_dir, runtime_file), os.path.join(scratch, "ort", copy))
+    package = os.path.join(os.path.dirname(runtime_dir), "package.json")  # its version and license (MIT)
+    if os.path.isfile(package):
+        shutil.copyfile(package, os.path.join(scratch, "ort", "package.json"))
+    os.chmod(scratch, 0o755)  # mkdtemp's folder is the owner's alone: a served folder is readable
+
+
+def write_web_folder(exported, model, tokenizer, output_dir: str, name_or_path: str, prompt: str,
+                     runtime_dir: str, name: str | None = None, overwrite: bool = False,
+                     flag: str = "--output_dir") -> dict[str, int]:
+    """Write the page's folder (the module docstring) for the model loaded from `name_or_path` into `output_dir`;
+    `name` is the page's title (default: `name_or_path`'s). The folder is written beside `output_dir` first and takes
+    its place only when complete: a folder there before stays until then (replaced only with `overwrite`), and a
+    failed export leaves it as it was. `flag` names `output_dir` in errors. Returns the files and their sizes in
+    bytes."""
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}-", dir=parent)
     try:
-        onnx_model = _decode_graph(exported)
-        info = page_info(model, tokenizer, name_or_path, prompt, onnx_model, name)
-        info["runtime"] = {"package": RUNTIME_PACKAGE, "version": _runtime_version(runtime_dir)}
-        os.makedirs(os.path.join(scratch, "ort"))
-        onnx.save(onnx_model, os.path.join(scratch, ONNX_FILE))
-        with open(os.path.join(scratch, INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, ensure_ascii=False, indent=1)
-        for page_file in PAGE_FILES:
-            shutil.copyfile(packaged_file("web", page_file), os.path.join(scratch, page_file))
-        for runtime_file, copy in RUNTIME_FILES.items():
-            shutil.copyfile(os.path.join(runtime_dir, runtime_file), os.path.join(scratch, "ort", copy))
-        package = os.path.join(os.path.dirname(runtime_dir), "package.json")  # its version and license (MIT)
-        if os.path.isfile(package):
-            shutil.copyfile(package, os.path.join(scratch, "ort", "package.json"))
-        os.chmod(scratch, 0o755)  # mkdtemp's folder is the owner's alone: a served folder is readable
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(scratch, output_dir)
-    except BaseException:
+        _write_page(scratch, exported, model, tokenizer, name_or_path, prompt, runtime_dir, name)
+    except BaseException as error:
         shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise UsageError(f"No space left on the device of {parent} for the page (the runtime alone is "
+                             f"{_runtime_bytes(runtime_dir) / 1e6:.0f} MB, then the model's weights): free some, or "
+                             f"choose another {flag}.") from None
         raise
+    if os.path.exists(output_dir) and not (overwrite and os.path.isdir(output_dir)):
+        # written by another run while this one exported (the caller found it free): theirs stays, and so does ours
+        raise UsageError(f"{output_dir} was written by another run while this one exported; this export's page is "
+                         f"in {scratch}: choose another {flag}, or pass --overwrite_output_dir to replace it.")
+    if os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(scratch, output_dir)
     return {os.path.relpath(os.path.join(root, file), output_dir): os.path.getsize(os.path.join(root, file))
             for root, _, files in os.walk(output_dir) for file in sorted(files)}
 

@@ -171,6 +171,15 @@ def test_a_failed_web_export_leaves_the_folder_there_as_it_was(tokenizer, tmp_pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["runtime", "web"]
     assert [path.name for path in old.iterdir()] == ["index.html"]
     assert (old / "index.html").read_text() == "the page published before"
+    # a folder that another run wrote while this one exported is not replaced without overwrite: both pages stay
+    written_meanwhile = (r"was written by another run while this one exported; this export's page is in .*/\.web-\w+: "
+                         r"choose another --output_dir, or pass --overwrite_output_dir")
+    with pytest.raises(UsageError, match=written_meanwhile):
+        write_web_folder(exported, model, tokenizer, str(old), "model", PROMPT, find_runtime())
+    (scratch,) = [path for path in tmp_path.iterdir() if path.name.startswith(".web-")]
+    assert (scratch / "index.html").is_file() and (old / "index.html").read_text() == "the page published before"
+    files = write_web_folder(exported, model, tokenizer, str(old), "model", PROMPT, find_runtime(), overwrite=True)
+    assert "decode.onnx" in files and "<html" in (old / "index.html").read_text()
 
 
 def test_the_page_opened_from_the_disk_says_how_to_serve_it(tokenizer, browser, tmp_path):
