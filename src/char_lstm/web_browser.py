@@ -138,6 +138,11 @@ class Page:
             raise RuntimeError(self.status)
         return self.text
 
+    def requested_urls(self) -> list[str]:
+        """Every URL the page has loaded: the document, its scripts, the model, the runtime's files."""
+        return self.driver.execute_script("return [location.href, ...performance.getEntriesByType('resource')"
+                                          ".map((entry) => entry.name)];")
+
     def console_errors(self) -> list[str]:
         """The console's errors (and failed requests) since the last call."""
         return [entry["message"] for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]

@@ -101,6 +101,10 @@ def test_the_trained_models_page_samples_by_seed_and_shows_its_facts(trained_mod
         assert int(page.element("rate").get_attribute("data-characters")) <= 300
         browser.save_screenshot(str(tmp_path / "page.png"))
         assert page.console_errors() == []
+        # everything from the folder (no CDN): the page, its scripts, the model and the runtime
+        loaded = {requested.removeprefix(url) for requested in page.requested_urls()}
+        assert {"", "app.js", "decoding.js", "model.json", "decode.onnx", "ort/ort.wasm.min.js",
+                "ort/ort-wasm-simd-threaded.js", "ort/ort-wasm-simd-threaded.wasm"} == loaded, loaded
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
 
