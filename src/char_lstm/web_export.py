@@ -107,7 +107,7 @@ def _state_inputs(onnx_model) -> list[dict]:
             raise ValueError(f"{ONNX_FILE} has no output {output!r} for its state input {graph_input.name!r}.")
         inputs.append({"name": graph_input.name, "output": output,
                        "type": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
-                       "dims": [dim.dim_value for dim in tensor.shape.dim]})
+                       "dims": [dim.dim_value or 1 for dim in tensor.shape.dim]})  # a named axis: batch 1
     return inputs
 
 
