@@ -27,10 +27,10 @@ from transformers.hf_argparser import string_to_bool
 
 try:  # installed: its classes load a char_lstm model, and no code from the model's folder or repository runs
     import char_lstm  # noqa: F401  (registers the char_lstm model type with the Auto classes)
-    from char_lstm.facts import card_facts
+    from char_lstm.facts import card_facts, display_name
     from char_lstm.terminal import visible_controls
 except ImportError:  # a Space, without char_lstm: scripts/push_to_hub.py --space puts these next to app.py
-    from facts import card_facts
+    from facts import card_facts, display_name
     from terminal import visible_controls
 
 MODEL_ID = None  # the model a Space shows (set by scripts/push_to_hub.py --space); --model wins
@@ -85,7 +85,7 @@ def build_demo(model: str, trust_remote_code: bool = False) -> gr.Blocks:
     `from_pretrained` does)."""
     network = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code).eval()
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+    name = display_name(model)
 
     def generate(prompt: str, length: float, temperature: float, top_p: float, seed: float):
         yield from stream_generation(network, tokenizer, prompt, length, temperature, top_p, seed)

@@ -185,7 +185,6 @@ async function main() {
   $("length").value = info.generation.max_new_tokens;
   $("temperature").value = info.generation.temperature;
   $("top_p").value = info.generation.top_p;
-  $("greedy").checked = !info.generation.do_sample;
   const tokenizer = new Tokenizer(info);
   const model = await Model.load(info);
   showUnknown(tokenizer);

@@ -14,14 +14,13 @@ from .export import (
     check_format,
     check_greedy,
     export_for_generation,
-    generate_greedily,
     load_export,
     save_export,
     timed,
 )
 from .loading import load_model_and_tokenizer
 from .terminal import as_shown
-from .web_export import find_runtime, greedy_through_page_files, write_web_folder
+from .web_export import check_page_greedy, find_runtime, write_web_folder
 
 
 @dataclass
@@ -95,8 +94,7 @@ def run_export(args: ExportArguments) -> GreedyCheck | None:
     if not args.check:
         return None
     if web:  # as the page runs it: decode.onnx and model.json, in ONNX Runtime
-        got = greedy_through_page_files(args.output_dir, input_ids, args.max_new_tokens)
-        check = GreedyCheck(expected=generate_greedily(model, input_ids, args.max_new_tokens), got=got)
+        check = check_page_greedy(model, args.output_dir, input_ids, args.max_new_tokens)
     else:  # the folder this very process has just written: its programs are ours, trusted
         exported = load_export(args.output_dir, trust_remote_code=True)
         check = check_greedy(model, exported, input_ids, args.max_new_tokens)

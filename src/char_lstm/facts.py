@@ -1,4 +1,5 @@
-"""The facts a demo page shows about a model: its cell and size, its training data and its bits per character.
+"""The facts a demo page shows about a model: its cell and size, its training data and its bits per character; its
+name.
 
 Read from the config, the card's metadata (README.md) and the training run's record (training_run.json, in a folder
 written by training). The Gradio demo (demo/app.py) shows them, and so does the page of `scripts/export.py --format
@@ -21,6 +22,11 @@ def model_file(model: str, name: str) -> str | None:
         return hf_hub_download(model, name)
     except Exception:  # not in the repository, or the Hub unreachable: the page shows what it has
         return None
+
+
+def display_name(model: str) -> str:
+    """How a page titles the model `model`: a folder's name, or the Hub id."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
 
 
 def card_facts(model: str, network) -> str:

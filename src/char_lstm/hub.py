@@ -16,7 +16,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import facts, terminal
 from .errors import UsageError
-from .export import GreedyCheck, check_format, export_for_generation, generate_greedily
+from .export import check_format, export_for_generation
 from .loading import load_model_and_tokenizer, missing_folder_message
 from .model_card import (
     RUN_INFO_NAME,
@@ -26,7 +26,7 @@ from .model_card import (
     results_from_training,
     write_model_card,
 )
-from .web_export import find_runtime, first_prompt, greedy_through_page_files, write_web_folder
+from .web_export import check_page_greedy, find_runtime, first_prompt, write_web_folder
 
 
 SPACE_APP = packaged_file("demo", "app.py")  # the Gradio demo, the app of the Space that --space builds
@@ -198,13 +198,11 @@ def build_web_space_folder(model_dir: str, folder: str, space_id: str, model_rep
     prompt = first_prompt(tokenizer, WEB_PROMPT)
     input_ids = tokenizer([prompt], return_tensors="pt")["input_ids"]
     exported = export_for_generation(model, input_ids, "onnx")  # the page runs its decode graph
-    _make_empty(folder, "--web_space_dir", overwrite)  # replaced once the new folder is complete
     # the page's title: the model's repository, not the local folder's name
     write_web_folder(exported, model, tokenizer, folder, model_dir, prompt, runtime, name=model_repo_id,
                      overwrite=overwrite, flag="--web_space_dir")
     # checked as scripts/export.py --format web checks it: greedy text through the page's files is generate()'s
-    check = GreedyCheck(expected=generate_greedily(model, input_ids, WEB_CHECK_CHARACTERS),
-                        got=greedy_through_page_files(folder, input_ids, WEB_CHECK_CHARACTERS))
+    check = check_page_greedy(model, folder, input_ids, WEB_CHECK_CHARACTERS)
     if not check.equal:
         raise HubError(f"--web_space: the page's greedy text through {folder}/decode.onnx differs from generate()'s "
                        f"from token {check.first_difference} on; nothing was uploaded (the files are in {folder}).")

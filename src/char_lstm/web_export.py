@@ -25,7 +25,8 @@ import tempfile
 import torch
 
 from .errors import UsageError
-from .facts import card_facts
+from .export import GreedyCheck, generate_greedily
+from .facts import card_facts, display_name
 from .model_card import packaged_file
 
 
@@ -119,7 +120,7 @@ def page_generation_settings(model) -> dict:
     sampling = bool(config.do_sample)
     temperature = config.temperature if sampling and config.temperature else PAGE_DEFAULTS["temperature"]
     top_p = config.top_p if sampling and config.top_p else PAGE_DEFAULTS["top_p"]
-    return {"do_sample": True, "max_new_tokens": PAGE_DEFAULTS["max_new_tokens"],  # within the page's ranges:
+    return {"max_new_tokens": PAGE_DEFAULTS["max_new_tokens"],  # within the page's ranges:
             "temperature": min(max(temperature, 0.01), 100.0), "top_p": min(max(top_p, 0.01), 1.0)}
 
 
@@ -128,10 +129,8 @@ def page_info(model, tokenizer, name_or_path: str, prompt: str, onnx_model, name
     name or Hub id."""
     config = model.config
     eos = model.generation_config.eos_token_id
-    if name is None:
-        name = os.path.basename(os.path.normpath(name_or_path)) if os.path.isdir(name_or_path) else name_or_path
     return {
-        "name": name,
+        "name": display_name(name_or_path) if name is None else name,
         "facts": card_facts(name_or_path, model),
         "cell_type": config.cell_type, "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
@@ -208,7 +207,8 @@ def write_web_folder(exported, model, tokenizer, output_dir: str, name_or_path: 
                              f"{_runtime_bytes(runtime_dir) / 1e6:.0f} MB, then the model's weights): free some, or "
                              f"choose another {flag}.") from None
         raise
-    if os.path.exists(output_dir) and not (overwrite and os.path.isdir(output_dir)):
+    free = os.path.isdir(output_dir) and (overwrite or not os.listdir(output_dir))
+    if os.path.exists(output_dir) and not free:
         # written by another run while this one exported (the caller found it free): theirs stays, and so does ours
         raise UsageError(f"{output_dir} was written by another run while this one exported; this export's page is "
                          f"in {scratch}: choose another {flag}, or pass --overwrite_output_dir to replace it.")
@@ -217,6 +217,12 @@ def write_web_folder(exported, model, tokenizer, output_dir: str, name_or_path: 
     os.replace(scratch, output_dir)
     return {os.path.relpath(os.path.join(root, file), output_dir): os.path.getsize(os.path.join(root, file))
             for root, _, files in os.walk(output_dir) for file in sorted(files)}
+
+
+def check_page_greedy(model, folder: str, input_ids: torch.LongTensor, max_new_tokens: int) -> GreedyCheck:
+    """Greedy decoding of `input_ids (1, T)` by `model.generate(do_sample=False)` and through the page's files."""
+    return GreedyCheck(expected=generate_greedily(model, input_ids, max_new_tokens),
+                       got=greedy_through_page_files(folder, input_ids, max_new_tokens))
 
 
 def greedy_through_page_files(folder: str, input_ids: torch.LongTensor, max_new_tokens: int) -> torch.LongTensor:

@@ -184,6 +184,9 @@ def test_a_failed_web_export_leaves_the_folder_there_as_it_was(tokenizer, tmp_pa
     assert (scratch / "index.html").is_file() and (old / "index.html").read_text() == "the page published before"
     files = write_web_folder(exported, model, tokenizer, str(old), "model", PROMPT, find_runtime(), overwrite=True)
     assert "decode.onnx" in files and "<html" in (old / "index.html").read_text()
+    empty = tmp_path / "empty"  # an empty folder is free, as --output_dir's check has it
+    empty.mkdir()
+    assert "decode.onnx" in write_web_folder(exported, model, tokenizer, str(empty), "model", PROMPT, find_runtime())
 
 
 def test_the_page_opened_from_the_disk_says_how_to_serve_it(tokenizer, browser, tmp_path):
